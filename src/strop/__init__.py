@@ -1,0 +1,23 @@
+"""strop: fine-tune pretrained transformers for your task and carry the result to production.
+
+    import strop
+    run = strop.train("configs/quickstart.yaml", ["train.epochs=1"])
+    model = strop.load(run.run_dir)
+    model.predict(["where is my parcel?"])
+"""
+
+__version__ = "0.1.0"
+
+
+def train(config=None, overrides=None, overwrite: bool = False):
+    """Fine-tune as the config says (YAML path, Config, or None) with overrides; returns a RunResult."""
+    from strop.run import train as _train
+
+    return _train(config, overrides, overwrite=overwrite)
+
+
+def load(path, device: str = "cpu", precision: str = "fp32"):
+    """A Predictor for a finished run folder (runs/<name>) or its model/ folder."""
+    from strop.predict import Predictor
+
+    return Predictor.load(path, device=device, precision=precision)

@@ -1,0 +1,129 @@
+"""`strop train|eval|predict`: one verb = one function. User errors print a message and exit with code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+from rich.console import Console
+
+from strop.errors import StropError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune pretrained transformers for your task: train, evaluate, predict.")
+err = Console(stderr=True)
+
+
+def _print_config_help() -> None:
+    from rich.table import Table
+
+    from strop.config import help_lines
+
+    table = Table(title="config fields (set in YAML or as key=value)", show_lines=False)
+    for col in ("key", "default", "what it does"):
+        table.add_column(col, overflow="fold")
+    for key, default, text in help_lines():
+        table.add_row(key, default, text)
+    Console().print(table)
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    args: Optional[List[str]] = typer.Argument(None, metavar="[CONFIG.yaml] [KEY=VALUE]...",
+                                               help="a YAML config and/or overrides such as train.lr=3e-4"),
+    help_config: bool = typer.Option(False, "--help-config", help="list every config field with its default and doc"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run folder of the same name"),
+):
+    """Fine-tune a model; writes runs/<name>/ (config.yaml, metrics.jsonl, model/, results.json, tb/).
+
+    Example: strop train configs/quickstart.yaml train.epochs=1 name=try1
+    """
+    if help_config:
+        _print_config_help()
+        return
+    from strop.run import train as run_train
+
+    args = list(args or [])
+    config = args.pop(0) if args and "=" not in args[0] else None
+    if config is None and not args:
+        raise typer.BadParameter("give a config file and/or key=value overrides (at least data.train=FILE)")
+    run_train(config, args, overwrite=overwrite)
+
+
+@app.command("eval")
+def eval_(
+    run: Path = typer.Argument(..., help="run folder (runs/<name>) or its model/ folder"),
+    data: Path = typer.Option(..., "--data", help="labelled CSV/TSV/JSONL/Parquet file"),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the metrics to this JSON file"),
+    batch_size: int = typer.Option(128, help="examples per forward pass"),
+):
+    """Evaluate a finished run on a labelled file; prints the metrics as JSON."""
+    from strop.predict import Predictor
+
+    metrics = Predictor.load(run).evaluate_file(data, batch_size)
+    text = json.dumps(metrics, indent=2)
+    if out:
+        out.write_text(text, encoding="utf-8")
+    print(text)
+
+
+@app.command()
+def predict(
+    run: Path = typer.Argument(..., help="run folder (runs/<name>) or its model/ folder"),
+    data: Optional[Path] = typer.Option(None, "--data", help="input file; without it, one text per line from stdin"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output .jsonl or .csv; default: JSON lines on stdout"),
+    batch_size: int = typer.Option(64, help="examples per forward pass"),
+):
+    """Predict labels and probabilities; the output keeps the input columns, in input order."""
+    from strop.predict import Predictor
+
+    predictor = Predictor.load(run)
+    if data is not None and out is not None:
+        n = predictor.predict_file(data, out, batch_size)
+        err.print(f"wrote {n} predictions to {out}")
+        return
+    if data is not None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "preds.jsonl"
+            predictor.predict_file(data, path, batch_size)
+            sys.stdout.write(path.read_text(encoding="utf-8"))
+        return
+    texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise StropError("no input: give --data FILE or pipe one text per line on stdin")
+    rows = [{"text": t, **p} for t, p in zip(texts, predictor.predict(texts, batch_size=batch_size))]
+    if out is not None:
+        from strop.predict import write_predictions
+
+        write_predictions(out, ["text"], [{"text": t} for t in texts], [r for r in rows], predictor.labels,
+                          predictor.task)
+        return
+    for row in rows:
+        print(json.dumps(row, ensure_ascii=False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+    except StropError as e:
+        err.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        return 2
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return 2
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        err.print("interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""Typed run configuration: code defaults <- YAML file <- `key=value` overrides.
+
+Every field carries one line of documentation (`doc`), which `strop train --help-config` prints.
+Unknown keys are errors that name the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from strop.errors import ConfigError
+
+
+def doc(default: Any, text: str, choices: tuple | None = None):
+    """A dataclass field with a default, a one-line doc and optional allowed values."""
+    meta = {"doc": text, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    train: str | None = doc(None, "training data: CSV, TSV, JSONL, Parquet file or a saved HF `datasets` folder")
+    validation: str | None = doc(None, "validation file; when empty, carved from train by validation_ratio")
+    test: str | None = doc(None, "test file; when empty, carved from train by test_ratio")
+    format: str = doc("auto", "file format; auto = from the file extension",
+                      ("auto", "csv", "tsv", "jsonl", "parquet", "hf"))
+    encoding: str = doc("utf-8", "text encoding of CSV/TSV/JSONL files (a UTF-8 BOM is accepted)")
+    text_column: str | None = doc(None, "column with the text; empty = infer (text, sentence, sentence1, ...)")
+    text_pair_column: str | None = doc(None, "second text column for sentence pairs; empty = infer (sentence2, ...)")
+    label_column: str | None = doc(None, "column with the label; empty = infer (label, labels, score, ...)")
+    label_delimiter: str | None = doc(None, "multi-label: split string labels on this delimiter, e.g. '|'")
+    validation_ratio: float = doc(0.1, "share of train carved out for validation when no validation file is given")
+    test_ratio: float = doc(0.1, "share of train carved out for test when no test file is given (0 = no test split)")
+    split_seed: int = doc(13, "seed of the stratified train/validation/test split")
+
+
+@dataclass
+class ModelConfig:
+    path: str = doc("default", "local Hugging Face model folder, or `default` (packaged all-MiniLM-L6-v2)")
+    pooling: str = doc("cls", "cls = the architecture's own classification head (loads with AutoModelForSequence"
+                       "Classification); mean = mean of token states + linear head", ("cls", "mean"))
+    max_length: int = doc(128, "max tokens per example (longer inputs are truncated and counted in the log)")
+    dropout: float | None = doc(None, "classifier dropout; empty = the model config's value")
+    allow_pickle: bool = doc(False, "allow loading pickle-based weights (.bin); only for folders you trust")
+    trust_remote_code: bool = doc(False, "run Python code shipped in the model folder; only for folders you trust")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = doc(3, "passes over the training data (fractions allowed)")
+    max_steps: int = doc(-1, "stop after this many optimizer steps; -1 = run all epochs")
+    batch_size: int = doc(32, "examples per optimizer step (micro_batch_size x accumulation)")
+    micro_batch_size: int | None = doc(None, "examples per forward pass; empty = batch_size (no accumulation)")
+    lr: float = doc(5e-5, "peak learning rate (AdamW)")
+    head_lr: float | None = doc(None, "learning rate of the task head; empty = lr")
+    weight_decay: float = doc(0.01, "AdamW weight decay (never applied to biases and LayerNorm weights)")
+    betas: list = doc([0.9, 0.999], "AdamW betas")
+    eps: float = doc(1e-8, "AdamW epsilon")
+    scheduler: str = doc("linear", "learning-rate schedule after warmup", ("linear", "cosine", "constant"))
+    warmup: float = doc(0.06, "warmup: a fraction of all steps if < 1, else a number of steps")
+    max_grad_norm: float = doc(1.0, "clip gradients to this global L2 norm; 0 = no clipping")
+    precision: str = doc("auto", "auto = bf16 autocast where the CPU/GPU supports it, else fp32",
+                         ("auto", "bf16", "fp32"))
+    batching: str = doc("length_grouped", "batch order: length_grouped (little padding) or random",
+                        ("length_grouped", "random"))
+    seed: int = doc(42, "seed for weights of the head, dropout and batch order")
+    eval_every: int = doc(0, "evaluate every N optimizer steps; 0 = at the end of each epoch")
+    log_every: int = doc(10, "log training loss every N optimizer steps")
+    early_stopping_patience: int = doc(0, "stop after this many evaluations without improvement; 0 = off")
+    metric: str = doc("auto", "validation metric for early stopping and best-model choice; auto = by task "
+                      "(accuracy, micro_f1, pearson)")
+    restore_best: bool = doc(True, "at the end, load the weights of the best evaluation")
+    threads: int = doc(0, "CPU threads for torch; 0 = all cores")
+    device: str = doc("auto", "auto = cuda if available, else cpu", ("auto", "cpu", "cuda"))
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = doc(128, "examples per forward pass during evaluation and prediction")
+
+
+@dataclass
+class Config:
+    name: str | None = doc(None, "run name; the run folder is <output_dir>/<name>; empty = from data file and time")
+    output_dir: str = doc("runs", "folder that holds run folders")
+    task: str = doc("auto", "auto = infer from the labels", ("auto", "single_label", "multi_label", "regression"))
+    track: list = doc(["tensorboard"], "experiment trackers besides metrics.jsonl: tensorboard, none")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading, overriding, validating
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def all_keys(cls=Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the config, e.g. ['name', ..., 'train.lr', ...]."""
+    keys = []
+    for name, tp in _field_types(cls).items():
+        if _is_section(tp):
+            keys += all_keys(tp, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else "; run `strop train --help-config` for the list"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotated type `tp`, converting where lossless (int -> float, '3e-4' -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):
+            return [v for v in value.split(",") if v]
+    else:
+        return value
+    want = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{key}={value!r} is not a valid {want}")
+
+
+def _apply(cfg: Any, mapping: dict, prefix: str = "") -> None:
+    types_ = _field_types(type(cfg))
+    for name, value in mapping.items():
+        key = f"{prefix}{name}"
+        if name not in types_:
+            raise _unknown_key(key)
+        tp = types_[name]
+        if _is_section(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{key}' is a section; give it a mapping of keys, not {value!r}")
+            _apply(getattr(cfg, name), value, key + ".")
+        else:
+            setattr(cfg, name, _coerce(key, value, tp))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=3e-4' -> ('train.lr', 0.0003); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value, e.g. train.lr=3e-4")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """Resolve a config: defaults <- YAML file at `path` <- overrides ('a.b=v' strings or a {'a.b': v} dict)."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(mapping, dict):
+            raise ConfigError(f"{path} must hold a mapping of config sections, got {type(mapping).__name__}")
+        _apply(cfg, mapping)
+    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    for key, value in items:
+        _apply(cfg, _nest(key, value))
+    validate(cfg)
+    return cfg
+
+
+def _check_choices(section: Any, prefix: str) -> None:
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, f"{prefix}{f.name}.")
+        elif f.metadata.get("choices") and value not in f.metadata["choices"]:
+            raise ConfigError(f"{prefix}{f.name}={value!r} is not one of {list(f.metadata['choices'])}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express; each message names the field and the value."""
+    _check_choices(cfg, "")
+    t, d, m = cfg.train, cfg.data, cfg.model
+    positive = {"train.lr": t.lr, "train.batch_size": t.batch_size, "train.epochs": t.epochs,
+                "model.max_length": m.max_length, "eval.batch_size": cfg.eval.batch_size, "train.log_every": t.log_every}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0")
+    if t.micro_batch_size is not None and (t.micro_batch_size <= 0 or t.batch_size % t.micro_batch_size):
+        raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} must be > 0 and divide "
+                          f"train.batch_size={t.batch_size}")
+    for key, value in {"data.validation_ratio": d.validation_ratio, "data.test_ratio": d.test_ratio}.items():
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key}={value} must be in [0, 1)")
+    if d.validation_ratio + d.test_ratio >= 0.9:
+        raise ConfigError(f"data.validation_ratio + data.test_ratio = {d.validation_ratio + d.test_ratio} leaves "
+                          "too little for training; lower them")
+    for key, value in {"train.weight_decay": t.weight_decay, "train.warmup": t.warmup,
+                       "train.max_grad_norm": t.max_grad_norm, "train.eval_every": t.eval_every,
+                       "train.early_stopping_patience": t.early_stopping_patience, "train.threads": t.threads}.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    if m.dropout is not None and not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"train.betas={t.betas} must be two numbers in [0, 1)")
+    unknown = set(cfg.track) - {"tensorboard", "none"}
+    if unknown:
+        raise ConfigError(f"track={cfg.track}: unknown tracker(s) {sorted(unknown)}; choose from ['tensorboard', 'none']")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(mapping: dict) -> Config:
+    cfg = Config()
+    _apply(cfg, mapping)
+    validate(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def help_lines(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every field, in declaration order, for `--help-config`."""
+    rows = []
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += help_lines(type(value), f"{prefix}{f.name}.")
+            continue
+        text = f.metadata.get("doc", "")
+        if f.metadata.get("choices"):
+            text += f" [{'|'.join(map(str, f.metadata['choices']))}]"
+        rows.append((prefix + f.name, "" if value is None else repr(value), text))
+    return rows

@@ -1,0 +1,178 @@
+"""Files -> tables of rows, with errors that name the file, line and what to do.
+
+Supported: CSV, TSV, JSONL, Parquet and folders written by `datasets.Dataset(Dict).save_to_disk`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from strop.errors import DataError
+
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
+           ".parquet": "parquet", ".pq": "parquet"}
+
+# CSV fields can be large (a long document); the stdlib default of 128 KiB would fail on them.
+csv.field_size_limit(64 * 1024 * 1024)
+
+
+@dataclass
+class Table:
+    """Rows of one file. `where(i)` says where row i came from, for error messages ('train.csv:14')."""
+
+    path: str
+    columns: list[str]
+    rows: list[dict]
+    lines: list[int]  # 1-based line of each row in text files, 1-based row index otherwise
+    line_kind: str = "line"
+
+    def where(self, i: int) -> str:
+        return f"{self.path}:{self.lines[i]}" if self.line_kind == "line" else f"{self.path} row {self.lines[i]}"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def detect_format(path: Path, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        return fmt
+    if path.is_dir():
+        return "hf"
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{path}: cannot tell the format from the extension '{path.suffix}'; "
+                        f"set data.format to one of csv, tsv, jsonl, parquet, hf")
+    return kind
+
+
+def read_table(path: str | Path, fmt: str = "auto", encoding: str = "utf-8") -> Table | dict[str, Table]:
+    """Read one data file. A saved `DatasetDict` folder gives {split_name: Table}."""
+    path = Path(path)
+    if not path.exists():
+        hint = f" (found in {path.parent}: {sorted(p.name for p in path.parent.iterdir())[:10]})" \
+            if path.parent.is_dir() else ""
+        raise DataError(f"data file {path} not found{hint}; check the path in data.train/validation/test")
+    kind = detect_format(path, fmt)
+    if kind in ("csv", "tsv"):
+        return _read_delimited(path, "," if kind == "csv" else "\t", encoding)
+    if kind == "jsonl":
+        return _read_jsonl(path, encoding)
+    if kind == "parquet":
+        return _read_parquet(path)
+    if kind == "hf":
+        return _read_hf(path)
+    raise DataError(f"unknown data format '{kind}'")
+
+
+def _decode(path: Path, encoding: str) -> str:
+    raw = path.read_bytes()
+    if encoding.lower().replace("-", "").replace("_", "") == "utf8":
+        encoding = "utf-8-sig"  # accept (and drop) a byte-order mark
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{line}:{col}: byte 0x{raw[e.start]:02x} is not valid {encoding}; "
+                        f"convert the file to UTF-8 or set data.encoding (e.g. data.encoding=latin-1)") from None
+    except LookupError:
+        raise DataError(f"data.encoding={encoding!r} is not a known text encoding") from None
+    if not text.strip():
+        raise DataError(f"{path} is empty; it needs a header line and at least one row")
+    return text
+
+
+def _read_delimited(path: Path, delimiter: str, encoding: str) -> Table:
+    text = _decode(path, encoding)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except csv.Error as e:
+        raise DataError(f"{path}:1: cannot parse the header: {e}") from None
+    header = [h.strip() for h in header]
+    _check_header(path, header, delimiter)
+    rows, lines = [], []
+    try:
+        for record in reader:
+            if not record or (len(record) == 1 and not record[0].strip()):
+                continue  # blank line
+            if len(record) != len(header):
+                raise DataError(f"{path}:{reader.line_num}: row has {len(record)} fields but the header has "
+                                f"{len(header)} ({header}); quote fields that contain '{delimiter}'"
+                                f"{' or check the delimiter' if len(record) < len(header) else ''}")
+            rows.append(dict(zip(header, record)))
+            lines.append(reader.line_num)
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: malformed {'CSV' if delimiter == ',' else 'TSV'}: {e}") from None
+    return Table(str(path), header, rows, lines)
+
+
+def _check_header(path: Path, header: list[str], delimiter: str) -> None:
+    if len(header) == 1:
+        other = {",": "\t", "\t": ","}[delimiter]
+        for sep, name, fmt in ((other, "tab" if other == "\t" else "comma", "tsv" if other == "\t" else "csv"),
+                               (";", "semicolon", None)):
+            if sep in header[0]:
+                fix = f"set data.format={fmt}" if fmt else "convert it to comma- or tab-separated"
+                raise DataError(f"{path}:1: the header '{header[0][:80]}' is one column but contains {name}s; "
+                                f"the file seems {name}-separated: {fix}")
+    seen = set()
+    for name in header:
+        if not name:
+            raise DataError(f"{path}:1: the header has an empty column name ({header}); name every column")
+        if name in seen:
+            raise DataError(f"{path}:1: column '{name}' appears twice in the header {header}; rename one")
+        seen.add(name)
+
+
+def _read_jsonl(path: Path, encoding: str) -> Table:
+    text = _decode(path, encoding)
+    rows, lines, columns = [], [], {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}:{e.colno}: invalid JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
+        rows.append(row)
+        lines.append(n)
+        columns.update(dict.fromkeys(row))
+    return Table(str(path), list(columns), rows, lines)
+
+
+def _read_parquet(path: Path) -> Table:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+    rows = table.to_pylist()
+    return Table(str(path), table.column_names, rows, list(range(1, len(rows) + 1)), "row")
+
+
+def _read_hf(path: Path) -> Table | dict[str, Table]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("reading a saved Hugging Face datasets folder needs `datasets`: "
+                        "pip install 'strop[hf]'") from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise DataError(f"{path}: not a folder written by datasets' save_to_disk ({e})") from None
+
+    def table(d, where):
+        rows = d.to_list()
+        return Table(where, list(d.column_names), rows, list(range(1, len(rows) + 1)), "row")
+
+    if isinstance(ds, datasets.DatasetDict):
+        return {name: table(split, f"{path}[{name}]") for name, split in ds.items()}
+    return table(ds, str(path))

@@ -1,0 +1,289 @@
+"""Streamed evaluation metrics.
+
+Each metric object is fed batch by batch through ``update`` and summarised by
+``compute``. Only sufficient statistics are kept (a confusion matrix, per-label
+counts, running moments), except for Spearman correlation, whose ranks need
+the full prediction and target vectors.
+
+Inputs may be numpy arrays, Python sequences or torch tensors (on any device);
+torch is never imported here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.stats import spearmanr
+
+__all__ = [
+    "ClassificationMetrics",
+    "MultiLabelMetrics",
+    "RegressionMetrics",
+    "tune_threshold",
+    "primary_metric",
+    "greater_is_better",
+]
+
+_LOWER_IS_BETTER = frozenset({"mse", "rmse", "mae", "loss", "hamming_loss"})
+_PRIMARY = {"single_label": "accuracy", "multi_label": "micro_f1", "regression": "pearson"}
+
+
+def _to_numpy(x) -> np.ndarray:
+    """Array-like or torch tensor -> numpy array (same shape)."""
+    if hasattr(x, "detach"):  # torch tensor, duck-typed so torch stays optional
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":  # numpy has no bfloat16
+            x = x.float()
+        x = x.numpy()
+    return np.asarray(x)
+
+
+def _div(num, den):
+    """Element-wise num / den with 0.0 where den == 0 (sklearn's zero_division=0)."""
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    out = np.zeros(np.broadcast(num, den).shape, dtype=np.float64)
+    np.divide(num, den, out=out, where=den != 0)
+    return out
+
+
+def _prf(tp, fp, fn):
+    """Per-class precision, recall, F1 from count arrays (K,) -> three (K,) float arrays.
+
+    F1 is 2tp / (2tp + fp + fn), which equals the harmonic mean of precision and
+    recall whenever it is defined and is 0.0 otherwise (as in sklearn).
+    """
+    precision = _div(tp, tp + fp)
+    recall = _div(tp, tp + fn)
+    f1 = _div(2 * tp, 2 * tp + fp + fn)
+    return precision, recall, f1
+
+
+def _per_class(names, precision, recall, f1, support) -> dict:
+    return {
+        name: {
+            "precision": float(p),
+            "recall": float(r),
+            "f1": float(f),
+            "support": int(s),
+        }
+        for name, p, r, f, s in zip(names, precision, recall, f1, support)
+    }
+
+
+class ClassificationMetrics:
+    """Single-label classification, streamed through a (K, K) confusion matrix."""
+
+    def __init__(self, label_names: list[str]):
+        if len(label_names) == 0:
+            raise ValueError("label_names must not be empty")
+        self.label_names = list(label_names)
+        self.num_classes = len(self.label_names)
+        # rows = true label, cols = predicted label
+        self.confusion = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+
+    def update(self, preds, labels) -> None:
+        """preds, labels: int arrays (batch,) with values in [0, K)."""
+        preds = _to_numpy(preds).reshape(-1).astype(np.int64)
+        labels = _to_numpy(labels).reshape(-1).astype(np.int64)
+        if preds.shape != labels.shape:
+            raise ValueError(f"preds {preds.shape} and labels {labels.shape} differ in length")
+        k = self.num_classes
+        for name, arr in (("preds", preds), ("labels", labels)):
+            if arr.size and (arr.min() < 0 or arr.max() >= k):
+                raise ValueError(f"{name} must lie in [0, {k}); got [{arr.min()}, {arr.max()}]")
+        # One bincount over flattened (true, pred) cell indices fills the whole matrix.
+        self.confusion += np.bincount(labels * k + preds, minlength=k * k).reshape(k, k)
+
+    def compute(self) -> dict:
+        cm = self.confusion
+        n = int(cm.sum())
+        tp = np.diag(cm)
+        support = cm.sum(axis=1)  # (K,) true counts
+        predicted = cm.sum(axis=0)  # (K,) predicted counts
+        precision, recall, f1 = _prf(tp, predicted - tp, support - tp)
+
+        accuracy = float(tp.sum() / n) if n else 0.0
+        return {
+            "accuracy": accuracy,
+            "macro_f1": float(f1.mean()),
+            # Every example is exactly one TP or one (FP, FN) pair, so micro F1 = accuracy.
+            "micro_f1": accuracy,
+            "weighted_f1": float(_div((f1 * support).sum(), support.sum())),
+            "mcc": _multiclass_mcc(cm),
+            "per_class": _per_class(self.label_names, precision, recall, f1, support),
+            "confusion_matrix": cm.tolist(),
+            "n": n,
+        }
+
+
+def _multiclass_mcc(cm: np.ndarray) -> float:
+    """Gorodkin's multi-class MCC from a (K, K) confusion matrix (as sklearn); 0.0 if undefined."""
+    cm = cm.astype(np.float64)  # products of counts overflow int64 on large sets
+    n = cm.sum()
+    t = cm.sum(axis=1)
+    p = cm.sum(axis=0)
+    cov_tp = np.trace(cm) * n - t @ p
+    cov_pp = n * n - p @ p
+    cov_tt = n * n - t @ t
+    if cov_pp * cov_tt == 0:
+        return 0.0
+    return float(cov_tp / math.sqrt(cov_tt * cov_pp))
+
+
+class MultiLabelMetrics:
+    """Multi-label: per-label tp/fp/fn counts + exact-match count at a fixed threshold."""
+
+    def __init__(self, label_names: list[str], threshold: float = 0.5):
+        if len(label_names) == 0:
+            raise ValueError("label_names must not be empty")
+        self.label_names = list(label_names)
+        self.threshold = float(threshold)
+        num_labels = len(self.label_names)
+        self.tp = np.zeros(num_labels, dtype=np.int64)
+        self.fp = np.zeros(num_labels, dtype=np.int64)
+        self.fn = np.zeros(num_labels, dtype=np.int64)
+        self.exact = 0
+        self.n = 0
+
+    def update(self, probs, labels) -> None:
+        """probs: float (batch, L) in [0, 1]; labels: {0, 1} (batch, L)."""
+        num_labels = len(self.label_names)
+        probs = _to_numpy(probs).reshape(-1, num_labels)
+        labels = _to_numpy(labels).reshape(-1, num_labels).astype(bool)
+        if probs.shape != labels.shape:
+            raise ValueError(f"probs {probs.shape} and labels {labels.shape} differ")
+        pred = probs >= self.threshold
+        self.tp += (pred & labels).sum(axis=0)
+        self.fp += (pred & ~labels).sum(axis=0)
+        self.fn += (~pred & labels).sum(axis=0)
+        self.exact += int((pred == labels).all(axis=1).sum())
+        self.n += probs.shape[0]
+
+    def compute(self) -> dict:
+        tp, fp, fn = self.tp, self.fp, self.fn
+        precision, recall, f1 = _prf(tp, fp, fn)
+        tp_all, fp_all, fn_all = tp.sum(), fp.sum(), fn.sum()
+        n_cells = self.n * len(self.label_names)
+        return {
+            "micro_f1": float(_div(2 * tp_all, 2 * tp_all + fp_all + fn_all)),
+            "macro_f1": float(f1.mean()),
+            "micro_precision": float(_div(tp_all, tp_all + fp_all)),
+            "micro_recall": float(_div(tp_all, tp_all + fn_all)),
+            "exact_match": float(_div(self.exact, self.n)),
+            "hamming_loss": float(_div(fp_all + fn_all, n_cells)),
+            "per_class": _per_class(self.label_names, precision, recall, f1, tp + fn),
+            "n": self.n,
+            "threshold": self.threshold,
+        }
+
+
+def tune_threshold(probs, labels, grid=None) -> float:
+    """Global decision threshold maximising micro F1 on validation data. probs, labels: (n, L). Default grid 0.05..0.95 step 0.05; ties -> the threshold closest to 0.5."""
+    probs = _to_numpy(probs).astype(np.float64)
+    labels = _to_numpy(labels).astype(bool)
+    if probs.shape != labels.shape:
+        raise ValueError(f"probs {probs.shape} and labels {labels.shape} differ")
+    if grid is None:
+        grid = np.round(np.arange(1, 20) * 0.05, 2)  # rounded so 0.5 is exactly 0.5
+    grid = [float(t) for t in np.asarray(grid, dtype=np.float64).reshape(-1)]
+    if not grid:
+        raise ValueError("grid must not be empty")
+
+    best_key, best_t = None, None
+    for t in grid:
+        pred = probs >= t
+        tp = int((pred & labels).sum())
+        wrong = int((pred != labels).sum())  # fp + fn
+        f1 = 2 * tp / (2 * tp + wrong) if tp + wrong else 0.0
+        # Higher F1 first, then closeness to 0.5, then the lower threshold (determinism).
+        key = (-f1, abs(t - 0.5), t)
+        if best_key is None or key < best_key:
+            best_key, best_t = key, t
+    return best_t
+
+
+class RegressionMetrics:
+    """Regression: streamed sums for MSE/MAE/Pearson; keeps the predictions only for Spearman (ranks need them)."""
+
+    def __init__(self):
+        self.n = 0
+        self.sum_sq_err = 0.0
+        self.sum_abs_err = 0.0
+        # Running means and (co-)moments, merged per batch with Chan et al.'s
+        # formula: stable where raw sums of squares would cancel catastrophically.
+        self.mean_p = 0.0
+        self.mean_t = 0.0
+        self.m2_p = 0.0
+        self.m2_t = 0.0
+        self.c_pt = 0.0
+        # Exact constancy test: a constant side gives a tiny non-zero m2 through rounding.
+        self.min_p = self.min_t = math.inf
+        self.max_p = self.max_t = -math.inf
+        self._preds: list[np.ndarray] = []
+        self._targets: list[np.ndarray] = []
+
+    def update(self, preds, targets) -> None:
+        """preds, targets: float arrays (batch,) or (batch, 1)."""
+        p = _to_numpy(preds).astype(np.float64).reshape(-1)
+        t = _to_numpy(targets).astype(np.float64).reshape(-1)
+        if p.shape != t.shape:
+            raise ValueError(f"preds {p.shape} and targets {t.shape} differ in length")
+        nb = p.size
+        if nb == 0:
+            return
+        err = p - t
+        self.sum_sq_err += float(err @ err)
+        self.sum_abs_err += float(np.abs(err).sum())
+
+        mb_p, mb_t = float(p.mean()), float(t.mean())
+        dp, dt = p - mb_p, t - mb_t
+        n_old, n_new = self.n, self.n + nb
+        delta_p, delta_t = mb_p - self.mean_p, mb_t - self.mean_t
+        w = n_old * nb / n_new
+        self.m2_p += float(dp @ dp) + delta_p * delta_p * w
+        self.m2_t += float(dt @ dt) + delta_t * delta_t * w
+        self.c_pt += float(dp @ dt) + delta_p * delta_t * w
+        self.mean_p += delta_p * nb / n_new
+        self.mean_t += delta_t * nb / n_new
+        self.n = n_new
+
+        self.min_p, self.max_p = min(self.min_p, p.min()), max(self.max_p, p.max())
+        self.min_t, self.max_t = min(self.min_t, t.min()), max(self.max_t, t.max())
+        self._preds.append(p)
+        self._targets.append(t)
+
+    def _constant(self) -> bool:
+        return self.n < 2 or self.min_p == self.max_p or self.min_t == self.max_t
+
+    def compute(self) -> dict:
+        if self.n == 0:
+            return {"mse": 0.0, "rmse": 0.0, "mae": 0.0, "pearson": 0.0, "spearman": 0.0, "n": 0}
+        mse = self.sum_sq_err / self.n
+        pearson = spearman = 0.0
+        if not self._constant():
+            pearson = self.c_pt / math.sqrt(self.m2_p * self.m2_t)
+            pearson = min(1.0, max(-1.0, pearson))  # rounding can overshoot |r| = 1
+            spearman = float(spearmanr(np.concatenate(self._preds), np.concatenate(self._targets))[0])
+        return {
+            "mse": float(mse),
+            "rmse": math.sqrt(mse),
+            "mae": float(self.sum_abs_err / self.n),
+            "pearson": float(pearson),
+            "spearman": spearman,
+            "n": self.n,
+        }
+
+
+def primary_metric(task: str) -> str:
+    """Metric used for model selection: single_label -> accuracy, multi_label -> micro_f1, regression -> pearson."""
+    try:
+        return _PRIMARY[task]
+    except KeyError:
+        raise ValueError(f"unknown task {task!r}; expected one of {sorted(_PRIMARY)}") from None
+
+
+def greater_is_better(metric: str) -> bool:
+    """False for error-like metrics (mse, rmse, mae, loss, hamming_loss); True otherwise."""
+    return metric not in _LOWER_IS_BETTER

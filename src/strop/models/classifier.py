@@ -1,0 +1,134 @@
+"""Sequence classifiers: a pretrained backbone plus a task head, saved so plain `transformers` can load them.
+
+pooling=cls uses the architecture's own `*ForSequenceClassification` head, so `model/` loads with
+`AutoModelForSequenceClassification` and gives the same logits. pooling=mean is our head (mean of token states +
+linear); its `model/` holds the backbone in Hugging Face format plus `head.safetensors`, loaded with `strop.load`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from strop.errors import ModelError
+from strop.models.backbone import load_pretrained, load_tokenizer, resolve_model_path
+
+META_FILE = "strop.json"
+PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
+                 "regression": "regression"}
+
+
+class Output:
+    """Minimal model output: logits (batch, num_labels)."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+
+
+class MeanPoolClassifier(nn.Module):
+    """Mean of the backbone's token states over real tokens, dropout, then a linear layer."""
+
+    def __init__(self, backbone: nn.Module, num_labels: int, dropout: float):
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(backbone.config.hidden_size, num_labels)
+        nn.init.normal_(self.classifier.weight, std=getattr(backbone.config, "initializer_range", 0.02))
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> Output:
+        """input_ids, attention_mask (LongTensor): (batch, seq_len) -> Output with logits (batch, num_labels)."""
+        kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return Output(self.classifier(self.dropout(pooled)))
+
+
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    # "Some weights ... newly initialized" is expected for a new head; strop says what it builds itself
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()  # per-shard load/save bars are noise next to strop's own progress
+
+
+def build_model(model_cfg, task: str, label_names: list[str]) -> nn.Module:
+    """A fresh classifier on the pretrained backbone at model_cfg.path (head initialised from torch's RNG)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    folder = resolve_model_path(model_cfg.path, model_cfg.allow_pickle)
+    num_labels = 1 if task == "regression" else len(label_names)
+    safety = dict(allow_pickle=model_cfg.allow_pickle, trust_remote_code=model_cfg.trust_remote_code)
+    if model_cfg.pooling == "mean":
+        backbone = load_pretrained(AutoModel, folder, **safety)
+        dropout = model_cfg.dropout if model_cfg.dropout is not None else \
+            getattr(backbone.config, "hidden_dropout_prob", 0.1)
+        return MeanPoolClassifier(backbone, num_labels, dropout)
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=model_cfg.trust_remote_code,
+                                        num_labels=num_labels, problem_type=PROBLEM_TYPES[task],
+                                        id2label=dict(enumerate(label_names)),
+                                        label2id={n: i for i, n in enumerate(label_names)})
+    if model_cfg.dropout is not None:
+        for name in ("classifier_dropout", "seq_classif_dropout"):
+            if hasattr(config, name):
+                setattr(config, name, model_cfg.dropout)
+    try:
+        return load_pretrained(AutoModelForSequenceClassification, folder, config=config, **safety)
+    except ValueError as e:
+        raise ModelError(f"{folder}: architecture {config.model_type!r} has no sequence-classification head in "
+                         f"transformers ({e}); try model.pooling=mean") from None
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Mean loss over the batch. logits: (batch, num_labels) float; labels per task as in `Examples`."""
+    logits = logits.float()
+    if task == "single_label":
+        return F.cross_entropy(logits, labels)
+    if task == "multi_label":
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+    return F.mse_loss(logits.squeeze(-1), labels.float())
+
+
+def save_model(model: nn.Module, tokenizer, folder: Path, meta: dict) -> None:
+    """Write weights (safetensors), config, tokenizer and strop.json into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, MeanPoolClassifier):
+        model.backbone.save_pretrained(str(folder), safe_serialization=True)
+        head = {k: v.detach().contiguous().cpu() for k, v in model.classifier.state_dict().items()}
+        save_file(head, str(folder / "head.safetensors"))
+    else:
+        model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+
+def read_meta(folder: Path) -> dict:
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise ModelError(f"{folder} has no {META_FILE}; it is not a finished strop model folder")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_model(folder: Path) -> tuple[nn.Module, object, dict]:
+    """(model in eval mode, tokenizer, meta) from a `model/` folder written by `save_model`."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    folder = Path(folder)
+    meta = read_meta(folder)
+    resolve_model_path(folder)
+    if meta.get("pooling") == "mean":
+        backbone = load_pretrained(AutoModel, folder)
+        model = MeanPoolClassifier(backbone, 1 if meta["task"] == "regression" else len(meta["labels"]), 0.0)
+        model.classifier.load_state_dict(load_file(str(folder / "head.safetensors")))
+    else:
+        model = load_pretrained(AutoModelForSequenceClassification, folder)
+    return model.eval(), load_tokenizer(folder), meta

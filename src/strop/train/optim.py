@@ -1,0 +1,56 @@
+"""AdamW with decoupled weight decay on weights only, and warmup + decay schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+HEAD_NAMES = ("classifier", "score", "pre_classifier")
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr: float | None = None) -> list[dict]:
+    """Split trainable parameters into decay / no-decay groups (biases and LayerNorm weights get no decay),
+    and give the task head its own learning rate when `head_lr` is set."""
+    groups: dict[tuple[bool, bool], list] = {}
+    # any normalisation layer (LayerNorm, RMSNorm, ...) keeps its scale free of decay
+    norm_params = {id(p) for m in model.modules() if "norm" in type(m).__name__.lower()
+                   for p in m.parameters(recurse=False)}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim < 2 or id(p) in norm_params or name.endswith(".bias")
+        is_head = head_lr is not None and name.split(".")[0] in HEAD_NAMES
+        groups.setdefault((no_decay, is_head), []).append(p)
+    return [{"params": ps, "weight_decay": 0.0 if no_decay else weight_decay,
+             "lr": head_lr if is_head else lr} for (no_decay, is_head), ps in sorted(groups.items())]
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters only; fused kernels where this torch offers them on the device."""
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.head_lr)
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def warmup_steps(warmup: float, total_steps: int) -> int:
+    """`warmup` < 1 is a fraction of all steps, else a number of steps."""
+    return int(math.ceil(warmup * total_steps)) if warmup < 1 else int(warmup)
+
+
+def build_scheduler(optimizer, kind: str, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0 to the peak lr over `warmup` steps, then linear/cosine decay to 0 or constant."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
