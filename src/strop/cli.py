@@ -15,20 +15,21 @@ from strop.errors import StropError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune pretrained transformers for your task: train, evaluate, predict.")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # error messages stay one line, greppable
 
 
 def _print_config_help() -> None:
-    from rich.table import Table
-
     from strop.config import help_lines
 
-    table = Table(title="config fields (set in YAML or as key=value)", show_lines=False)
-    for col in ("key", "default", "what it does"):
-        table.add_column(col, overflow="fold")
+    # plain aligned text, not a table: keys must stay whole (greppable, copy-pasteable) at any terminal width
+    print("config fields: set them in YAML sections or as key=value overrides\n")
+    section = None
     for key, default, text in help_lines():
-        table.add_row(key, default, text)
-    Console().print(table)
+        head = key.split(".")[0] if "." in key else ""
+        if head != section:
+            section = head
+            print(f"[{head}]" if head else "[run]")
+        print(f"  {key:<30} {default or '-':<16} {text}")
 
 
 @app.command(context_settings={"allow_extra_args": False})

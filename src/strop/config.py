@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -151,21 +152,26 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # nan slips through every `<= 0` check in validate()
+                raise ConfigError(f"{key}={value!r} must be a finite number")
+            return number
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     elif tp is list or origin is list:
         if isinstance(value, list):
             return value
-        if isinstance(value, str):
-            return [v for v in value.split(",") if v]
+        if isinstance(value, str):  # 'a,b' on the command line; items are YAML scalars, as in `train.betas=0.9,0.98`
+            return [_scalar(v) for v in value.split(",") if v.strip()]
     else:
         return value
     want = getattr(tp, "__name__", str(tp))
@@ -187,16 +193,28 @@ def _apply(cfg: Any, mapping: dict, prefix: str = "") -> None:
             setattr(cfg, name, _coerce(key, value, tp))
 
 
+def _scalar(raw: str) -> Any:
+    """'3' -> 3, 'true' -> True, '' -> None, '[1, 2]' -> [1, 2]; other text stays as typed."""
+    text = raw.strip()
+    if not text:
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return raw
+    # YAML reads a bare '|' or '>' as an empty block scalar and '#...' as a comment; keep unquoted text as typed
+    if (isinstance(value, str) or (value is None and text.startswith("#"))) and text[0] not in "'\"":
+        return text
+    return value
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """'train.lr=3e-4' -> ('train.lr', 0.0003); values are parsed as YAML scalars."""
+    """'train.epochs=2' -> ('train.epochs', 2); values are parsed as YAML scalars ('3e-4' stays text, which a
+    float field then converts)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key=value, e.g. train.lr=3e-4")
     key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key.strip(), value
+    return key.strip(), _scalar(raw)
 
 
 def _nest(key: str, value: Any) -> dict:
@@ -264,8 +282,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value} must be >= 0")
     if m.dropout is not None and not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
-    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+    if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                    for b in t.betas):
         raise ConfigError(f"train.betas={t.betas} must be two numbers in [0, 1)")
+    if d.label_delimiter is not None and not d.label_delimiter:
+        raise ConfigError("data.label_delimiter='' is empty; give the character that separates labels "
+                          "(in YAML quote it: label_delimiter: '|')")
     unknown = set(cfg.track) - {"tensorboard", "none"}
     if unknown:
         raise ConfigError(f"track={cfg.track}: unknown tracker(s) {sorted(unknown)}; choose from ['tensorboard', 'none']")

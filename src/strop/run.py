@@ -23,8 +23,8 @@ from strop.evaluate.metrics import primary_metric, tune_threshold
 from strop.models.backbone import load_tokenizer, read_model_config, resolve_model_path
 from strop.models.classifier import build_model, save_model
 from strop.track import Trackers
-from strop.train.loop import fit
-from strop.train.progress import console
+from strop.training.loop import fit
+from strop.training.progress import console
 
 
 TASK_METRICS = {"single_label": ["accuracy", "macro_f1", "micro_f1", "weighted_f1", "mcc", "loss"],

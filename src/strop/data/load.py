@@ -70,14 +70,16 @@ def read_table(path: str | Path, fmt: str = "auto", encoding: str = "utf-8") -> 
 
 def _decode(path: Path, encoding: str) -> str:
     raw = path.read_bytes()
+    codec = encoding
     if encoding.lower().replace("-", "").replace("_", "") == "utf8":
-        encoding = "utf-8-sig"  # accept (and drop) a byte-order mark
+        codec = "utf-8-sig"  # accept (and drop) a byte-order mark
     try:
-        text = raw.decode(encoding)
+        text = raw.decode(codec)
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise DataError(f"{path}:{line}:{col}: byte 0x{raw[e.start]:02x} is not valid {encoding}; "
+        start = e.start + len(raw) - len(e.object)  # utf-8-sig counts from after the BOM it dropped
+        line = raw[:start].count(b"\n") + 1
+        col = start - (raw.rfind(b"\n", 0, start) + 1) + 1
+        raise DataError(f"{path}:{line}:{col}: byte 0x{raw[start]:02x} is not valid {encoding}; "
                         f"convert the file to UTF-8 or set data.encoding (e.g. data.encoding=latin-1)") from None
     except LookupError:
         raise DataError(f"data.encoding={encoding!r} is not a known text encoding") from None
@@ -96,16 +98,19 @@ def _read_delimited(path: Path, delimiter: str, encoding: str) -> Table:
     header = [h.strip() for h in header]
     _check_header(path, header, delimiter)
     rows, lines = [], []
+    end = reader.line_num
     try:
         for record in reader:
+            # a quoted field may span lines: a row starts on the line after the previous row ended
+            start, end = end + 1, reader.line_num
             if not record or (len(record) == 1 and not record[0].strip()):
                 continue  # blank line
             if len(record) != len(header):
-                raise DataError(f"{path}:{reader.line_num}: row has {len(record)} fields but the header has "
-                                f"{len(header)} ({header}); quote fields that contain '{delimiter}'"
+                raise DataError(f"{path}:{start}: row has {len(record)} fields but the header has "
+                                f"{len(header)} ({header}); quote fields that contain {delimiter!r}"
                                 f"{' or check the delimiter' if len(record) < len(header) else ''}")
             rows.append(dict(zip(header, record)))
-            lines.append(reader.line_num)
+            lines.append(start)
     except csv.Error as e:
         raise DataError(f"{path}:{reader.line_num}: malformed {'CSV' if delimiter == ',' else 'TSV'}: {e}") from None
     return Table(str(path), header, rows, lines)
@@ -132,7 +137,8 @@ def _check_header(path: Path, header: list[str], delimiter: str) -> None:
 def _read_jsonl(path: Path, encoding: str) -> Table:
     text = _decode(path, encoding)
     rows, lines, columns = [], [], {}
-    for n, line in enumerate(text.splitlines(), 1):
+    # split on \n only: str.splitlines() also breaks at U+2028/U+2029/U+0085, which JSON strings may hold unescaped
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

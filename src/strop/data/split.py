@@ -27,7 +27,8 @@ def carve(examples: Examples, ratio: float, seed: int, stratify: bool, split: st
                 raise DataError(f"class {name!r} has only {len(idx)} example(s); a stratified split into "
                                 f"{parts} parts needs at least {parts} per class. Add examples of {name!r}, remove "
                                 f"them, or give data.validation/data.test files")
-            take = min(max(1, int(round(len(idx) * ratio))), len(idx) - 1)
+            # leave one example of the class for each split still to be cut from the rest (parts - 1 of them)
+            take = min(max(1, int(round(len(idx) * ratio))), len(idx) - (parts - 1))
             carved_idx.append(rng.permutation(idx)[:take])
         carved = np.sort(np.concatenate(carved_idx))
     else:

@@ -16,8 +16,8 @@ from strop.errors import StropError
 from strop.evaluate.evaluator import MODEL_INPUTS, evaluate
 from strop.evaluate.metrics import greater_is_better
 from strop.models.classifier import task_loss
-from strop.train.optim import build_optimizer, build_scheduler, warmup_steps
-from strop.train.progress import TrainProgress
+from strop.training.optim import build_optimizer, build_scheduler, warmup_steps
+from strop.training.progress import TrainProgress
 
 
 class NonFiniteLossError(StropError):
@@ -85,6 +85,7 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
                                              "train.precision=fp32")
                 if t.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+                lr = scheduler.get_last_lr()[0]  # the lr this step used
                 optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)  # noqa: E702
                 step += 1
                 window_loss += loss  # summed on-device; read once per log line, not every step
@@ -96,7 +97,7 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
                     elapsed = time.perf_counter() - window_start
                     record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "split": "train",
                               "loss": float(window_loss) / window_steps,
-                              "lr": scheduler.get_last_lr()[0], "samples_per_s": window_examples / elapsed}
+                              "lr": lr, "samples_per_s": window_examples / elapsed}
                     tracker.log(record)
                     progress.update(step, record)
                     window_loss.zero_(); window_steps, window_examples, window_start = 0, 0, time.perf_counter()  # noqa

@@ -1,0 +1,82 @@
+"""Shared fixtures: a tiny random BERT (real tokenizer of the default model) and small labelled files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "src" / "strop" / "demo" / "support_tickets.csv"
+
+TOPICS = {
+    "billing": ["refund", "charged", "invoice", "payment", "card"],
+    "shipping": ["parcel", "delivery", "courier", "tracking", "package"],
+    "account": ["password", "login", "email", "profile", "username"],
+}
+FILLER = ["please", "help", "my", "the", "today", "again", "with", "order", "i", "need", "about", "this"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random BERT saved as safetensors, with all-MiniLM-L6-v2's tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from strop.models.backbone import default_model_path
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(str(default_model_path()))
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(str(folder), safe_serialization=True)
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def toy_rows(n: int, seed: int, pairs: bool = False) -> list[dict]:
+    """Texts whose topic is decided by keywords, so even a tiny model learns them."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = list(TOPICS)[i % len(TOPICS)]
+        words = rng.sample(FILLER, rng.randint(2, 8)) + rng.sample(TOPICS[label], 2)
+        rng.shuffle(words)
+        row = {"text": " ".join(words), "label": label}
+        if pairs:
+            row = {"sentence1": row["text"], "sentence2": " ".join(rng.sample(FILLER, 3)), "label": label}
+        rows.append(row)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def toy_splits(tmp_path) -> dict[str, Path]:
+    return {split: write_csv(tmp_path / f"{split}.csv", toy_rows(n, seed))
+            for split, n, seed in (("train", 90, 1), ("validation", 30, 2), ("test", 30, 3))}
+
+
+def tiny_overrides(model: Path, out: Path, **extra) -> list[str]:
+    """Overrides for a fast, exact (fp32) run of the tiny model."""
+    # a random 32-wide BERT needs a high lr and a few dozen steps before its loss moves
+    base = {"model.path": str(model), "output_dir": str(out), "train.precision": "fp32", "train.epochs": 4,
+            "train.batch_size": 8, "train.lr": 1e-2, "train.warmup": 0, "train.log_every": 4, "train.threads": 2,
+            "name": "run"}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
