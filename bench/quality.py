@@ -271,32 +271,41 @@ def ratios(s: dict, h: dict) -> dict:
     return out
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.4f}" if isinstance(x, float) and abs(x) < 10 else \
-        f"{x:.1f}" if isinstance(x, float) else str(x)
+def _fmt(x, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def report_rows(s: dict, h: dict | None) -> list[tuple[str, object, object, int]]:
+    """(name, hf value, strop value, decimals); with no HF side, hf values are None."""
+    shown = (h or s)["validation"] or {}  # in a comparison, only the metrics both sides computed
+    metrics = [k for k in ("accuracy", "macro_f1", "pearson", "spearman", "rmse") if k in shown]
+    get = lambda side, split, k: ((side or {}).get(split) or {}).get(k)  # noqa: E731
+    rows = [(f"{split_name} {k}", get(h, split, k), get(s, split, k), 4)
+            for split, split_name in (("validation", "dev"), ("test", "test")) for k in metrics]
+    train_label = "train + 1 dev eval (s)" if h else "train loop incl. evals (s)"
+    return rows + [(train_label, h and h["train_seconds"], s["train_seconds"], 1),
+                   ("train samples/s", h and h["train_samples_per_s"], s["train_samples_per_s"], 1),
+                   ("end-to-end wall (s)", h and h["wall_seconds"], s["wall_seconds"], 1),
+                   ("optimizer steps", h and h["steps"], s["steps"], 0),
+                   ("precision", h and h["precision"], s["precision"], 0)]
 
 
 def print_report(rep: dict) -> None:
-    s, h = rep["strop"], rep.get("hf")
-    shown = (h or s)["validation"] or {}  # in a comparison, only the metrics both sides computed
-    metrics = [k for k in ("accuracy", "macro_f1", "pearson", "spearman", "rmse") if k in shown]
-    rows = [(f"dev {k}", (h or {}).get("validation", {}).get(k), s["validation"][k]) for k in metrics]
-    rows += [(f"test {k}", ((h or {}).get("test") or {}).get(k), (s["test"] or {}).get(k)) for k in metrics]
-    rows += [("train + 1 dev eval (s)", h and h["train_seconds"], s["train_seconds"]),
-             ("train samples/s", h and h["train_samples_per_s"], s["train_samples_per_s"]),
-             ("end-to-end wall (s)", h and h["wall_seconds"], s["wall_seconds"]),
-             ("optimizer steps", h and h["steps"], s["steps"]), ("precision", h and h["precision"], s["precision"])]
-    m = rep["machine"]
+    s, h, m = rep["strop"], rep.get("hf"), rep["machine"]
     print(f"\n{rep['task']}: {rep['train_examples']} training examples, {s['epochs']} epochs"
           f"  |  {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({s['threads']} threads), "
           f"transformers {m['transformers']}, strop {m['strop']}")
-    print(f"{'':26}{'HF Trainer':>12}{'strop':>12}{'strop/HF':>10}")
-    for name, hv, sv in rows:
-        ratio = f"{sv / hv:.2f}x" if isinstance(hv, (int, float)) and isinstance(sv, (int, float)) and hv and \
-            ("(s)" in name or "/s" in name) else ""
-        print(f"{name:26}{_fmt(hv) if h else '(skipped)':>12}{_fmt(sv):>12}{ratio:>10}")
+    print(f"{'':28}{'HF Trainer':>12}{'strop':>12}{'strop/HF':>10}" if h else f"{'':28}{'strop':>12}")
+    for name, hv, sv, digits in report_rows(s, h):
+        if not h:
+            print(f"{name:28}{_fmt(sv, digits):>12}")
+            continue
+        timed = "(s)" in name or "/s" in name
+        ratio = f"{sv / hv:.2f}x" if timed and hv else ""
+        print(f"{name:28}{_fmt(hv, digits):>12}{_fmt(sv, digits):>12}{ratio:>10}")
     for k, v in (rep.get("ratios") or {}).items():
-        print(f"  {k}: {v:+.2f}" if "points" in k else f"  {k}: {v:.3f}")
+        if "points" in k:
+            print(f"  {k}: {v:+.2f}")
     print(f"load average at start / end: {m['loadavg_at_start']} / {rep['loadavg_at_end']}")
     print(f"strop overrides of {rep['config']}: {rep['strop_overrides']}")
     print(f"reproduce: {rep['command']}")

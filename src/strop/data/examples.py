@@ -176,7 +176,8 @@ def to_examples(table: Table, cols: Columns, task: str, names: list[str], delimi
 
 def _text(table: Table, i: int, row: dict, column: str) -> str:
     value = row.get(column)
-    if _missing(value) or not str(value).strip():
+    # only truly absent text is missing: a review that reads "None" or "nan" is still text
+    if value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip():
         raise DataError(f"{table.where(i)}: empty text in column '{column}'; remove the row or fill it in")
     return str(value)
 
