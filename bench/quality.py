@@ -61,7 +61,7 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
             "transformers": transformers.__version__, "strop": strop.__version__,
             "python": platform.python_version(), "os": platform.platform(),
-            "loadavg_at_start": os.getloadavg()}  # other work on the machine skews the timings
+            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}  # other work on the machine skews the timings
 
 
 def total_steps(cfg, n_train: int) -> int:
@@ -249,7 +249,7 @@ def bench_task(task: str, args, mach: dict, command: str) -> dict:
     if compare:
         report["hf"] = run_child("hf", task, over, n_train)
     report["strop"] = run_child("strop", task, over, n_train)
-    report["loadavg_at_end"] = os.getloadavg()
+    report["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     if compare:
         report["known_differences"] = KNOWN_DIFFERENCES
         report["ratios"] = ratios(report["strop"], report["hf"])
