@@ -61,6 +61,21 @@ def test_train_writes_the_run_folder(trained):
     assert data["splits"]["train"]["label_counts"] == {"account": 30, "billing": 30, "shipping": 30}
 
 
+def test_tensorboard_events_hold_the_logged_metrics(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = trained
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    records = _records(run_dir)
+    train_loss = [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
+    events = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert [s for s, _ in events] == [s for s, _ in train_loss]
+    assert [v for _, v in events] == pytest.approx([v for _, v in train_loss], rel=1e-6)
+    val_acc = [(r["step"], r["accuracy"]) for r in records if r["split"] == "validation"]
+    assert [(e.step, pytest.approx(e.value)) for e in acc.Scalars("validation/accuracy")] == val_acc
+
+
 def test_eval_verb_matches_training_results(trained, tmp_path, capsys):
     run_dir, splits = trained
     out = tmp_path / "eval.json"
