@@ -9,11 +9,12 @@
 __version__ = "0.1.0"
 
 
-def train(config=None, overrides=None, overwrite: bool = False):
-    """Fine-tune as the config says (YAML path, Config, or None) with overrides; returns a RunResult."""
+def train(config=None, overrides=None, overwrite: bool = False, resume=False):
+    """Fine-tune as the config says (YAML path, Config, or None) with overrides; returns a RunResult.
+    resume=True continues the named run from its newest complete checkpoint; resume='runs/x' continues that folder."""
     from strop.run import train as _train
 
-    return _train(config, overrides, overwrite=overwrite)
+    return _train(config, overrides, overwrite=overwrite, resume=resume)
 
 
 def load(path, device: str = "cpu", precision: str = "fp32"):

@@ -38,6 +38,8 @@ def train(
                                                help="a YAML config and/or overrides such as train.lr=3e-4"),
     help_config: bool = typer.Option(False, "--help-config", help="list every config field with its default and doc"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run folder of the same name"),
+    resume: Optional[str] = typer.Option(None, "--resume", help="continue a run folder from its newest complete "
+                                         "checkpoint (its config.yaml is used; overrides still apply)"),
 ):
     """Fine-tune a model; writes runs/<name>/ (config.yaml, metrics.jsonl, model/, results.json, tb/).
 
@@ -50,6 +52,9 @@ def train(
 
     args = list(args or [])
     config = args.pop(0) if args and "=" not in args[0] else None
+    if resume:
+        run_train(None, args, resume=resume)
+        return
     if config is None and not args:
         raise typer.BadParameter("give a config file and/or key=value overrides (at least data.train=FILE)")
     run_train(config, args, overwrite=overwrite)
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         app(args=argv, standalone_mode=False)
     except StropError as e:
         err.print(f"[bold red]error:[/bold red] {e}", highlight=False)
-        return 2
+        return getattr(e, "exit_code", 2)
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.ClickException as e:

@@ -81,6 +81,14 @@ class TrainConfig:
     metric: str = doc("auto", "validation metric for early stopping and best-model choice; auto = by task "
                       "(accuracy, micro_f1, pearson)")
     restore_best: bool = doc(True, "at the end, load the weights of the best evaluation")
+    save_every: int = doc(0, "write a checkpoint every N optimizer steps; 0 = after each evaluation; -1 = never")
+    keep_checkpoints: int = doc(2, "keep the newest N checkpoints (plus the best one); older ones are deleted")
+    resume: str = doc("never", "auto = continue from the newest complete checkpoint if the run folder has one",
+                      ("never", "auto"))
+    nonfinite: str = doc("stop", "on a NaN/Inf loss or gradient: stop (keep the last good checkpoint) or skip the step",
+                         ("stop", "skip"))
+    max_skipped_steps: int = doc(10, "with nonfinite=skip, stop after this many skipped steps")
+    auto_batch_size: bool = doc(False, "on out-of-memory, halve the micro-batch (raising accumulation) and retry")
     threads: int = doc(0, "CPU threads for torch; 0 = all cores")
     device: str = doc("auto", "auto = cuda if available, else cpu", ("auto", "cpu", "cuda"))
 
@@ -277,9 +285,13 @@ def validate(cfg: Config) -> None:
                           "too little for training; lower them")
     for key, value in {"train.weight_decay": t.weight_decay, "train.warmup": t.warmup,
                        "train.max_grad_norm": t.max_grad_norm, "train.eval_every": t.eval_every,
-                       "train.early_stopping_patience": t.early_stopping_patience, "train.threads": t.threads}.items():
+                       "train.early_stopping_patience": t.early_stopping_patience, "train.threads": t.threads,
+                       "train.keep_checkpoints": t.keep_checkpoints, "train.max_skipped_steps": t.max_skipped_steps
+                       }.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
+    if t.save_every < -1:
+        raise ConfigError(f"train.save_every={t.save_every} must be -1 (never), 0 (at evaluations) or a step count")
     if m.dropout is not None and not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
     if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1

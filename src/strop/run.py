@@ -23,6 +23,7 @@ from strop.evaluate.metrics import primary_metric, tune_threshold
 from strop.models.backbone import load_tokenizer, read_model_config, resolve_model_path
 from strop.models.classifier import build_model, save_model
 from strop.track import Trackers
+from strop.training.checkpoint import latest_checkpoint
 from strop.training.loop import fit
 from strop.training.progress import console
 
@@ -47,19 +48,69 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads or os.cpu_count() or 1)
 
 
-def make_run_dir(cfg: Config, overwrite: bool) -> Path:
-    name = cfg.name or f"{Path(cfg.data.train).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.output_dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise RunError(f"run folder {run_dir} already exists; choose another name (name=...) or pass --overwrite")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.name = name
-    return run_dir
+def _run_dir_of(cfg: Config) -> Path:
+    if not cfg.name:
+        cfg.name = f"{Path(cfg.data.train).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.output_dir) / cfg.name
 
 
-def check_max_length(cfg: Config, model_folder: Path, tokenizer) -> None:
+def resolve_run(config, overrides, overwrite: bool, resume) -> tuple[Config, Path, Path | None]:
+    """(config, run folder, checkpoint to resume from or None). Creates nothing.
+
+    resume: False; True (the run folder named by the config); or a run folder path (its config.yaml is used).
+    """
+    if resume not in (False, True, None):
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise RunError(f"cannot resume {run_dir}: no config.yaml there; give the run folder (runs/<name>)")
+        cfg = load_config(run_dir / "config.yaml", overrides)
+        cfg.output_dir, cfg.name = str(run_dir.parent), run_dir.name
+    else:
+        cfg = config if isinstance(config, Config) else load_config(config, overrides)
+        run_dir = _run_dir_of(cfg)
+    wants_resume = bool(resume) or cfg.train.resume == "auto"
+    if wants_resume and run_dir.is_dir():
+        ckpt = latest_checkpoint(run_dir, log=lambda m: console.print(f"[yellow]{m}[/yellow]"))
+        if ckpt is not None:
+            return cfg, run_dir, ckpt
+    if resume:
+        raise RunError(f"cannot resume {run_dir}: it has no complete checkpoint (checkpoints/step-N/COMPLETE); "
+                       "start it again without --resume")
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise RunError(f"run folder {run_dir} already exists; choose another name (name=...), pass --overwrite, or "
+                       f"continue it with: strop train --resume {run_dir}")
+    return cfg, run_dir, None
+
+
+def open_run_dir(run_dir: Path, ckpt: Path | None) -> int:
+    """Create (or reopen, when resuming) the run folder; returns the step to resume from (0 for a new run)."""
+    if ckpt is None:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        return 0
+    step = int(ckpt.name.split("-")[-1])
+    truncate_metrics(run_dir / "metrics.jsonl", step)
+    for stale in ("model", "results.json"):  # a resumed run rewrites its final outputs
+        path = run_dir / stale
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    console.print(f"resuming {run_dir} from {ckpt.name}")
+    return step
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records logged after `step` (the checkpoint), so a resumed run's metrics.jsonl has no duplicates."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+            and not json.loads(line).get("split", "").startswith("final_")]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    tmp.replace(path)
+
+
+def check_max_length(cfg: Config, model_folder: Path) -> None:
     limit = read_model_config(model_folder).get("max_position_embeddings")
     if limit and cfg.model.max_length > limit:
         raise ConfigError(f"model.max_length={cfg.model.max_length} exceeds what the model allows ({limit} "
@@ -80,61 +131,51 @@ def data_summary(ds: Dataset, encoded: dict) -> dict:
 
 
 def train(config: Config | str | Path | None = None, overrides: list[str] | dict | None = None,
-          overwrite: bool = False) -> RunResult:
+          overwrite: bool = False, resume: bool | str | Path = False) -> RunResult:
     """Fine-tune a model as the config says; returns the run folder and its results.
 
-    `config`: a Config, a YAML path, or None for defaults; `overrides`: ['train.lr=3e-4', ...] or {'train.lr': 3e-4}.
+    `config`: a Config, a YAML path, or None for defaults; `overrides`: ['train.lr=3e-4', ...] or {'train.lr': 3e-4};
+    `resume`: True to continue the run the config names from its newest complete checkpoint, or a run folder path.
     """
-    cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    cfg, run_dir, ckpt = resolve_run(config, overrides, overwrite, resume)
     set_threads(cfg.train.threads)
     # everything a user can get wrong is checked before the run folder is created, so bad input leaves nothing
     ds = prepare(cfg)
     model_folder = resolve_model_path(cfg.model.path, cfg.model.allow_pickle)
     tokenizer = load_tokenizer(model_folder, cfg.model.trust_remote_code)
-    check_max_length(cfg, model_folder, tokenizer)
+    check_max_length(cfg, model_folder)
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     metric = primary_metric(ds.task) if cfg.train.metric == "auto" else cfg.train.metric
     if metric not in TASK_METRICS[ds.task]:
         raise ConfigError(f"train.metric={metric!r} is not a {ds.task} metric; choose from {TASK_METRICS[ds.task]}")
 
-    run_dir = make_run_dir(cfg, overwrite)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")  # first file: the resolved config
+    torch.manual_seed(cfg.train.seed)  # the new head's initial weights
+    model = build_model(cfg.model, ds.task, ds.labels)  # before the run folder: broken weights leave nothing behind
+
+    start_step = open_run_dir(run_dir, ckpt)
+    write_atomic(run_dir / "config.yaml", dump_yaml(cfg))  # first file of a new run: the resolved config
     for note in ds.notes:
         console.print(f"[dim]{note}[/dim]")
-
     encoded = {split: encode(tokenizer, ex, cfg.model.max_length) for split, ex in ds.splits.items()}
-    summary = data_summary(ds, encoded)
-    (run_dir / "data.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_atomic(run_dir / "data.json", json.dumps(data_summary(ds, encoded), indent=2))
     for split, enc in encoded.items():
         if enc.n_truncated:
             console.print(f"[yellow]{split}: {enc.n_truncated} of {len(enc)} examples are longer than "
                           f"model.max_length={cfg.model.max_length} tokens and were truncated[/yellow]")
-    torch.manual_seed(cfg.train.seed)  # the new head's initial weights
-    model = build_model(cfg.model, ds.task, ds.labels)
-    n_params = sum(p.numel() for p in model.parameters())
     console.print(f"model: {model_folder.name if cfg.model.path != 'default' else 'all-MiniLM-L6-v2 (default)'}, "
-                  f"{n_params / 1e6:.1f}M parameters; task {ds.task} with {len(ds.labels)} label(s); "
-                  f"{len(ds.splits['train'])} training examples; {device.type} {precision}")
+                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; task {ds.task} with "
+                  f"{len(ds.labels)} label(s); {len(ds.splits['train'])} training examples; {device.type} {precision}")
 
-    tracker = Trackers(run_dir, cfg.track)
+    tracker = Trackers(run_dir, cfg.track, purge_step=start_step + 1 if start_step else None)
     try:
-        val = encoded.get("validation")
-        if val is None:
+        if "validation" not in encoded:
             console.print("[yellow]no validation split: no evaluation during training[/yellow]")
-        fitted = fit(model, encoded["train"], val, cfg, ds.task, ds.labels, device, precision, tracker, metric)
-        threshold = 0.5
-        final = {}
-        if ds.task == "multi_label" and val is not None:
-            _, probs = evaluate(model, val, ds.task, ds.labels, cfg.eval.batch_size, device, precision,
-                                keep_outputs=True)
-            threshold = tune_threshold(probs, val.labels)
-            console.print(f"multi-label decision threshold tuned on validation: {threshold:.2f}")
-        for split in ("validation", "test"):
-            if split in encoded:
-                final[split], _ = evaluate(model, encoded[split], ds.task, ds.labels, cfg.eval.batch_size, device,
-                                           precision, threshold)
-                tracker.log({"step": fitted.steps, "split": f"final_{split}", **final[split]})
+        fitted = fit(model, encoded["train"], encoded.get("validation"), cfg, ds.task, ds.labels, device, precision,
+                     tracker, metric, run_dir, resume_from=ckpt)
+        threshold, final = final_evaluation(model, encoded, ds, cfg, device, precision)
+        for split, metrics in final.items():
+            tracker.log({"step": fitted.state.step, "split": f"final_{split}", **metrics})
     finally:
         tracker.close()
 
@@ -143,14 +184,42 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
             "label_column": ds.columns.label, "label_delimiter": cfg.data.label_delimiter, "threshold": threshold,
             "base_model": str(cfg.model.path)}
     save_model(model, tokenizer, run_dir / "model", meta)
-    results = {"metric": metric, "best_metric": fitted.best_metric, "best_step": fitted.best_step,
-               "steps": fitted.steps, "epochs": round(fitted.epochs_run, 4), "train_seconds": fitted.train_seconds,
-               "train_samples_per_s": fitted.steps and len(encoded["train"]) * fitted.epochs_run / fitted.train_seconds,
-               "train_tokens_per_s": fitted.train_tokens / fitted.train_seconds if fitted.train_seconds else 0.0,
-               "precision": precision, "threshold": threshold, **final}
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    results = run_results(fitted, len(encoded["train"]), metric, precision, threshold, final, start_step)
+    write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
     _print_summary(run_dir, results, metric)
     return RunResult(run_dir, results)
+
+
+def final_evaluation(model, encoded: dict, ds: Dataset, cfg: Config, device, precision) -> tuple[float, dict]:
+    """(decision threshold, {split: metrics}) with the final weights; multi-label tunes the threshold on validation."""
+    threshold, val = 0.5, encoded.get("validation")
+    if ds.task == "multi_label" and val is not None:
+        _, probs = evaluate(model, val, ds.task, ds.labels, cfg.eval.batch_size, device, precision, keep_outputs=True)
+        threshold = tune_threshold(probs, val.labels)
+        console.print(f"multi-label decision threshold tuned on validation: {threshold:.2f}")
+    final = {}
+    for split in ("validation", "test"):
+        if split in encoded:
+            final[split], _ = evaluate(model, encoded[split], ds.task, ds.labels, cfg.eval.batch_size, device,
+                                       precision, threshold)
+    return threshold, final
+
+
+def run_results(fitted, n_train: int, metric: str, precision: str, threshold: float, final: dict,
+                start_step: int) -> dict:
+    s, secs = fitted.state, fitted.train_seconds
+    steps_here = s.step - start_step
+    return {"metric": metric, "best_metric": s.best_metric, "best_step": s.best_step, "steps": s.step,
+            "epochs": round(s.step / fitted.steps_per_epoch, 4), "resumed_from_step": start_step or None,
+            "skipped_steps": s.skipped_steps, "stopped_early": s.stopped_early, "train_seconds": secs,
+            "train_samples_per_s": steps_here * n_train / fitted.steps_per_epoch / secs if secs else 0.0,
+            "train_tokens": s.train_tokens, "precision": precision, "threshold": threshold, **final}
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def _print_summary(run_dir: Path, results: dict, metric: str) -> None:

@@ -68,6 +68,8 @@ def load_tokenizer(folder: Path, trust_remote_code: bool = False):
 def load_pretrained(auto_class, folder: Path, allow_pickle: bool = False, trust_remote_code: bool = False,
                     **kwargs):
     """`auto_class.from_pretrained` with strop's safety settings and readable errors."""
+    import pickle
+
     import safetensors
 
     try:
@@ -75,5 +77,9 @@ def load_pretrained(auto_class, folder: Path, allow_pickle: bool = False, trust_
                                           trust_remote_code=trust_remote_code, **kwargs)
     except safetensors.SafetensorError as e:
         raise ModelError(f"weights in {folder} are corrupt or truncated ({e}); copy them again") from None
+    except pickle.UnpicklingError:
+        raise ModelError(f"refusing to load the pickle weights in {folder}: they need code to load (only plain "
+                         "tensors are accepted even with model.allow_pickle=true). Convert them to safetensors on a "
+                         "machine you trust") from None
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the model in {folder}: {e}") from None

@@ -40,10 +40,11 @@ class JsonlTracker:
 class TensorBoardTracker:
     """Scalars as '<split>/<metric>' in TensorBoard event files under `folder`."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(folder))
+        # purge_step: a resumed run hides events a crashed process wrote after its last checkpoint
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step)
 
     def log(self, record: dict) -> None:
         split = record.get("split", "train")
@@ -57,10 +58,10 @@ class TensorBoardTracker:
 class Trackers:
     """Fan one record out to every configured tracker."""
 
-    def __init__(self, run_dir: Path, names: list[str]):
+    def __init__(self, run_dir: Path, names: list[str], purge_step: int | None = None):
         self.trackers = [JsonlTracker(run_dir / "metrics.jsonl")]
         if "tensorboard" in names:
-            self.trackers.append(TensorBoardTracker(run_dir / "tb"))
+            self.trackers.append(TensorBoardTracker(run_dir / "tb", purge_step))
 
     def log(self, record: dict) -> None:
         for t in self.trackers:

@@ -1,10 +1,11 @@
-"""The training loop: one function, read top to bottom."""
+"""The training loop: one function, read top to bottom. Guards (signals, NaN, OOM) live in guards.py."""
 
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,27 +13,21 @@ from torch import nn
 
 from strop.data.batching import Encoded, collate, epoch_batches
 from strop.device import autocast
-from strop.errors import StropError
 from strop.evaluate.evaluator import MODEL_INPUTS, evaluate
 from strop.evaluate.metrics import greater_is_better
 from strop.models.classifier import task_loss
+from strop.training.checkpoint import TrainState, load_checkpoint, load_weights, prune_checkpoints, save_checkpoint
+from strop.training.guards import MicroBatchSize, NonFiniteError, StopSignals, TrainingInterrupted, is_finite
 from strop.training.optim import build_optimizer, build_scheduler, warmup_steps
 from strop.training.progress import TrainProgress
 
 
-class NonFiniteLossError(StropError):
-    """The loss became NaN or Inf."""
-
-
 @dataclass
 class FitResult:
-    steps: int
-    epochs_run: float
-    best_metric: float | None
-    best_step: int | None
+    state: TrainState
+    steps_per_epoch: int
     history: list[dict] = field(default_factory=list)  # validation records
-    train_seconds: float = 0.0
-    train_tokens: int = 0  # real (unpadded) tokens seen
+    train_seconds: float = 0.0  # this process's share of the run (a resumed run counts from the resume)
 
 
 def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_batch_size: int, task: str,
@@ -55,82 +50,111 @@ def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_
 
 
 def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, label_names: list[str],
-        device: torch.device, precision: str, tracker, metric: str) -> FitResult:
-    """Train `model` in place on `train`, evaluating on `val`; restores the best weights if configured."""
+        device: torch.device, precision: str, tracker, metric: str, run_dir: Path,
+        resume_from: Path | None = None) -> FitResult:
+    """Train `model` in place on `train`, evaluating on `val` and checkpointing into run_dir/checkpoints."""
     t = cfg.train
-    micro = t.micro_batch_size or t.batch_size
     steps_per_epoch = math.ceil(len(train) / t.batch_size)
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
     eval_every = t.eval_every or steps_per_epoch
+    save_every = eval_every if t.save_every == 0 else t.save_every
     optimizer = build_optimizer(model, t)
     scheduler = build_scheduler(optimizer, t.scheduler, warmup_steps(t.warmup, total_steps), total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
-    higher = greater_is_better(metric)
-    result = FitResult(0, 0.0, None, None)
-    best_state, bad_evals = None, 0
-    torch.manual_seed(t.seed)  # dropout masks
+    micro = MicroBatchSize(t.micro_batch_size or t.batch_size, t.auto_batch_size)
     model.to(device).train()
-    progress = TrainProgress(total_steps)
-    window_loss, window_steps, window_examples = torch.zeros((), device=device), 0, 0
+    torch.manual_seed(t.seed)  # dropout masks
+    state = load_checkpoint(resume_from, model, optimizer, scheduler) if resume_from else TrainState()
+    result = FitResult(state, steps_per_epoch)
+    best_state = None
+    window_loss = torch.tensor(state.window[0], device=device)  # summed on-device; read once per log line
     window_start = time.perf_counter()
     start = time.perf_counter()
-    step, epoch, stop = 0, 0, False
-    with progress:
-        while step < total_steps and not stop:
-            for idx in epoch_batches(train.lengths, t.batch_size, t.seed, epoch, t.batching == "length_grouped"):
-                loss = accumulate_gradients(model, train, idx, micro, task, device, precision)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(f"loss is {float(loss)} at step {step + 1} (epoch {epoch}, batch of "
-                                             f"examples {idx[:8].tolist()}...); lower train.lr, or use "
-                                             "train.precision=fp32")
-                if t.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+
+    def checkpoint():
+        state.window = [float(window_loss), state.window[1], state.window[2]]
+        save_checkpoint(run_dir, model, optimizer, scheduler, state)
+        prune_checkpoints(run_dir, t.keep_checkpoints, {state.best_step} if state.best_step else set())
+
+    with TrainProgress(total_steps, state.step) as progress, StopSignals() as signals:
+        while state.step < total_steps and not state.stopped_early:
+            batches = epoch_batches(train.lengths, t.batch_size, t.seed, state.epoch, t.batching == "length_grouped")
+            for idx in batches[state.batch_in_epoch:]:
+                loss = micro.run(lambda m: accumulate_gradients(model, train, idx, m, task, device, precision),
+                                 model, progress.note)
+                # clip_grad_norm_ returns the total norm: one pass that both clips and checks for NaN/Inf gradients
+                norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+                if not is_finite(loss, norm):
+                    state.skipped_steps += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    where = f"step {state.step + 1} (epoch {state.epoch}, batch {state.batch_in_epoch}, training " \
+                            f"examples {idx[:6].tolist()}{'...' if len(idx) > 6 else ''})"
+                    if t.nonfinite == "stop" or state.skipped_steps > t.max_skipped_steps:
+                        raise NonFiniteError(f"non-finite loss ({float(loss)}) or gradient norm ({float(norm)}) at "
+                                             f"{where}; the last good checkpoint is kept. Lower train.lr, use "
+                                             "train.precision=fp32, check the data, or set train.nonfinite=skip")
+                    progress.note(f"[yellow]skipped {where}: non-finite loss/gradient "
+                                  f"({state.skipped_steps}/{t.max_skipped_steps})[/yellow]")
+                    state.batch_in_epoch += 1
+                    continue
                 lr = scheduler.get_last_lr()[0]  # the lr this step used
                 optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)  # noqa: E702
-                step += 1
-                window_loss += loss  # summed on-device; read once per log line, not every step
-                window_steps += 1
-                window_examples += len(idx)
-                result.train_tokens += int(train.lengths[idx].sum())
+                state.step += 1
+                state.batch_in_epoch += 1
+                state.train_tokens += int(train.lengths[idx].sum())
+                window_loss += loss
+                state.window[1] += 1
+                state.window[2] += len(idx)
 
-                if step % t.log_every == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "split": "train",
-                              "loss": float(window_loss) / window_steps,
-                              "lr": lr, "samples_per_s": window_examples / elapsed}
+                if state.step % t.log_every == 0 or state.step == total_steps:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4), "split": "train",
+                              "loss": float(window_loss) / state.window[1], "lr": lr,
+                              "samples_per_s": state.window[2] / elapsed}
                     tracker.log(record)
-                    progress.update(step, record)
-                    window_loss.zero_(); window_steps, window_examples, window_start = 0, 0, time.perf_counter()  # noqa
+                    progress.update(state.step, record)
+                    window_loss.zero_()
+                    state.window, window_start = [0.0, 0, 0], time.perf_counter()
                 else:
-                    progress.advance(step)
+                    progress.advance(state.step)
 
-                if val is not None and (step % eval_every == 0 or step == total_steps):
+                if val is not None and (state.step % eval_every == 0 or state.step == total_steps):
                     metrics, _ = evaluate(model, val, task, label_names, cfg.eval.batch_size, device, precision)
-                    value = metrics[metric]
-                    improved = result.best_metric is None or (value > result.best_metric if higher
-                                                              else value < result.best_metric)
-                    if improved:
-                        result.best_metric, result.best_step, bad_evals = value, step, 0
-                        if t.restore_best:
-                            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                    else:
-                        bad_evals += 1
-                    record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "split": "validation",
-                              **metrics}
+                    improved = _track_best(state, metrics[metric], greater_is_better(metric))
+                    if improved and t.restore_best:
+                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
+                              "split": "validation", **metrics}
                     tracker.log(record)
                     result.history.append(record)
-                    progress.note(f"step {step}: validation {metric}={value:.4f}"
+                    progress.note(f"step {state.step}: validation {metric}={metrics[metric]:.4f}"
                                   f"{' (best)' if improved else ''} loss={metrics['loss']:.4f}")
-                    if t.early_stopping_patience and bad_evals >= t.early_stopping_patience:
-                        progress.note(f"early stopping: no improvement in {bad_evals} evaluations")
-                        stop = True
-                if stop or step >= total_steps:
+                    if t.early_stopping_patience and state.bad_evals >= t.early_stopping_patience:
+                        progress.note(f"early stopping: no improvement in {state.bad_evals} evaluations")
+                        state.stopped_early = True
+
+                done = state.stopped_early or state.step >= total_steps
+                if signals.requested or (save_every > 0 and state.step % save_every == 0 and not done):
+                    checkpoint()
+                if signals.requested:
+                    raise TrainingInterrupted(run_dir, state.step, signals.requested)
+                if done:
                     break
-            epoch += 1
-    result.steps = step
-    result.epochs_run = step / steps_per_epoch
+            else:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     result.train_seconds = time.perf_counter() - start
-    if best_state is not None and result.best_step != step:
+    if t.restore_best and state.best_step is not None and state.best_step != state.step:
+        if best_state is None:  # the best step came before a resume: its checkpoint is kept for this
+            best_state = load_weights(run_dir / "checkpoints" / f"step-{state.best_step}" / "model.safetensors")
         model.load_state_dict(best_state)
-        progress.note(f"restored the best weights (step {result.best_step}, {metric}={result.best_metric:.4f})")
+        progress.note(f"restored the best weights (step {state.best_step}, {metric}={state.best_metric:.4f})")
     return result
+
+
+def _track_best(state: TrainState, value: float, higher: bool) -> bool:
+    improved = state.best_metric is None or (value > state.best_metric if higher else value < state.best_metric)
+    if improved:
+        state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
+    else:
+        state.bad_evals += 1
+    return improved

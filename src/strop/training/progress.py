@@ -11,12 +11,12 @@ console = Console(stderr=True, soft_wrap=True)
 
 
 class TrainProgress:
-    def __init__(self, total_steps: int):
+    def __init__(self, total_steps: int, completed: int = 0):
         self.total = total_steps
         self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
                             console=console, transient=False, disable=not console.is_terminal)
-        self.task = self.bar.add_task("train", total=total_steps, stats="")
+        self.task = self.bar.add_task("train", total=total_steps, completed=completed, stats="")
 
     def __enter__(self):
         self.bar.__enter__()
