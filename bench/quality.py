@@ -19,15 +19,13 @@ import argparse
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
+from common import HF_ARGS_SHOWN, REPO, RESULTS, hf_trainer, machine, run_child as _run_child, total_steps
+
 TASKS = ("sst2", "trec", "stsb", "mrpc")
 HF_TASKS = ("sst2",)  # tasks compared with the HF Trainer; the others run strop alone
 
@@ -45,33 +43,6 @@ KNOWN_DIFFERENCES = [
 
 # ---------------------------------------------------------------------------------------------------------------
 # settings shared by both sides
-
-
-def machine() -> dict:
-    import torch
-    import transformers
-
-    import strop
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "unknown"
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "strop": strop.__version__,
-            "python": platform.python_version(), "os": platform.platform(),
-            # other work on the machine skews the timings; the load average says how busy it was
-            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
-
-
-def total_steps(cfg, n_train: int) -> int:
-    """Optimizer steps of a run, computed exactly as strop's loop does (training/loop.py)."""
-    steps_per_epoch = math.ceil(n_train / cfg.train.batch_size)
-    return cfg.train.max_steps if cfg.train.max_steps > 0 else math.ceil(cfg.train.epochs * steps_per_epoch)
 
 
 def strop_overrides(task: str, epochs: float | None, compare: bool) -> dict:
@@ -113,96 +84,16 @@ def run_strop(task: str, over: dict) -> dict:
             "threads": torch.get_num_threads(), "run_dir": str(run.run_dir)}
 
 
-def _hf_label_ids(values: list) -> dict:
-    """label value -> id, in strop's order (sorted; numeric names sort numerically)."""
-    names = sorted({str(v) for v in values}, key=lambda s: (0, float(s), s) if _is_number(s) else (1, 0.0, s))
-    return {name: i for i, name in enumerate(names)}
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
-
-
-def hf_datasets(cfg, tokenizer):
-    """train/validation/test as tokenized `datasets.Dataset`s with a 'labels' column (plain HF recipe)."""
-    import datasets
-    from datasets import load_dataset
-
-    datasets.disable_progress_bars()
-    d = cfg.data
-    files = {split: path for split, path in (("train", d.train), ("validation", d.validation), ("test", d.test))
-             if path}
-    raw = load_dataset("json", data_files=files)
-    label2id = _hf_label_ids(raw["train"][d.label_column])
-
-    def tokenize(batch):
-        pairs = batch[d.text_pair_column] if d.text_pair_column else None
-        out = tokenizer(batch[d.text_column], pairs, truncation=True, max_length=cfg.model.max_length)
-        out["labels"] = [label2id[str(v)] for v in batch[d.label_column]]
-        return out
-
-    return {split: ds.map(tokenize, batched=True, remove_columns=ds.column_names) for split, ds in raw.items()}, \
-        label2id
-
-
-def hf_arguments(cfg, steps: int, out_dir: str):
-    """TrainingArguments equal to strop's resolved config `cfg` (fails on settings the HF side cannot match)."""
-    from transformers import TrainingArguments
-
-    from strop.training.optim import warmup_steps
-
-    t = cfg.train
-    if t.head_lr is not None or cfg.model.pooling != "cls":
-        raise SystemExit("the HF side matches only train.head_lr=None and model.pooling=cls")
-    micro = t.micro_batch_size or t.batch_size
-    schedule = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[t.scheduler]
-    return TrainingArguments(
-        output_dir=out_dir, use_cpu=True, report_to="none", save_strategy="no", eval_strategy="no",
-        seed=t.seed, data_seed=t.seed, bf16=False, fp16=False,
-        per_device_train_batch_size=micro, gradient_accumulation_steps=t.batch_size // micro,
-        per_device_eval_batch_size=cfg.eval.batch_size,
-        learning_rate=t.lr, weight_decay=t.weight_decay, adam_beta1=t.betas[0], adam_beta2=t.betas[1],
-        adam_epsilon=t.eps, max_grad_norm=t.max_grad_norm, lr_scheduler_type=schedule,
-        warmup_steps=warmup_steps(t.warmup, steps),  # the same integer number of steps as strop
-        max_steps=steps, num_train_epochs=t.epochs, logging_steps=t.log_every,
-        train_sampling_strategy="group_by_length" if t.batching == "length_grouped" else "random",
-        dataloader_num_workers=0)
-
-
 def run_hf(task: str, over: dict, n_train: int) -> dict:
-    import numpy as np
     import torch
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              set_seed)
 
     from strop.config import load_config
-    from strop.models.backbone import default_model_path
 
     start = time.perf_counter()
     cfg = load_config(REPO / "configs" / f"{task}.yaml", over)
-    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)  # as strop does
-    folder = str(default_model_path()) if cfg.model.path == "default" else cfg.model.path
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    data, label2id = hf_datasets(cfg, tokenizer)
-    if len(data["train"]) != n_train:
-        raise SystemExit(f"HF side read {len(data['train'])} training examples, strop {n_train}")
     steps = total_steps(cfg, n_train)
-    set_seed(cfg.train.seed)  # the new head's initial weights
-    model = AutoModelForSequenceClassification.from_pretrained(
-        folder, num_labels=len(label2id), use_safetensors=True, dtype=torch.float32,
-        id2label={i: n for n, i in label2id.items()}, label2id=label2id)
-
-    def accuracy(pred) -> dict:
-        return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
-
     with tempfile.TemporaryDirectory() as out_dir:
-        trainer = Trainer(model=model, args=hf_arguments(cfg, steps, out_dir), train_dataset=data["train"],
-                          processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-                          compute_metrics=accuracy)
+        trainer, data = hf_trainer(cfg, n_train, out_dir)
         train = trainer.train().metrics
         dev = trainer.evaluate(data["validation"], metric_key_prefix="validation")
         test = trainer.evaluate(data["test"], metric_key_prefix="test") if "test" in data else None
@@ -217,26 +108,15 @@ def run_hf(task: str, over: dict, n_train: int) -> dict:
             "args": {k: v for k, v in trainer.args.to_dict().items() if k in HF_ARGS_SHOWN}}
 
 
-HF_ARGS_SHOWN = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
-                 "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "lr_scheduler_type", "warmup_steps",
-                 "max_steps", "seed", "data_seed", "optim", "bf16", "use_cpu", "train_sampling_strategy")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the parent: run each side in a child process, compare, report
 
 
 def run_child(side: str, task: str, over: dict, n_train: int = 0) -> dict:
     """Run one side in a fresh Python process (no shared allocator/thread state); returns its result dict."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--task", task,
-               "--overrides", json.dumps(over), "--n-train", str(n_train), "--out", str(out)]
-        print(f"\n=== {task}: {'Hugging Face Trainer' if side == 'hf' else 'strop'} ===", flush=True)
-        proc = subprocess.run(cmd, cwd=REPO)
-        if proc.returncode != 0:
-            raise SystemExit(f"the {side} side of {task} failed (exit code {proc.returncode})")
-        return json.loads(out.read_text())
+    return _run_child(__file__, ["--side", side, "--task", task, "--overrides", json.dumps(over),
+                                 "--n-train", str(n_train)],
+                      f"{task}: {'Hugging Face Trainer' if side == 'hf' else 'strop'}", f"{side} side of {task}")
 
 
 def bench_task(task: str, args, mach: dict, command: str) -> dict:

@@ -52,6 +52,11 @@ class ModelConfig:
                        "Classification); mean = mean of token states + linear head", ("cls", "mean"))
     max_length: int = doc(128, "max tokens per example (longer inputs are truncated and counted in the log)")
     dropout: float | None = doc(None, "classifier dropout; empty = the model config's value")
+    hidden_dropout: float | None = doc(None, "dropout inside the backbone's layers; empty = the model config's value")
+    attention_dropout: float | None = doc(None, "dropout on attention weights; empty = the model config's value "
+                                          "(0 lets CPUs use the fused attention kernel: faster)")
+    freeze_embeddings: bool = doc(False, "keep the word-embedding matrix fixed: skips its gradient and optimizer "
+                                  "update (about half of MiniLM's parameters); faster, may cost a little accuracy")
     allow_pickle: bool = doc(False, "allow loading pickle-based weights (.bin); only for folders you trust")
     trust_remote_code: bool = doc(False, "run Python code shipped in the model folder; only for folders you trust")
 
@@ -183,7 +188,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     else:
         return value
     want = getattr(tp, "__name__", str(tp))
-    raise ConfigError(f"{key}={value!r} is not a valid {want}")
+    hint = {bool: "; use true or false", int: "; give a whole number",
+            float: "; give a number, e.g. 3e-4"}.get(tp, "")
+    raise ConfigError(f"{key}={value!r} is not a valid {want}{hint}")
 
 
 def _apply(cfg: Any, mapping: dict, prefix: str = "") -> None:
@@ -241,11 +248,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
+            raise ConfigError(f"config file {path} not found; check the path (an argument without '=' is read as "
+                              "the YAML config; overrides look like key=value)")
         try:
             mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: byte 0x{e.object[e.start]:02x} at offset {e.start} is not valid UTF-8; save "
+                              "the config as UTF-8") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{where}: not valid YAML ({problem}); fix the syntax there (quote values that hold "
+                              "':' or '#', close brackets and quotes)") from None
         if not isinstance(mapping, dict):
             raise ConfigError(f"{path} must hold a mapping of config sections, got {type(mapping).__name__}")
         _apply(cfg, mapping)
@@ -292,8 +307,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value} must be >= 0")
     if t.save_every < -1:
         raise ConfigError(f"train.save_every={t.save_every} must be -1 (never), 0 (at evaluations) or a step count")
-    if m.dropout is not None and not 0 <= m.dropout < 1:
-        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    for key in ("dropout", "hidden_dropout", "attention_dropout"):
+        value = getattr(m, key)
+        if value is not None and not 0 <= value < 1:
+            raise ConfigError(f"model.{key}={value} must be in [0, 1)")
     if len(t.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
                                     for b in t.betas):
         raise ConfigError(f"train.betas={t.betas} must be two numbers in [0, 1)")

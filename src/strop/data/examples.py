@@ -65,13 +65,15 @@ def resolve_columns(table: Table, text: str | None, pair: str | None, label: str
         check("data.label_column", label)
     text = text or _pick(found, TEXT_COLUMNS)
     if text is None:
-        raise DataError(f"{table.path}: no text column found among {found}; set data.text_column")
+        raise DataError(f"{table.path}: no text column found among {found}; name it 'text' or, when training, set "
+                        "data.text_column")
     if pair is None and text.lower() in ("sentence1", "text", "question", "text_a"):
         pair = _pick([c for c in found if c != text], PAIR_COLUMNS)
     if label is None:
         label = _pick([c for c in found if c not in (text, pair)], LABEL_COLUMNS)
         if label is None and need_label:
-            raise DataError(f"{table.path}: no label column found among {found}; set data.label_column")
+            raise DataError(f"{table.path}: no label column found among {found}; name it 'label' or, when training, "
+                            "set data.label_column")
     return Columns(text, pair, label)
 
 
@@ -104,7 +106,8 @@ def infer_task(table: Table, label: str, delimiter: str | None) -> tuple[str, st
     regression; anything else -> single_label."""
     values = [r.get(label) for r in table.rows if not _missing(r.get(label))]
     if not values:
-        raise DataError(f"{table.path}: label column '{label}' is empty in every row")
+        raise DataError(f"{table.path}: label column '{label}' is empty in every row; fill in the labels, or set "
+                        "data.label_column to the column that holds them")
     if delimiter or any(isinstance(v, (list, tuple, np.ndarray)) for v in values):
         return "multi_label", "labels are lists" if not delimiter else f"data.label_delimiter={delimiter!r} is set"
     numbers = [_number(v) for v in values]
@@ -135,7 +138,7 @@ def label_names(table: Table, label: str, task: str, delimiter: str | None) -> l
                         f"({b!r} at {table.where(j)}); make the labels consistent")
     if task == "single_label" and len(names) < 2:
         raise DataError(f"{table.path}: label column '{label}' has only {sorted(names)}; a classifier needs at "
-                        "least 2 classes")
+                        "least 2 classes: add examples of other classes (for numeric targets set task=regression)")
     return sorted(names, key=lambda n: (0, float(n), n) if _number(n) is not None else (1, 0.0, n))
 
 

@@ -55,7 +55,7 @@ def read_table(path: str | Path, fmt: str = "auto", encoding: str = "utf-8") -> 
     if not path.exists():
         hint = f" (found in {path.parent}: {sorted(p.name for p in path.parent.iterdir())[:10]})" \
             if path.parent.is_dir() else ""
-        raise DataError(f"data file {path} not found{hint}; check the path in data.train/validation/test")
+        raise DataError(f"data file {path} not found{hint}; check the path (data.train/validation/test, or --data)")
     kind = detect_format(path, fmt)
     if kind in ("csv", "tsv"):
         return _read_delimited(path, "," if kind == "csv" else "\t", encoding)
@@ -82,7 +82,8 @@ def _decode(path: Path, encoding: str) -> str:
         raise DataError(f"{path}:{line}:{col}: byte 0x{raw[start]:02x} is not valid {encoding}; "
                         f"convert the file to UTF-8 or set data.encoding (e.g. data.encoding=latin-1)") from None
     except LookupError:
-        raise DataError(f"data.encoding={encoding!r} is not a known text encoding") from None
+        raise DataError(f"data.encoding={encoding!r} is not a known text encoding; use a Python codec name such as "
+                        "utf-8, latin-1 or cp1252") from None
     if not text.strip():
         raise DataError(f"{path} is empty; it needs a header line and at least one row")
     return text
@@ -106,9 +107,12 @@ def _read_delimited(path: Path, delimiter: str, encoding: str) -> Table:
             if not record or (len(record) == 1 and not record[0].strip()):
                 continue  # blank line
             if len(record) != len(header):
+                # a quote that never closes swallows the following lines into one field
+                unclosed = "; a field here spans several lines: check for a quote that is never closed" \
+                    if any("\n" in field for field in record) else ""
                 raise DataError(f"{path}:{start}: row has {len(record)} fields but the header has "
                                 f"{len(header)} ({header}); quote fields that contain {delimiter!r}"
-                                f"{' or check the delimiter' if len(record) < len(header) else ''}")
+                                f"{' or check the delimiter' if len(record) < len(header) else ''}{unclosed}")
             rows.append(dict(zip(header, record)))
             lines.append(start)
     except csv.Error as e:
@@ -146,7 +150,8 @@ def _read_jsonl(path: Path, encoding: str) -> Table:
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n}:{e.colno}: invalid JSON ({e.msg}); each line must be one JSON object") from None
         if not isinstance(row, dict):
-            raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}")
+            raise DataError(f"{path}:{n}: expected a JSON object per line, got {type(row).__name__}; write one "
+                            "object per line (JSON Lines), e.g. {\"text\": \"...\", \"label\": \"...\"}")
         rows.append(row)
         lines.append(n)
         columns.update(dict.fromkeys(row))
@@ -159,7 +164,8 @@ def _read_parquet(path: Path) -> Table:
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for corrupt files
-        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        raise DataError(f"{path}: not a readable Parquet file ({e}); re-export it, or save the data as CSV or "
+                        "JSONL") from None
     rows = table.to_pylist()
     return Table(str(path), table.column_names, rows, list(range(1, len(rows) + 1)), "row")
 
@@ -173,7 +179,8 @@ def _read_hf(path: Path) -> Table | dict[str, Table]:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:
-        raise DataError(f"{path}: not a folder written by datasets' save_to_disk ({e})") from None
+        raise DataError(f"{path}: not a folder written by datasets' save_to_disk ({e}); point to a data file "
+                        "(CSV, TSV, JSONL, Parquet) or to a save_to_disk folder") from None
 
     def table(d, where):
         rows = d.to_list()

@@ -15,6 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub: mod
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+# any one of these lets transformers build the model's own tokenizer; without them it silently builds an empty one
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")
 
 
 def default_model_path() -> Path:
@@ -29,11 +32,16 @@ def default_model_path() -> Path:
 def resolve_model_path(path: str | Path, allow_pickle: bool = False) -> Path:
     """Check that `path` is a usable model folder and return it; errors say what is missing and what to do."""
     folder = default_model_path() if str(path) == "default" else Path(path).expanduser()
+    if folder.is_file():
+        raise ModelError(f"model.path={str(path)!r} is a file; give the folder that holds the model "
+                         "(config.json, *.safetensors and the tokenizer files)")
     if not folder.is_dir():
         raise ModelError(f"model.path={str(path)!r}: folder not found. Give a local Hugging Face model folder "
                          "(with config.json and *.safetensors) or `default`; no model hub is contacted")
     if not (folder / "config.json").is_file():
-        raise ModelError(f"model folder {folder} has no config.json; is it a Hugging Face model folder?")
+        raise ModelError(f"model folder {folder} has no config.json; is it a Hugging Face model folder? Copy the "
+                         "model's config.json into it")
+    check_model_config(folder)
     safetensors = list(folder.glob("*.safetensors")) + list(folder.glob("*.safetensors.index.json"))
     pickled = [p for p in PICKLE_WEIGHTS if (folder / p).is_file()]
     if not safetensors:
@@ -48,20 +56,51 @@ def resolve_model_path(path: str | Path, allow_pickle: bool = False) -> Path:
 
 def read_model_config(folder: Path) -> dict:
     try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{folder / 'config.json'} is not valid JSON ({e}); copy the model's config.json again"
+                         ) from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{folder / 'config.json'} holds a {type(config).__name__}, not a JSON object; copy the "
+                         "model's config.json again")
+    return config
+
+
+def check_model_config(folder: Path) -> dict:
+    """config.json must be a JSON object whose model_type this transformers knows (custom-code configs aside)."""
+    config = read_model_config(folder)
+    if "AutoConfig" in (config.get("auto_map") or {}):
+        return config  # the folder ships its own config class; transformers asks for trust_remote_code
+    from transformers import __version__ as transformers_version
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if not model_type:
+        raise ModelError(f"{folder / 'config.json'} has no model_type, so transformers cannot tell the "
+                         "architecture; copy the model's config.json again")
+    if model_type not in CONFIG_MAPPING:
+        raise ModelError(f"{folder / 'config.json'}: model_type {model_type!r} is unknown to transformers "
+                         f"{transformers_version}; upgrade transformers (pip install -U transformers) or check "
+                         "config.json")
+    return config
 
 
 def load_tokenizer(folder: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"model folder {folder} has no tokenizer files (tokenizer.json, tokenizer_config.json, "
+                         "vocab.txt, ...); copy the tokenizer files that came with the model into it")
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises OSError/ValueError/KeyError for broken tokenizer files
-        raise ModelError(f"cannot load a tokenizer from {folder} ({type(e).__name__}: {e})") from None
+        raise ModelError(f"cannot load a tokenizer from {folder} ({type(e).__name__}: {e}); copy the model's "
+                         "tokenizer files (tokenizer.json, tokenizer_config.json) into it again") from None
     if not getattr(tok, "is_fast", False):
         raise ModelError(f"the tokenizer in {folder} is not a fast (Rust) tokenizer; strop needs tokenizer.json")
+    if len(tok) <= len(set(tok.all_special_tokens)):
+        raise ModelError(f"the tokenizer in {folder} has no vocabulary (only {len(tok)} special tokens): its files "
+                         "are incomplete; copy the model's tokenizer.json into it")
     return tok
 
 

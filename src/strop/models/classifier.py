@@ -42,6 +42,9 @@ class MeanPoolClassifier(nn.Module):
         nn.init.normal_(self.classifier.weight, std=getattr(backbone.config, "initializer_range", 0.02))
         nn.init.zeros_(self.classifier.bias)
 
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> Output:
         """input_ids, attention_mask (LongTensor): (batch, seq_len) -> Output with logits (batch, num_labels)."""
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
@@ -59,23 +62,46 @@ def _quiet_transformers():
     logging.disable_progress_bar()  # per-shard load/save bars are noise next to strop's own progress
 
 
+# config attribute names of backbone dropouts across architectures (BERT/RoBERTa/ELECTRA, DistilBERT, others)
+HIDDEN_DROPOUT = ("hidden_dropout_prob", "dropout", "hidden_dropout")
+ATTENTION_DROPOUT = ("attention_probs_dropout_prob", "attention_dropout")
+
+
+def backbone_overrides(model_cfg, config) -> dict:
+    """Config attributes to change for model.hidden_dropout / model.attention_dropout, for this architecture."""
+    out = {}
+    for value, names in ((model_cfg.hidden_dropout, HIDDEN_DROPOUT), (model_cfg.attention_dropout, ATTENTION_DROPOUT)):
+        if value is not None:
+            out.update({n: value for n in names if hasattr(config, n)})
+    return out
+
+
 def build_model(model_cfg, task: str, label_names: list[str]) -> nn.Module:
     """A fresh classifier on the pretrained backbone at model_cfg.path (head initialised from torch's RNG)."""
+    model = _build(model_cfg, task, label_names)
+    if model_cfg.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    return model
+
+
+def _build(model_cfg, task: str, label_names: list[str]) -> nn.Module:
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
     _quiet_transformers()
     folder = resolve_model_path(model_cfg.path, model_cfg.allow_pickle)
     num_labels = 1 if task == "regression" else len(label_names)
     safety = dict(allow_pickle=model_cfg.allow_pickle, trust_remote_code=model_cfg.trust_remote_code)
+    base = AutoConfig.from_pretrained(str(folder), trust_remote_code=model_cfg.trust_remote_code)
     if model_cfg.pooling == "mean":
-        backbone = load_pretrained(AutoModel, folder, **safety)
+        backbone = load_pretrained(AutoModel, folder, **safety, **backbone_overrides(model_cfg, base))
         dropout = model_cfg.dropout if model_cfg.dropout is not None else \
             getattr(backbone.config, "hidden_dropout_prob", 0.1)
         return MeanPoolClassifier(backbone, num_labels, dropout)
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=model_cfg.trust_remote_code,
                                         num_labels=num_labels, problem_type=PROBLEM_TYPES[task],
                                         id2label=dict(enumerate(label_names)),
-                                        label2id={n: i for i, n in enumerate(label_names)})
+                                        label2id={n: i for i, n in enumerate(label_names)},
+                                        **backbone_overrides(model_cfg, base))
     if model_cfg.dropout is not None:
         for name in ("classifier_dropout", "seq_classif_dropout"):
             if hasattr(config, name):
