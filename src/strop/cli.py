@@ -65,7 +65,7 @@ def eval_(
     run: Path = typer.Argument(..., help="run folder (runs/<name>) or its model/ folder"),
     data: Path = typer.Option(..., "--data", help="labelled CSV/TSV/JSONL/Parquet file"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the metrics to this JSON file"),
-    batch_size: int = typer.Option(128, help="examples per forward pass"),
+    batch_size: int = typer.Option(128, min=1, help="examples per forward pass"),
 ):
     """Evaluate a finished run on a labelled file; prints the metrics as JSON."""
     from strop.predict import Predictor
@@ -82,7 +82,7 @@ def predict(
     run: Path = typer.Argument(..., help="run folder (runs/<name>) or its model/ folder"),
     data: Optional[Path] = typer.Option(None, "--data", help="input file; without it, one text per line from stdin"),
     out: Optional[Path] = typer.Option(None, "--out", help="output .jsonl or .csv; default: JSON lines on stdout"),
-    batch_size: int = typer.Option(64, help="examples per forward pass"),
+    batch_size: int = typer.Option(64, min=1, help="examples per forward pass"),
 ):
     """Predict labels and probabilities; the output keeps the input columns, in input order."""
     from strop.predict import Predictor
@@ -114,18 +114,30 @@ def predict(
         print(json.dumps(row, ensure_ascii=False))
 
 
+def _usage_errors() -> tuple[type, ...]:
+    # typer >= 0.29 raises its vendored copy of click's exceptions; older typer raises click's own
+    found = [click.ClickException]
+    try:
+        from typer._click.exceptions import ClickException
+        found.append(ClickException)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except StropError as e:
         err.print(f"[bold red]error:[/bold red] {e}", highlight=False)
         return getattr(e, "exit_code", 2)
-    except click.exceptions.Exit as e:
+    except (click.exceptions.Exit, typer.Exit) as e:
         return e.exit_code
-    except click.ClickException as e:
-        e.show()
+    except _usage_errors() as e:
+        hint = " (see --help)" if getattr(e, "ctx", None) else ""
+        err.print(f"[bold red]error:[/bold red] {e.format_message()}{hint}", highlight=False)
         return 2
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, click.exceptions.Abort, typer.Abort):
         err.print("interrupted")
         return 130
     return 0

@@ -76,6 +76,19 @@ def backbone_overrides(model_cfg, config) -> dict:
     return out
 
 
+def load_config_of(folder: Path, trust_remote_code: bool, **kwargs):
+    """AutoConfig of a model folder; a folder that ships its own code needs model.trust_remote_code=true."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelError(f"{folder} needs custom code shipped in the folder to load; run it only if you trust "
+                             "the folder, with model.trust_remote_code=true") from None
+        raise ModelError(f"cannot read the config of {folder} ({e})") from None
+
+
 def build_model(model_cfg, task: str, label_names: list[str]) -> nn.Module:
     """A fresh classifier on the pretrained backbone at model_cfg.path (head initialised from torch's RNG)."""
     model = _build(model_cfg, task, label_names)
@@ -85,19 +98,19 @@ def build_model(model_cfg, task: str, label_names: list[str]) -> nn.Module:
 
 
 def _build(model_cfg, task: str, label_names: list[str]) -> nn.Module:
-    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForSequenceClassification
 
     _quiet_transformers()
     folder = resolve_model_path(model_cfg.path, model_cfg.allow_pickle)
     num_labels = 1 if task == "regression" else len(label_names)
     safety = dict(allow_pickle=model_cfg.allow_pickle, trust_remote_code=model_cfg.trust_remote_code)
-    base = AutoConfig.from_pretrained(str(folder), trust_remote_code=model_cfg.trust_remote_code)
+    base = load_config_of(folder, model_cfg.trust_remote_code)
     if model_cfg.pooling == "mean":
         backbone = load_pretrained(AutoModel, folder, **safety, **backbone_overrides(model_cfg, base))
         dropout = model_cfg.dropout if model_cfg.dropout is not None else \
             getattr(backbone.config, "hidden_dropout_prob", 0.1)
         return MeanPoolClassifier(backbone, num_labels, dropout)
-    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=model_cfg.trust_remote_code,
+    config = load_config_of(folder, model_cfg.trust_remote_code,
                                         num_labels=num_labels, problem_type=PROBLEM_TYPES[task],
                                         id2label=dict(enumerate(label_names)),
                                         label2id={n: i for i, n in enumerate(label_names)},
