@@ -103,15 +103,14 @@ def predict(
     texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise StropError("no input: give --data FILE or pipe one text per line on stdin")
-    rows = [{"text": t, **p} for t, p in zip(texts, predictor.predict(texts, batch_size=batch_size))]
+    preds = predictor.predict(texts, batch_size=batch_size)
     if out is not None:
         from strop.predict import write_predictions
 
-        write_predictions(out, ["text"], [{"text": t} for t in texts], [r for r in rows], predictor.labels,
-                          predictor.task)
+        write_predictions(out, ["text"], [{"text": t} for t in texts], preds, predictor.labels, predictor.task)
         return
-    for row in rows:
-        print(json.dumps(row, ensure_ascii=False))
+    for text, pred in zip(texts, preds):
+        print(json.dumps({"text": text, **pred}, ensure_ascii=False))
 
 
 def _usage_errors() -> tuple[type, ...]:
