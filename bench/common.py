@@ -13,7 +13,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,31 +192,6 @@ def peak_rss_mb() -> dict:
     return out
 
 
-def measure_peak_flops(dtype=None, n: int = 4096, reps: int = 5, threads: int | None = None) -> float:
-    """Best-of-`reps` FLOP/s of one (n, n) @ (n, n) matmul in `dtype` (default torch.float32) on the CPU.
+from strop.bench import measure_peak_flops  # noqa: E402,F401  (one implementation, shared with `strop bench`)
 
-    A large square matmul is the most FLOP-efficient thing the machine does, so it is the ceiling that training
-    throughput is measured against (model-FLOPs utilisation). Counts 2*n^3 FLOPs per matmul; one untimed warm-up
-    call first (oneDNN picks and caches kernels on first use). `threads`: torch threads for the measurement (set
-    and restored); None = the current setting. n between 2048 and 4096 is large enough to saturate a CPU.
-    """
-    import torch
 
-    dtype = dtype or torch.float32
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        gen = torch.Generator().manual_seed(0)
-        a = torch.randn(n, n, generator=gen).to(dtype)
-        b = torch.randn(n, n, generator=gen).to(dtype)
-        out = torch.empty(n, n, dtype=dtype)
-        torch.mm(a, b, out=out)  # warm-up
-        best = math.inf
-        for _ in range(reps):
-            start = time.perf_counter()
-            torch.mm(a, b, out=out)
-            best = min(best, time.perf_counter() - start)
-        return 2 * n ** 3 / best
-    finally:
-        torch.set_num_threads(before)

@@ -21,11 +21,6 @@ from conftest import tiny_overrides, toy_rows, write_csv, write_jsonl
 
 from strop.cli import main
 
-try:  # newer typer (0.29 here) ships its own copy of click, whose exceptions are not click's
-    from typer._click.exceptions import ClickException as UsageError
-except ImportError:  # pragma: no cover
-    from click import ClickException as UsageError
-
 GOOD_CSV = "".join(f"{r['text']},{r['label']}\n" for r in toy_rows(30, seed=1))
 
 

@@ -202,3 +202,12 @@ def test_api_train_and_load(tiny_model, toy_splits, tmp_path):
     assert run.model_dir.is_dir() and run.results["steps"] == 9  # 72 train examples after carving / 8
     preds = strop.load(run.run_dir).predict(["hello refund", "parcel courier"])
     assert len(preds) == 2 and all(p["label"] in ("account", "billing", "shipping") for p in preds)
+
+
+def test_bench_verb_reports_peaks_and_throughput(capsys):
+    assert main(["bench", "--steps", "7"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["peak_gflops"]["fp32"] > 1 and result["peak_gflops"]["bf16"] > 1
+    probe = result["training_probe"]
+    assert probe["steps_timed"] == 2 and probe["samples_per_s"] > 0 and probe["tokens_per_s"] > probe["samples_per_s"]

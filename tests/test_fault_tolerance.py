@@ -288,3 +288,24 @@ def test_keep_last_and_keep_best(tiny_model, toy_splits, tmp_path):
     assert last == 44 and best in (11, 22, 33, 44)
     expected = {40, 42} | ({best} if best % 2 == 0 and best < last else set())
     assert set(steps) == expected
+
+
+def test_resume_auto_continues_a_crashed_run(tiny_model, toy_splits, tmp_path, monkeypatch):
+    """train.resume=auto: rerunning the same command after a crash continues from the newest checkpoint."""
+    args = tiny_overrides(tiny_model, tmp_path / "runs", **{"data.train": toy_splits["train"], "train.save_every": 4,
+                                                             "train.resume": "auto", "train.max_steps": 12})
+    real_save = ckpt_mod.save_checkpoint
+
+    def crash_at_8(run_dir, model, optimizer, scheduler, state):
+        path = real_save(run_dir, model, optimizer, scheduler, state)
+        if state.step == 8:
+            raise SimulatedCrash
+        return path
+
+    monkeypatch.setattr(loop_mod, "save_checkpoint", crash_at_8)
+    with pytest.raises(SimulatedCrash):
+        strop.train(None, args)
+    monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
+    run = strop.train(None, args)
+    assert run.results["resumed_from_step"] == 8 and run.results["steps"] == 12
+    assert [s for s, _ in _losses(run.run_dir)] == list(range(4, 13, 4))

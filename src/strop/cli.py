@@ -14,7 +14,7 @@ from rich.console import Console
 from strop.errors import StropError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Fine-tune pretrained transformers for your task: train, evaluate, predict.")
+                  help="Fine-tune pretrained transformers for your task: train, evaluate, predict, bench.")
 err = Console(stderr=True, soft_wrap=True)  # error messages stay one line, greppable
 
 
@@ -111,6 +111,30 @@ def predict(
         return
     for text, pred in zip(texts, preds):
         print(json.dumps({"text": text, **pred}, ensure_ascii=False))
+
+
+@app.command()
+def bench(
+    steps: int = typer.Option(20, min=6, help="training steps of the throughput probe (the first 5 warm up)"),
+    threads: int = typer.Option(0, min=0, help="torch threads; 0 = all cores"),
+):
+    """Measure this machine: peak matmul FLOP/s (fp32, bf16) and training throughput of the default model."""
+    import os
+
+    import torch
+
+    from strop.bench import measure_peak_flops, training_probe
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    err.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measuring ...")
+    peaks = {name: measure_peak_flops(dtype) / 1e9 for name, dtype in (("fp32", torch.float32),
+                                                                         ("bf16", torch.bfloat16))}
+    probe = training_probe(steps)
+    result = {"peak_gflops": {k: round(v, 1) for k, v in peaks.items()}, "training_probe": probe}
+    print(f"peak matmul: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    print(f"training probe (all-MiniLM-L6-v2, batch {probe['batch_size']}, max length 64, {probe['precision']}): "
+          f"{probe['samples_per_s']:.1f} samples/s, {probe['tokens_per_s']:.0f} tokens/s")
+    print(json.dumps(result))
 
 
 def _usage_errors() -> tuple[type, ...]:

@@ -1,0 +1,79 @@
+"""`strop bench`: this machine's peak matmul FLOP/s and a short training-throughput probe, to compare machines."""
+
+from __future__ import annotations
+
+import math
+import time
+
+
+def measure_peak_flops(dtype=None, n: int = 4096, reps: int = 5, threads: int | None = None) -> float:
+    """Best-of-`reps` FLOP/s of one (n, n) @ (n, n) matmul in `dtype` (default torch.float32) on the CPU.
+
+    A large square matmul is the most FLOP-efficient thing the machine does, so it is the ceiling that training
+    throughput is measured against (model-FLOPs utilisation). Counts 2*n^3 FLOPs per matmul; one untimed warm-up
+    call first (oneDNN picks and caches kernels on first use). `threads`: torch threads for the measurement (set
+    and restored); None = the current setting. n between 2048 and 4096 is large enough to saturate a CPU.
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randn(n, n, generator=gen).to(dtype)
+        b = torch.randn(n, n, generator=gen).to(dtype)
+        out = torch.empty(n, n, dtype=dtype)
+        torch.mm(a, b, out=out)  # warm-up
+        best = math.inf
+        for _ in range(reps):
+            start = time.perf_counter()
+            torch.mm(a, b, out=out)
+            best = min(best, time.perf_counter() - start)
+        return 2 * n ** 3 / best
+    finally:
+        torch.set_num_threads(before)
+
+
+def training_probe(steps: int = 20, batch_size: int = 32, precision: str = "auto") -> dict:
+    """Train the packaged default model for `steps` steps on the shipped demo set (max length 64) and time the last
+    `steps - 5` (the first steps warm up kernels). Returns samples/s, real tokens/s and the precision used."""
+    import numpy as np
+    import torch
+
+    from strop.config import load_config
+    from strop.data.batching import encode, epoch_batches
+    from strop.data.prepare import prepare
+    from strop.device import resolve_device, resolve_precision
+    from strop.models.backbone import load_tokenizer, resolve_model_path
+    from strop.models.classifier import build_model
+    from strop.training.loop import accumulate_gradients
+    from strop.training.optim import build_optimizer
+
+    demo = __import__("pathlib").Path(__file__).parent / "demo" / "support_tickets.csv"
+    cfg = load_config(None, {"data.train": str(demo), "model.max_length": 64, "train.batch_size": batch_size,
+                             "data.validation_ratio": 0, "data.test_ratio": 0})
+    ds = prepare(cfg)
+    enc = encode(load_tokenizer(resolve_model_path("default")), ds.splits["train"], 64)
+    device = resolve_device("auto")
+    precision = resolve_precision(precision, device)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, ds.task, ds.labels).to(device).train()
+    optimizer = build_optimizer(model, cfg.train)
+    batches = [b for e in range(math.ceil(steps * batch_size / len(enc)) + 1)
+               for b in epoch_batches(enc.lengths, batch_size, 0, e)][:steps]
+    warm = min(5, steps - 1)
+    examples = tokens = 0
+    for i, idx in enumerate(batches):
+        if i == warm:
+            start = time.perf_counter()
+        accumulate_gradients(model, enc, idx, batch_size, ds.task, device, precision)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= warm:
+            examples += len(idx)
+            tokens += int(np.sum(enc.lengths[idx]))
+    seconds = time.perf_counter() - start
+    return {"samples_per_s": examples / seconds, "tokens_per_s": tokens / seconds, "precision": precision,
+            "steps_timed": len(batches) - warm, "batch_size": batch_size}
