@@ -402,3 +402,19 @@ def test_unknown_extension(tmp_path, name):
     message = data_error(path)
     assert str(path) in message and "data.format" in message
     assert "csv" in message and "jsonl" in message
+
+
+def test_hf_class_label_names_become_the_label_names(tmp_path):
+    import datasets
+
+    from strop.config import load_config
+    from strop.data.prepare import prepare
+
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    rows = {"text": [f"text number {i}" for i in range(40)], "label": [i % 2 for i in range(40)]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "ds"))
+    table = read_table(tmp_path / "ds")
+    assert table.rows[0]["label"] == "negative" and table.rows[1]["label"] == "positive"
+    ds = prepare(load_config(None, {"data.train": str(tmp_path / "ds")}))
+    assert ds.labels == ["negative", "positive"]

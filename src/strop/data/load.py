@@ -184,8 +184,29 @@ def _read_hf(path: Path) -> Table | dict[str, Table]:
 
     def table(d, where):
         rows = d.to_list()
+        _class_names(d.features, rows, datasets)
         return Table(where, list(d.column_names), rows, list(range(1, len(rows) + 1)), "row")
 
     if isinstance(ds, datasets.DatasetDict):
         return {name: table(split, f"{path}[{name}]") for name, split in ds.items()}
     return table(ds, str(path))
+
+
+def _class_names(features, rows: list[dict], datasets) -> None:
+    """Replace ClassLabel ids by their names in place (also inside lists, for multi-label), so label names survive
+    into the run; -1 (datasets' 'no label') becomes None, i.e. a missing label."""
+    for column, feature in features.items():
+        inner = getattr(feature, "feature", None)  # Sequence(ClassLabel) / List(ClassLabel)
+        if isinstance(feature, datasets.ClassLabel):
+            names, is_list = feature.names, False
+        elif isinstance(inner, datasets.ClassLabel):
+            names, is_list = inner.names, True
+        else:
+            continue
+
+        def name(i):
+            return names[i] if isinstance(i, int) and 0 <= i < len(names) else None
+
+        for row in rows:
+            value = row.get(column)
+            row[column] = [name(v) for v in value] if is_list and isinstance(value, list) else name(value)
