@@ -3,6 +3,7 @@
     python bench/quality.py --task sst2            # HF Trainer vs strop on SST-2 (configs/sst2.yaml)
     python bench/quality.py --task all             # sst2 comparison, then strop alone on trec, stsb, mrpc
     python bench/quality.py --task sst2 --epochs 0.05   # smoke check: a tiny fraction of an epoch
+    python bench/quality.py --task sst2 --seeds 42,1,2  # both sides on each seed: mean and spread of dev accuracy
 
 Both sides read their hyperparameters from one resolved strop config (configs/<task>.yaml plus the overrides below) and
 use the same model folder, train/dev files, seed, step count, warmup steps, batch size and max length. strop runs its
@@ -147,6 +148,46 @@ def bench_task(task: str, args, mach: dict, command: str) -> dict:
     return report
 
 
+def bench_seeds(task: str, seeds: list[int], args, mach: dict, command: str) -> dict:
+    """The comparison once per seed (each side in its own child, one after the other); mean and spread per side."""
+    import statistics
+
+    compare = task in HF_TASKS and not args.skip_hf
+    runs = []
+    for seed in seeds:
+        over = strop_overrides(task, args.epochs, compare=task in HF_TASKS and args.match_hf)
+        over["train.seed"] = seed
+        from strop.config import load_config
+        from strop.data.prepare import prepare
+
+        n_train = len(prepare(load_config(REPO / "configs" / f"{task}.yaml", over)).splits["train"])
+        one = {"seed": seed, "overrides": over}
+        if compare:
+            one["hf"] = run_child("hf", task, over, n_train)
+        one["strop"] = run_child("strop", task, over, n_train)
+        runs.append(one)
+        print(f"seed {seed}: " + ", ".join(f"{side} dev {one[side]['validation']['accuracy']:.4f}"
+                                           for side in ("hf", "strop") if side in one))
+    summary = {}
+    for side in ("hf", "strop") if compare else ("strop",):
+        for split in ("validation", "test"):
+            accs = [r[side][split]["accuracy"] for r in runs if r[side].get(split)]
+            if accs:
+                summary[f"{side} {split} accuracy"] = {
+                    "per_seed": accs, "mean": statistics.mean(accs),
+                    "stdev": statistics.stdev(accs) if len(accs) > 1 else 0.0, "min": min(accs), "max": max(accs)}
+    report = {"task": task, "seeds": seeds, "machine": mach, "command": command, "runs": runs, "summary": summary,
+              "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"quality_{task}_seeds.json"
+    path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    for name, st in summary.items():
+        print(f"{name:28} mean {100 * st['mean']:.2f}  stdev {100 * st['stdev']:.2f}  "
+              f"per seed {', '.join(f'{100 * a:.2f}' for a in st['per_seed'])}")
+    print(f"wrote {path.relative_to(REPO)}")
+    return report
+
+
 def ratios(s: dict, h: dict) -> dict:
     out = {"train_samples_per_s (strop/hf)": s["train_samples_per_s"] / h["train_samples_per_s"],
            "train_seconds (strop/hf)": s["train_seconds"] / h["train_seconds"],
@@ -204,6 +245,8 @@ def main() -> None:
     p.add_argument("--match-hf", action="store_true",
                    help="train strop like the HF side (fp32, no early stopping, last weights) instead of its shipped config")
     p.add_argument("--skip-hf", action="store_true", help="run strop only (same settings as in the comparison)")
+    p.add_argument("--seeds", help="comma-separated seeds: run the comparison once per seed and report mean/spread "
+                                   "(writes quality_<task>_seeds.json)")
     p.add_argument("--side", choices=("hf", "strop"), help=argparse.SUPPRESS)  # internal: one side, in a child
     p.add_argument("--overrides", help=argparse.SUPPRESS)
     p.add_argument("--n-train", type=int, default=0, help=argparse.SUPPRESS)
@@ -220,7 +263,10 @@ def main() -> None:
     command = "python bench/quality.py " + " ".join(sys.argv[1:])
     mach = machine()
     for task in TASKS if args.task == "all" else (args.task,):
-        bench_task(task, args, mach, command)
+        if args.seeds:
+            bench_seeds(task, [int(x) for x in args.seeds.split(",")], args, mach, command)
+        else:
+            bench_task(task, args, mach, command)
 
 
 if __name__ == "__main__":
