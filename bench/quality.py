@@ -156,22 +156,26 @@ def bench_seeds(task: str, seeds: list[int], args, mach: dict, command: str) -> 
     runs = []
     for seed in seeds:
         over = strop_overrides(task, args.epochs, compare=task in HF_TASKS and args.match_hf)
+        from strop.config import parse_override
+
+        over.update(dict(map(parse_override, args.set)))
         over["train.seed"] = seed
         from strop.config import load_config
         from strop.data.prepare import prepare
 
         n_train = len(prepare(load_config(REPO / "configs" / f"{task}.yaml", over)).splits["train"])
         one = {"seed": seed, "overrides": over}
-        if compare:
+        if compare and args.only != "strop":
             one["hf"] = run_child("hf", task, over, n_train)
-        one["strop"] = run_child("strop", task, over, n_train)
+        if args.only != "hf":
+            one["strop"] = run_child("strop", task, over, n_train)
         runs.append(one)
         print(f"seed {seed}: " + ", ".join(f"{side} dev {one[side]['validation']['accuracy']:.4f}"
                                            for side in ("hf", "strop") if side in one))
     summary = {}
     for side in ("hf", "strop") if compare else ("strop",):
         for split in ("validation", "test"):
-            accs = [r[side][split]["accuracy"] for r in runs if r[side].get(split)]
+            accs = [r[side][split]["accuracy"] for r in runs if side in r and r[side].get(split)]
             if accs:
                 summary[f"{side} {split} accuracy"] = {
                     "per_seed": accs, "mean": statistics.mean(accs),
@@ -179,7 +183,7 @@ def bench_seeds(task: str, seeds: list[int], args, mach: dict, command: str) -> 
     report = {"task": task, "seeds": seeds, "machine": mach, "command": command, "runs": runs, "summary": summary,
               "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"quality_{task}_seeds.json"
+    path = RESULTS / f"quality_{task}_seeds{'_' + args.only if args.only else ''}.json"
     path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     for name, st in summary.items():
         print(f"{name:28} mean {100 * st['mean']:.2f}  stdev {100 * st['stdev']:.2f}  "
@@ -247,6 +251,9 @@ def main() -> None:
     p.add_argument("--skip-hf", action="store_true", help="run strop only (same settings as in the comparison)")
     p.add_argument("--seeds", help="comma-separated seeds: run the comparison once per seed and report mean/spread "
                                    "(writes quality_<task>_seeds.json)")
+    p.add_argument("--only", choices=("hf", "strop"), help="with --seeds: run one side only")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override for both sides, e.g. --set train.threads=1")
     p.add_argument("--side", choices=("hf", "strop"), help=argparse.SUPPRESS)  # internal: one side, in a child
     p.add_argument("--overrides", help=argparse.SUPPRESS)
     p.add_argument("--n-train", type=int, default=0, help=argparse.SUPPRESS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,6 +63,27 @@ class ModelConfig:
 
 
 @dataclass
+class PeftConfig:
+    method: str = doc("none", "none = full fine-tuning; lora / adalora (Hugging Face PEFT); adapter = Houlsby "
+                      "bottleneck adapters; freeze = train only the head and the top `unfrozen_layers` layers",
+                      ("none", "lora", "adalora", "adapter", "freeze"))
+    r: int = doc(8, "LoRA rank; for AdaLoRA the average rank it prunes down to (its target rank)")
+    alpha: float = doc(16, "LoRA scaling numerator: updates are scaled by alpha / r")
+    dropout: float = doc(0.1, "dropout on the LoRA / adapter input")
+    target_modules: list = doc([], "modules to adapt: name suffixes (query,value), one 're:<regex>' matched against "
+                               "full module names, or all-linear; empty = all-linear for lora/adalora, the "
+                               "attention-output and FFN-output projections for adapter. The task head is never "
+                               "wrapped: it is always trained in full and saved")
+    init_r: int = doc(12, "AdaLoRA: rank every adapted module starts with before the budget is pruned to r")
+    tinit: float = doc(0.1, "AdaLoRA: steps before rank pruning starts (a fraction of all steps if < 1)")
+    tfinal: float = doc(0.2, "AdaLoRA: steps at the end with the ranks fixed (a fraction of all steps if < 1)")
+    delta_t: int = doc(10, "AdaLoRA: steps between two rank re-allocations")
+    orth_reg_weight: float = doc(0.5, "AdaLoRA: weight of the orthogonality regulariser added to the loss")
+    adapter_size: int = doc(64, "adapter: bottleneck width of each adapter")
+    unfrozen_layers: int = doc(2, "freeze: number of top transformer layers trained besides the head")
+
+
+@dataclass
 class TrainConfig:
     epochs: float = doc(3, "passes over the training data (fractions allowed)")
     max_steps: int = doc(-1, "stop after this many optimizer steps; -1 = run all epochs")
@@ -111,6 +133,7 @@ class Config:
     track: list = doc(["tensorboard"], "experiment trackers besides metrics.jsonl: tensorboard, none")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -317,9 +340,46 @@ def validate(cfg: Config) -> None:
     if d.label_delimiter is not None and not d.label_delimiter:
         raise ConfigError("data.label_delimiter='' is empty; give the character that separates labels "
                           "(in YAML quote it: label_delimiter: '|')")
+    validate_peft(cfg.peft)
     unknown = set(cfg.track) - {"tensorboard", "none"}
     if unknown:
         raise ConfigError(f"track={cfg.track}: unknown tracker(s) {sorted(unknown)}; choose from ['tensorboard', 'none']")
+
+
+def validate_peft(p: PeftConfig) -> None:
+    """Checks of the peft section that need no model; the ones that do (targets, layers) run when it is applied."""
+    used = {"lora": ("r", "alpha", "dropout", "target_modules"),
+            "adalora": ("r", "alpha", "dropout", "target_modules", "init_r", "tinit", "tfinal", "delta_t",
+                        "orth_reg_weight"),
+            "adapter": ("dropout", "target_modules", "adapter_size"),
+            "freeze": ("unfrozen_layers",), "none": ()}[p.method]
+    if p.target_modules and "target_modules" not in used:
+        raise ConfigError(f"peft.target_modules={p.target_modules} has no effect with peft.method={p.method!r}; "
+                          "use peft.method=lora, adalora or adapter, or drop peft.target_modules")
+    positive = {"peft.r": p.r, "peft.alpha": p.alpha, "peft.init_r": p.init_r, "peft.delta_t": p.delta_t,
+                "peft.adapter_size": p.adapter_size}
+    for key, value in positive.items():
+        if key.split(".")[1] in used and value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0")
+    if not 0 <= p.dropout < 1:
+        raise ConfigError(f"peft.dropout={p.dropout} must be in [0, 1)")
+    for key, value in {"peft.tinit": p.tinit, "peft.tfinal": p.tfinal, "peft.orth_reg_weight": p.orth_reg_weight,
+                       "peft.unfrozen_layers": p.unfrozen_layers}.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    if p.method == "adalora" and p.init_r < p.r:
+        raise ConfigError(f"peft.init_r={p.init_r} is below the target rank peft.r={p.r}; AdaLoRA prunes ranks "
+                          "down from init_r to r, so set peft.init_r >= peft.r")
+    regex = [t for t in p.target_modules if str(t).startswith("re:")]
+    if regex and len(p.target_modules) > 1:
+        raise ConfigError(f"peft.target_modules={p.target_modules}: a 're:' regex must be the only entry")
+    if "all-linear" in p.target_modules and len(p.target_modules) > 1:
+        raise ConfigError(f"peft.target_modules={p.target_modules}: all-linear must be the only entry")
+    if regex:
+        try:
+            re.compile(regex[0][3:])
+        except re.error as e:
+            raise ConfigError(f"peft.target_modules: {regex[0]!r} is not a valid regular expression ({e})") from None
 
 
 def to_dict(cfg: Config) -> dict:

@@ -14,17 +14,18 @@ import torch
 
 from strop import __version__
 from strop.config import Config, dump_yaml, load_config
-from strop.data.batching import encode
+from strop.data.batching import collate, encode
 from strop.data.prepare import Dataset, prepare
 from strop.device import resolve_device, resolve_precision
 from strop.errors import ConfigError, RunError
-from strop.evaluate.evaluator import evaluate
+from strop.evaluate.evaluator import MODEL_INPUTS, evaluate
 from strop.evaluate.metrics import primary_metric, tune_threshold
 from strop.models.backbone import load_tokenizer, read_model_config, resolve_model_path
-from strop.models.classifier import build_model, save_model
+from strop.models.classifier import build_model
+from strop.models.peft import apply_peft, count_parameters, save_trained
 from strop.track import Trackers
 from strop.training.checkpoint import latest_checkpoint
-from strop.training.loop import fit
+from strop.training.loop import count_steps, fit
 from strop.training.progress import console
 
 
@@ -150,8 +151,9 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     if metric not in TASK_METRICS[ds.task]:
         raise ConfigError(f"train.metric={metric!r} is not a {ds.task} metric; choose from {TASK_METRICS[ds.task]}")
 
-    torch.manual_seed(cfg.train.seed)  # the new head's initial weights
+    torch.manual_seed(cfg.train.seed)  # the new head's initial weights (and the adapters')
     model = build_model(cfg.model, ds.task, ds.labels)  # before the run folder: broken weights leave nothing behind
+    model, peft_hook = apply_peft(model, cfg.peft, count_steps(cfg.train, len(ds.splits["train"]))[1])
 
     start_step = open_run_dir(run_dir, ckpt)
     write_atomic(run_dir / "config.yaml", dump_yaml(cfg))  # first file of a new run: the resolved config
@@ -163,16 +165,19 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
         if enc.n_truncated:
             console.print(f"[yellow]{split}: {enc.n_truncated} of {len(enc)} examples are longer than "
                           f"model.max_length={cfg.model.max_length} tokens and were truncated[/yellow]")
+    trainable, total = count_parameters(model)
     console.print(f"model: {model_folder.name if cfg.model.path != 'default' else 'all-MiniLM-L6-v2 (default)'}, "
-                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; task {ds.task} with "
+                  f"{total / 1e6:.1f}M parameters; task {ds.task} with "
                   f"{len(ds.labels)} label(s); {len(ds.splits['train'])} training examples; {device.type} {precision}")
+    console.print(f"peft.method={cfg.peft.method}: trainable parameters {trainable:,} of {total:,} "
+                  f"({100 * trainable / total:.2f}%)")
 
     tracker = Trackers(run_dir, cfg.track, purge_step=start_step + 1 if start_step else None)
     try:
         if "validation" not in encoded:
             console.print("[yellow]no validation split: no evaluation during training[/yellow]")
         fitted = fit(model, encoded["train"], encoded.get("validation"), cfg, ds.task, ds.labels, device, precision,
-                     tracker, metric, run_dir, resume_from=ckpt)
+                     tracker, metric, run_dir, resume_from=ckpt, peft_hook=peft_hook)
         threshold, final = final_evaluation(model, encoded, ds, cfg, device, precision)
         for split, metrics in final.items():
             tracker.log({"step": fitted.state.step, "split": f"final_{split}", **metrics})
@@ -183,8 +188,12 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
             "max_length": cfg.model.max_length, "text_column": ds.columns.text, "text_pair_column": ds.columns.pair,
             "label_column": ds.columns.label, "label_delimiter": cfg.data.label_delimiter, "threshold": threshold,
             "base_model": str(cfg.model.path)}
-    save_model(model, tokenizer, run_dir / "model", meta)
+    probe = next(iter(encoded.values()))  # a few real examples check that merging adapters changes no logits
+    probe_inputs = {k: v.to(device) for k, v in collate(probe, np.arange(min(8, len(probe)))).items()
+                    if k in MODEL_INPUTS}
+    meta = save_trained(model, tokenizer, run_dir, meta, cfg.peft, probe_inputs, str(model_folder))
     results = run_results(fitted, len(encoded["train"]), metric, precision, threshold, final, start_step)
+    results["trainable_params"], results["total_params"] = trainable, total
     write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
     _print_summary(run_dir, results, metric)
     return RunResult(run_dir, results)

@@ -163,6 +163,10 @@ def load_model(folder: Path) -> tuple[nn.Module, object, dict]:
     _quiet_transformers()
     folder = Path(folder)
     meta = read_meta(folder)
+    if (folder / "adapter_config.json").is_file():  # a run's adapter/: the base it names + this small adapter
+        from strop.models.peft import load_adapter
+
+        return load_adapter(folder, meta).eval(), load_tokenizer(folder), meta
     resolve_model_path(folder)
     if meta.get("pooling") == "mean":
         backbone = load_pretrained(AutoModel, folder)
@@ -170,4 +174,8 @@ def load_model(folder: Path) -> tuple[nn.Module, object, dict]:
         model.classifier.load_state_dict(load_file(str(folder / "head.safetensors")))
     else:
         model = load_pretrained(AutoModelForSequenceClassification, folder)
+    if (meta.get("peft") or {}).get("method") == "adapter":  # bottleneck adapters cannot be merged: re-apply them
+        from strop.models.peft import load_bottleneck
+
+        load_bottleneck(model, folder, meta["peft"])
     return model.eval(), load_tokenizer(folder), meta

@@ -16,6 +16,7 @@ from strop.device import autocast
 from strop.evaluate.evaluator import MODEL_INPUTS, evaluate
 from strop.evaluate.metrics import greater_is_better
 from strop.models.classifier import task_loss
+from strop.models.peft import PeftHook
 from strop.training.checkpoint import TrainState, load_checkpoint, load_weights, prune_checkpoints, save_checkpoint
 from strop.training.guards import MicroBatchSize, NonFiniteError, StopSignals, TrainingInterrupted, is_finite
 from strop.training.optim import build_optimizer, build_scheduler, warmup_steps
@@ -30,12 +31,19 @@ class FitResult:
     train_seconds: float = 0.0  # this process's share of the run (a resumed run counts from the resume)
 
 
+def count_steps(t, n_train: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) of a run with train config `t` on n_train examples."""
+    steps_per_epoch = math.ceil(n_train / t.batch_size)
+    return steps_per_epoch, t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+
+
 def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_batch_size: int, task: str,
-                         device: torch.device, precision: str) -> torch.Tensor:
+                         device: torch.device, precision: str, regularizer=None) -> torch.Tensor:
     """Forward + backward over the examples `idx` in micro-batches; returns the batch's mean loss (detached).
 
     Each micro-batch loss is weighted by its share of the batch, so the summed gradients equal those of one
-    forward/backward over the whole batch (also when the last micro-batch is smaller).
+    forward/backward over the whole batch (also when the last micro-batch is smaller). `regularizer()` (e.g.
+    AdaLoRA's orthogonality penalty) returns a term added once per batch, or None.
     """
     total = torch.zeros((), device=device)
     for start in range(0, len(idx), micro_batch_size):
@@ -43,7 +51,9 @@ def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_
         batch = {k: v.to(device, non_blocking=True) for k, v in collate(enc, part).items()}
         with autocast(device, precision):
             logits = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).logits
-        loss = task_loss(logits, batch["labels"], task) * (len(part) / len(idx))
+        loss = task_loss(logits, batch["labels"], task)
+        penalty = regularizer() if regularizer else None
+        loss = (loss if penalty is None else loss + penalty) * (len(part) / len(idx))
         loss.backward()
         total += loss.detach()
     return total
@@ -51,11 +61,12 @@ def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_
 
 def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, label_names: list[str],
         device: torch.device, precision: str, tracker, metric: str, run_dir: Path,
-        resume_from: Path | None = None) -> FitResult:
-    """Train `model` in place on `train`, evaluating on `val` and checkpointing into run_dir/checkpoints."""
+        resume_from: Path | None = None, peft_hook: PeftHook | None = None) -> FitResult:
+    """Train `model` in place on `train`, evaluating on `val` and checkpointing into run_dir/checkpoints.
+    `peft_hook` (models/peft.py) adds its regulariser to the loss and runs after each optimizer step."""
     t = cfg.train
-    steps_per_epoch = math.ceil(len(train) / t.batch_size)
-    total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+    peft_hook = peft_hook or PeftHook()
+    steps_per_epoch, total_steps = count_steps(t, len(train))
     eval_every = t.eval_every or steps_per_epoch
     save_every = eval_every if t.save_every == 0 else t.save_every
     optimizer = build_optimizer(model, t)
@@ -80,7 +91,8 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
         while state.step < total_steps and not state.stopped_early:
             batches = epoch_batches(train.lengths, t.batch_size, t.seed, state.epoch, t.batching == "length_grouped")
             for idx in batches[state.batch_in_epoch:]:
-                loss = micro.run(lambda m: accumulate_gradients(model, train, idx, m, task, device, precision),
+                loss = micro.run(lambda m: accumulate_gradients(model, train, idx, m, task, device, precision,
+                                                                  peft_hook.regularizer),
                                  model, progress.note)
                 # clip_grad_norm_ returns the total norm: one pass that both clips and checks for NaN/Inf gradients
                 norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
@@ -98,8 +110,8 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
                     state.batch_in_epoch += 1
                     continue
                 lr = scheduler.get_last_lr()[0]  # the lr this step used
-                optimizer.step(); scheduler.step(); optimizer.zero_grad(set_to_none=True)  # noqa: E702
                 state.step += 1
+                optimizer.step(); scheduler.step(); peft_hook(state.step); optimizer.zero_grad(set_to_none=True)  # noqa: E702
                 state.batch_in_epoch += 1
                 state.train_tokens += int(train.lengths[idx].sum())
                 window_loss += loss
@@ -122,7 +134,8 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
                     metrics, _ = evaluate(model, val, task, label_names, cfg.eval.batch_size, device, precision)
                     improved = _track_best(state, metrics[metric], greater_is_better(metric))
                     if improved and t.restore_best:
-                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                        # only what training changes: with PEFT a few MB instead of a second copy of the model
+                        best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
                     record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
                               "split": "validation", **metrics}
                     tracker.log(record)
@@ -146,7 +159,7 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
     if t.restore_best and state.best_step is not None and state.best_step != state.step:
         if best_state is None:  # the best step came before a resume: its checkpoint is kept for this
             best_state = load_weights(run_dir / "checkpoints" / f"step-{state.best_step}" / "model.safetensors")
-        model.load_state_dict(best_state)
+        model.load_state_dict(best_state, strict=False)
         progress.note(f"restored the best weights (step {state.best_step}, {metric}={state.best_metric:.4f})")
     return result
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-HEAD_NAMES = ("classifier", "score", "pre_classifier")
+from strop.models.peft import is_head
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr: float | None = None) -> list[dict]:
@@ -21,10 +21,10 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr: floa
         if not p.requires_grad:
             continue
         no_decay = p.ndim < 2 or id(p) in norm_params or name.endswith(".bias")
-        is_head = head_lr is not None and name.split(".")[0] in HEAD_NAMES
-        groups.setdefault((no_decay, is_head), []).append(p)
+        head = head_lr is not None and is_head(name)  # also under PEFT's wrappers (base_model.model.classifier...)
+        groups.setdefault((no_decay, head), []).append(p)
     return [{"params": ps, "weight_decay": 0.0 if no_decay else weight_decay,
-             "lr": head_lr if is_head else lr} for (no_decay, is_head), ps in sorted(groups.items())]
+             "lr": head_lr if head else lr} for (no_decay, head), ps in sorted(groups.items())]
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:

@@ -1,0 +1,117 @@
+"""Full fine-tuning vs LoRA vs AdaLoRA vs bottleneck adapters vs freezing on SST-2, same data, epochs and seed.
+
+    python bench/peft_sst2.py                       # all five methods on configs/sst2.yaml
+    python bench/peft_sst2.py --methods none,lora   # a subset
+    python bench/peft_sst2.py --epochs 0.05         # smoke check
+    python bench/peft_sst2.py --threads 1           # one thread per run: CPU seconds stay comparable on a busy machine
+
+Each method runs as strop would for a user (configs/sst2.yaml: bf16 autocast where the CPU has it, early stopping
+with patience 2, best weights restored) in its own child process, one after the other, with the per-method overrides
+in METHODS (the usual learning rates: PEFT methods train few parameters and want ~10x full fine-tuning's lr).
+Reported per method: dev/test accuracy, trainable parameters and fraction, wall and CPU seconds per epoch (training
+loop incl. its evaluations, over the epochs actually run), peak RSS of the child. Results: bench/results/peft_sst2.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from common import REPO, RESULTS, machine, peak_rss_mb, run_child
+
+METHODS = {
+    "none": {"peft.method": "none"},
+    "lora": {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16, "train.lr": 5e-4},
+    "adalora": {"peft.method": "adalora", "peft.init_r": 12, "peft.r": 8, "train.lr": 5e-4},
+    "adapter": {"peft.method": "adapter", "peft.adapter_size": 64, "train.lr": 5e-4},
+    "freeze": {"peft.method": "freeze", "peft.unfrozen_layers": 2, "train.lr": 1e-4},
+}
+
+
+def run_one(method: str, over: dict) -> dict:
+    """One method in this (child) process."""
+    import resource
+
+    import torch
+
+    import strop
+
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    run = strop.train(REPO / "configs" / "sst2.yaml", over, overwrite=True)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    r = run.results
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"method": method, "overrides": over, "validation": r["validation"], "test": r.get("test"),
+            "trainable_params": r["trainable_params"], "total_params": r["total_params"],
+            "trainable_fraction": r["trainable_params"] / r["total_params"], "epochs": r["epochs"],
+            "steps": r["steps"], "best_step": r["best_step"], "stopped_early": r["stopped_early"],
+            "train_seconds": r["train_seconds"], "seconds_per_epoch": r["train_seconds"] / r["epochs"],
+            # CPU time of the whole child (load + train + final eval + save), per epoch run; with one thread it
+            # barely moves when other work shares the machine, unlike wall time
+            "cpu_seconds_per_epoch": cpu / r["epochs"], "wall_seconds": wall,
+            "user_sys_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_mb": peak_rss_mb(),
+            "precision": r["precision"], "threads": torch.get_num_threads(), "run_dir": str(run.run_dir)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--epochs", type=float, help="override train.epochs for every method (smoke checks)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run; 0 = all cores")
+    p.add_argument("--method", help=argparse.SUPPRESS)  # internal: one method, in a child
+    p.add_argument("--overrides", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    os.chdir(REPO)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.method:
+        result = run_one(args.method, json.loads(args.overrides))
+        Path(args.out).write_text(json.dumps(result, indent=2), encoding="utf-8")
+        return
+
+    command = "python bench/peft_sst2.py " + " ".join(sys.argv[1:])
+    report = {"task": "sst2", "config": "configs/sst2.yaml", "machine": machine(), "command": command,
+              "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "methods": {}}
+    for method in args.methods.split(","):
+        over = {"name": f"bench-peft-{method}", "track": ["none"], "train.threads": args.threads, **METHODS[method]}
+        if args.epochs is not None:
+            over["train.epochs"] = args.epochs
+        report["methods"][method] = run_child(__file__, ["--method", method, "--overrides", json.dumps(over)],
+                                              f"sst2: peft.method={method}", f"{method} run")
+    report["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    full = report["methods"].get("none")
+    if full:
+        for m, r in report["methods"].items():
+            r["vs_full"] = {
+                "dev accuracy (points)": 100 * (r["validation"]["accuracy"] - full["validation"]["accuracy"]),
+                "seconds_per_epoch ratio": r["seconds_per_epoch"] / full["seconds_per_epoch"],
+                "cpu_seconds_per_epoch ratio": r["cpu_seconds_per_epoch"] / full["cpu_seconds_per_epoch"],
+                "peak_rss ratio": r["peak_rss_mb"]["vmhwm"] / full["peak_rss_mb"]["vmhwm"]}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "peft_sst2.json"
+    path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    print_table(report)
+    print(f"wrote {path.relative_to(REPO)}")
+
+
+def print_table(report: dict) -> None:
+    m = report["machine"]
+    print(f"\nSST-2, configs/sst2.yaml | {m['cpu']}, {m['cores']} cores, torch {m['torch']}; "
+          f"load average {m['loadavg_at_start']} -> {report['loadavg_at_end']}")
+    print(f"{'method':10}{'dev acc':>9}{'test acc':>9}{'trainable':>12}{'%':>7}{'epochs':>8}{'s/epoch':>9}"
+          f"{'cpu s/ep':>10}{'peak MiB':>10}{'Δdev':>7}{'s/ep ×':>8}{'cpu ×':>7}{'rss ×':>7}")
+    for name, r in report["methods"].items():
+        v = r.get("vs_full", {})
+        print(f"{name:10}{100 * r['validation']['accuracy']:9.2f}{100 * (r['test'] or {}).get('accuracy', 0):9.2f}"
+              f"{r['trainable_params']:12,}{100 * r['trainable_fraction']:7.2f}{r['epochs']:8.2f}"
+              f"{r['seconds_per_epoch']:9.1f}{r['cpu_seconds_per_epoch']:10.1f}{r['peak_rss_mb']['vmhwm']:10.0f}"
+              f"{v.get('dev accuracy (points)', 0):+7.2f}{v.get('seconds_per_epoch ratio', 1):8.2f}"
+              f"{v.get('cpu_seconds_per_epoch ratio', 1):7.2f}{v.get('peak_rss ratio', 1):7.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,371 @@
+"""Parameter-efficient fine-tuning, composed onto a built model: `model, hook = apply_peft(model, cfg.peft, steps)`.
+
+- lora / adalora: Hugging Face PEFT. We resolve the target modules ourselves (so `all-linear` can never reach the task
+  head), put the head in `modules_to_save` (trained in full and saved with the adapter), add AdaLoRA's orthogonality
+  regulariser to our loss (PEFT only adds it when the model computes the loss itself) and call its rank update in the
+  loop (`hook(step)` after optimizer.step, before zero_grad).
+- adapter: Houlsby bottleneck adapters (PEFT has none), written here: after the attention-output and FFN-output
+  projections, `h + up(gelu(down(h)))` with `up` zero-initialised so training starts from the pretrained function.
+- freeze: only the head, the pooler and the top `unfrozen_layers` transformer layers train.
+
+Saving (`save_trained`): LoRA/AdaLoRA are merged into the base so `model/` loads with plain transformers, after a
+parity check of merged vs unmerged logits; the unmerged adapter goes to `adapter/` (small, loads with PEFT onto the
+base). Bottleneck adapters cannot be merged (they are non-linear): `model/` holds the base plus adapters.safetensors,
+which `strop.load` re-applies.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from strop.errors import ConfigError, ModelError
+
+HEAD_NAMES = ("classifier", "score", "pre_classifier")  # task heads across architectures (never adapted)
+ADAPTERS_FILE = "adapters.safetensors"
+# Houlsby positions: the attention-output and FFN-output projections, by architecture family (name suffixes)
+ADAPTER_TARGETS = (["output.dense"],  # BERT, RoBERTa, XLM-R, ELECTRA, DeBERTa: attention.output.dense + output.dense
+                   ["attention.out_lin", "ffn.lin2"],  # DistilBERT
+                   ["attention.o", "output.dense"])  # MPNet
+
+
+def is_head(name: str) -> bool:
+    return any(part in HEAD_NAMES for part in name.split("."))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared tensors counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# target modules
+
+
+def resolve_targets(model: nn.Module, targets: list, default: list[str] | None) -> list[str]:
+    """Full names of the nn.Linear modules to adapt. targets: [] (= default), ['all-linear'], ['re:<regex>'] or
+    name suffixes. The head is never a target: naming it is an error, all-linear leaves it out."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    body = [n for n in linears if not is_head(n)]
+    wanted = list(targets) or default or ["all-linear"]
+    if wanted == ["all-linear"]:
+        found = body
+    elif str(wanted[0]).startswith("re:"):
+        found = [n for n in linears if re.fullmatch(wanted[0][3:], n)]
+    else:
+        found = [n for n in linears if any(n == t or n.endswith("." + str(t)) for t in wanted)]
+    heads = [n for n in found if is_head(n)]
+    if heads:
+        raise ConfigError(f"peft.target_modules={wanted} matches the task head {heads}; the head is always trained "
+                          "in full and saved with the adapter, so leave it out of peft.target_modules")
+    if not found:
+        suffixes = sorted({".".join(n.split(".")[-2:]) for n in body})
+        raise ConfigError(f"peft.target_modules={wanted} matches no linear layer of this model; its linear layers "
+                          f"end in {suffixes} (or use all-linear)")
+    return found
+
+
+def _default_adapter_targets(model: nn.Module) -> list[str]:
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_head(n)]
+    for suffixes in ADAPTER_TARGETS:
+        if all(any(n.endswith("." + s) for n in linears) for s in suffixes):
+            return suffixes
+    raise ConfigError("peft.method=adapter does not know where this architecture's attention-output and FFN-output "
+                      "projections are; name them in peft.target_modules")
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """Top-level names of the task head (PEFT's modules_to_save)."""
+    return [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bottleneck adapters (ours)
+
+
+class BottleneckAdapter(nn.Module):
+    """h -> h + up(gelu(down(dropout(h)))); up starts at zero, so a fresh adapter is the identity."""
+
+    def __init__(self, hidden: int, size: int, dropout: float):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.down = nn.Linear(hidden, size)
+        self.up = nn.Linear(size, hidden)
+        nn.init.normal_(self.down.weight, std=1e-2)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h: (batch, seq_len, hidden) -> same shape."""
+        return h + self.up(nn.functional.gelu(self.down(self.dropout(h))))
+
+
+class AdaptedLinear(nn.Module):
+    """A pretrained projection followed by its adapter."""
+
+    def __init__(self, base: nn.Linear, adapter: BottleneckAdapter):
+        super().__init__()
+        self.base, self.adapter = base, adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter(self.base(x))
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def add_adapters(model: nn.Module, targets: list[str], size: int, dropout: float) -> None:
+    """Wrap each named nn.Linear with a bottleneck adapter (in place)."""
+    for name in targets:
+        linear = model.get_submodule(name)
+        adapter = BottleneckAdapter(linear.out_features, size, dropout).to(linear.weight.device)
+        _set_module(model, name, AdaptedLinear(linear, adapter))
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Weights of the adapters only, keyed '<wrapped module>.<down|up>.<weight|bias>'."""
+    return {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in model.named_modules()
+            if isinstance(m, AdaptedLinear) for k, v in m.adapter.state_dict().items()}
+
+
+def remove_adapters(model: nn.Module) -> None:
+    """Put the plain projections back (in place), so the base saves in its own format."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, AdaptedLinear):
+            _set_module(model, name, m.base)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# applying a method
+
+
+class PeftHook:
+    """What the loop calls for PEFT: `regularizer()` is added to each batch's loss, `hook(step)` runs after
+    optimizer.step() and before zero_grad() (AdaLoRA's rank budget update needs the gradients). No-ops otherwise."""
+
+    def __init__(self, model: nn.Module | None = None, orth_reg_weight: float = 0.0):
+        self.model, self.orth_reg_weight = model, orth_reg_weight  # model set only for AdaLoRA
+
+    def __call__(self, step: int) -> None:
+        if self.model is not None:
+            self.model.base_model.update_and_allocate(step)
+
+    def regularizer(self) -> torch.Tensor | None:
+        """AdaLoRA's orthogonality penalty: mean over A/B matrices of ||P P^T - I||_F (as in PEFT's AdaLoraModel)."""
+        if self.model is None or self.orth_reg_weight == 0:
+            return None
+        total, n = 0.0, 0
+        for name, p in self.model.named_parameters():
+            if ("lora_A" in name or "lora_B" in name) and p.requires_grad:
+                cov = p @ p.T if "lora_A" in name else p.T @ p
+                total = total + torch.linalg.matrix_norm(cov - torch.eye(cov.shape[0], device=p.device), "fro")
+                n += 1
+        return self.orth_reg_weight * total / max(n, 1)
+
+
+def _steps(value: float, total: int) -> int:
+    return int(value * total) if value < 1 else int(value)
+
+
+def apply_peft(model: nn.Module, p, total_steps: int) -> tuple[nn.Module, PeftHook]:
+    """The model with the PEFT method of config section `p` applied (trainable flags set) and the loop's hook."""
+    if p.method == "none":
+        return model, PeftHook()
+    if p.method == "freeze":
+        freeze_layers(model, p.unfrozen_layers)
+        return model, PeftHook()
+    if p.method == "adapter":
+        targets = resolve_targets(model, p.target_modules, _default_adapter_targets(model))
+        for param in model.parameters():
+            param.requires_grad_(False)
+        add_adapters(model, targets, p.adapter_size, p.dropout)
+        for name, m in model.named_modules():  # Houlsby also trains the layer norms (a few thousand numbers)
+            if "norm" in type(m).__name__.lower() or is_head(name):
+                for param in m.parameters(recurse=False):
+                    param.requires_grad_(True)
+        for head in head_modules(model):
+            getattr(model, head).requires_grad_(True)
+        return model, PeftHook()
+    return _apply_lora(model, p, total_steps)
+
+
+def _apply_lora(model: nn.Module, p, total_steps: int) -> tuple[nn.Module, PeftHook]:
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    targets = resolve_targets(model, p.target_modules, None)
+    common = dict(target_modules=targets, modules_to_save=head_modules(model), lora_alpha=p.alpha,
+                  lora_dropout=p.dropout)
+    if p.method == "lora":
+        return get_peft_model(model, LoraConfig(r=p.r, **common)), PeftHook()
+    tinit, tfinal = _steps(p.tinit, total_steps), _steps(p.tfinal, total_steps)
+    if tinit + tfinal >= total_steps:
+        raise ConfigError(f"AdaLoRA needs steps to prune ranks in: peft.tinit ({tinit} steps) + peft.tfinal "
+                          f"({tfinal} steps) >= the run's {total_steps} steps; lower peft.tinit / peft.tfinal or "
+                          "train longer")
+    config = AdaLoraConfig(init_r=p.init_r, target_r=p.r, tinit=tinit, tfinal=tfinal, deltaT=p.delta_t,
+                           orth_reg_weight=p.orth_reg_weight, total_step=total_steps, **common)
+    peft_model = get_peft_model(model, config)
+    return peft_model, PeftHook(peft_model, p.orth_reg_weight)
+
+
+def layer_list(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer layers: the ModuleList as long as config.num_hidden_layers."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n:
+            return m
+    raise ModelError("cannot find this model's list of transformer layers for peft.method=freeze")
+
+
+def freeze_layers(model: nn.Module, unfrozen: int) -> None:
+    """Train only the head, the pooler and the top `unfrozen` layers."""
+    layers = layer_list(model)
+    if unfrozen > len(layers):
+        raise ConfigError(f"peft.unfrozen_layers={unfrozen} but the model has {len(layers)} layers; set it to at "
+                          f"most {len(layers)}")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for layer in list(layers)[len(layers) - unfrozen:]:
+        layer.requires_grad_(True)
+    for name, m in model.named_modules():
+        if is_head(name) or name.endswith("pooler"):
+            m.requires_grad_(True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# saving and loading
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+@torch.inference_mode()
+def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    out = model(**batch).logits.float()
+    model.train(was)
+    return out
+
+
+def merge_lora(model: nn.Module, probe: dict | None, atol: float = 1e-4) -> tuple[nn.Module, float | None]:
+    """(base model with the LoRA/AdaLoRA weights merged in, max |logit difference| on `probe`).
+
+    probe: model inputs (a few real examples) compared before and after merging; a difference above `atol` is a bug
+    and raises rather than saving a model that predicts something else.
+    """
+    before = _logits(model, probe) if probe else None
+    merged = model.merge_and_unload()
+    if before is None:
+        return merged, None
+    diff = float((before - _logits(merged, probe)).abs().max())
+    if diff > atol:
+        raise ModelError(f"merging the adapter changed the logits by {diff:.2e} (> {atol}); the unmerged adapter "
+                         "is saved in adapter/, report this")
+    return merged, diff
+
+
+def save_adapter(model: nn.Module, tokenizer, folder: Path, base_path: str, meta: dict) -> None:
+    """The unmerged adapter (+ head) in PEFT's format, loadable with PeftModel.from_pretrained(base, folder)."""
+    model.peft_config["default"].base_model_name_or_path = base_path
+    with warnings.catch_warnings():
+        # AdaLoRA can prune a module to rank 0; PEFT then warns about unsharded DeepSpeed/FSDP tensors, wrongly
+        warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape")
+        model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    (folder / "strop.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+
+def load_adapter(folder: Path, meta: dict) -> nn.Module:
+    """A run's adapter/ folder applied to the base model it names (adapter_config.json), merged for inference.
+
+    The base must be a local safetensors folder; the adapter holds the task head too (modules_to_save)."""
+    from peft import PeftModel
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from strop.models.backbone import load_pretrained, resolve_model_path
+    from strop.models.classifier import PROBLEM_TYPES, MeanPoolClassifier
+
+    config = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
+    base_path = config.get("base_model_name_or_path")
+    if not base_path or not Path(base_path).is_dir():
+        raise ModelError(f"{folder}: the base model this adapter was trained on ({base_path!r}) is not a local "
+                         "folder here; load the run's model/ folder (adapter merged) instead")
+    base = resolve_model_path(base_path)
+    num_labels = 1 if meta["task"] == "regression" else len(meta["labels"])
+    if meta.get("pooling") == "mean":
+        model = MeanPoolClassifier(load_pretrained(AutoModel, base), num_labels, 0.0)
+    else:
+        model = load_pretrained(AutoModelForSequenceClassification, base, num_labels=num_labels,
+                                problem_type=PROBLEM_TYPES.get(meta["task"]),
+                                id2label=dict(enumerate(meta["labels"])),
+                                label2id={n: i for i, n in enumerate(meta["labels"])})
+    return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+
+
+def load_bottleneck(model: nn.Module, folder: Path, peft_meta: dict) -> None:
+    """Re-apply saved bottleneck adapters to a freshly loaded base (inference: no dropout)."""
+    add_adapters(model, peft_meta["targets"], peft_meta["adapter_size"], 0.0)
+    state = load_file(str(Path(folder) / ADAPTERS_FILE))
+    for name, m in model.named_modules():
+        if isinstance(m, AdaptedLinear):
+            m.adapter.load_state_dict({k: state[f"{name}.{k}"] for k in m.adapter.state_dict()})
+
+
+def describe(model: nn.Module, p) -> dict:
+    """What strop.json records about the method (targets as resolved, counts)."""
+    trainable, total = count_parameters(model)
+    out = {"method": p.method, "trainable_params": trainable, "total_params": total}
+    if p.method in ("lora", "adalora"):
+        cfg = model.peft_config["default"]
+        out.update(r=p.r, alpha=p.alpha, targets=sorted(cfg.target_modules), merged=True)
+        if p.method == "adalora":
+            out.update(init_r=p.init_r)
+    elif p.method == "adapter":
+        out.update(targets=[n for n, m in model.named_modules() if isinstance(m, AdaptedLinear)],
+                   adapter_size=p.adapter_size, merged=False)
+    elif p.method == "freeze":
+        out.update(unfrozen_layers=p.unfrozen_layers)
+    return out
+
+
+def save_trained(model: nn.Module, tokenizer, run_dir: Path, meta: dict, p, probe: dict | None,
+                 base_path: str) -> dict:
+    """Write run_dir/model (and run_dir/adapter for LoRA/AdaLoRA) for a trained model; returns the meta written.
+
+    probe: a few examples' model inputs for the merge parity check."""
+    from strop.models.classifier import save_model
+
+    meta = {**meta, "peft": describe(model, p)}
+    if p.method in ("lora", "adalora"):
+        save_adapter(model, tokenizer, run_dir / "adapter", base_path, meta)
+        merged, diff = merge_lora(model, probe)
+        meta["peft"]["merge_max_abs_diff"] = diff
+        save_model(merged, tokenizer, run_dir / "model", meta)
+    elif p.method == "adapter":
+        state = adapter_state(model)
+        remove_adapters(model)
+        save_model(model, tokenizer, run_dir / "model", meta)
+        save_file(state, str(run_dir / "model" / ADAPTERS_FILE))
+    else:
+        save_model(model, tokenizer, run_dir / "model", meta)
+    return meta
