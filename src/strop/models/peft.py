@@ -205,7 +205,17 @@ def apply_peft(model: nn.Module, p, total_steps: int) -> tuple[nn.Module, PeftHo
     return _apply_lora(model, p, total_steps)
 
 
+def require_peft():
+    """The `peft` package, or an error that says how to install it."""
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("peft.method=lora/adalora needs the PEFT library: pip install 'strop[peft]'") from None
+    return peft
+
+
 def _apply_lora(model: nn.Module, p, total_steps: int) -> tuple[nn.Module, PeftHook]:
+    require_peft()
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     targets = resolve_targets(model, p.target_modules, None)
@@ -252,12 +262,6 @@ def freeze_layers(model: nn.Module, unfrozen: int) -> None:
 # saving and loading
 
 
-def is_peft_model(model: nn.Module) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
-
-
 @torch.inference_mode()
 def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
     was = model.training
@@ -299,6 +303,7 @@ def load_adapter(folder: Path, meta: dict) -> nn.Module:
     """A run's adapter/ folder applied to the base model it names (adapter_config.json), merged for inference.
 
     The base must be a local safetensors folder; the adapter holds the task head too (modules_to_save)."""
+    require_peft()
     from peft import PeftModel
     from transformers import AutoModel, AutoModelForSequenceClassification
 
