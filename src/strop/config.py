@@ -123,6 +123,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = doc(128, "examples per forward pass during evaluation and prediction")
+    report: bool = doc(True, "write report.html (plots, metrics, calibration, worst errors) at the end of the run")
+    report_explain: int = doc(5, "explain this many of the report's most confident errors with integrated gradients "
+                              "(needs strop[explain]); 0 = none")
 
 
 @dataclass

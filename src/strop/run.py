@@ -195,6 +195,10 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     results = run_results(fitted, len(encoded["train"]), metric, precision, threshold, final, start_step)
     results["trainable_params"], results["total_params"] = trainable, total
     write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
+    if cfg.eval.report:
+        from strop.evaluate.report import build_report
+
+        build_report(run_dir, explain_k=cfg.eval.report_explain)
     _print_summary(run_dir, results, metric)
     return RunResult(run_dir, results)
 
@@ -247,6 +251,8 @@ def _print_summary(run_dir: Path, results: dict, metric: str) -> None:
             table.add_row(split, *[f"{results[split][k]:.4f}" for k in shown])
     console.print(table)
     console.print(f"run folder: [bold]{run_dir}[/bold]  (model: {run_dir / 'model'})")
+    if (run_dir / "report.html").is_file():
+        console.print(f"report: {run_dir / 'report.html'}")
 
 
 def open_run(path: str | Path) -> Path:
