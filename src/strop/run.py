@@ -31,7 +31,8 @@ from strop.training.progress import console
 TASK_METRICS = {"single_label": ["accuracy", "macro_f1", "micro_f1", "weighted_f1", "mcc", "loss"],
                 "multi_label": ["micro_f1", "macro_f1", "micro_precision", "micro_recall", "exact_match",
                                 "hamming_loss", "loss"],
-                "regression": ["pearson", "spearman", "mse", "rmse", "mae", "loss"]}
+                "regression": ["pearson", "spearman", "mse", "rmse", "mae", "loss"],
+                "token_classification": ["f1", "precision", "recall", "macro_f1", "token_accuracy", "loss"]}
 
 
 @dataclass
@@ -123,6 +124,8 @@ def data_summary(ds: Dataset, encoded: dict) -> dict:
         enc = encoded[split]
         info = {"examples": len(ex), "truncated": enc.n_truncated, "mean_tokens": float(enc.lengths.mean()),
                 "max_tokens": int(enc.lengths.max())}
+        if ds.task == "token_classification":  # windows: rows the model sees; split: sentences over max_length
+            info.update(sentences=enc.n_examples, windows=len(enc), split_into_windows=enc.n_split)
         if ds.task == "single_label":
             counts = np.bincount(ex.labels, minlength=len(ds.labels))
             info["label_counts"] = dict(zip(ds.labels, counts.tolist()))
@@ -151,13 +154,13 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
         raise ConfigError(f"train.metric={metric!r} is not a {ds.task} metric; choose from {TASK_METRICS[ds.task]}")
 
     torch.manual_seed(cfg.train.seed)  # the new head's initial weights
-    model = build_model(cfg.model, ds.task, ds.labels)  # before the run folder: broken weights leave nothing behind
+    model = build_model(cfg.model, ds.task, ds.labels, cfg.ner)  # before the run folder: broken weights leave nothing behind
 
     start_step = open_run_dir(run_dir, ckpt)
     write_atomic(run_dir / "config.yaml", dump_yaml(cfg))  # first file of a new run: the resolved config
     for note in ds.notes:
         console.print(f"[dim]{note}[/dim]")
-    encoded = {split: encode(tokenizer, ex, cfg.model.max_length) for split, ex in ds.splits.items()}
+    encoded = {split: encode_split(cfg, ds, tokenizer, ex) for split, ex in ds.splits.items()}
     write_atomic(run_dir / "data.json", json.dumps(data_summary(ds, encoded), indent=2))
     for split, enc in encoded.items():
         if enc.n_truncated:
@@ -183,11 +186,33 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
             "max_length": cfg.model.max_length, "text_column": ds.columns.text, "text_pair_column": ds.columns.pair,
             "label_column": ds.columns.label, "label_delimiter": cfg.data.label_delimiter, "threshold": threshold,
             "base_model": str(cfg.model.path)}
+    if ds.task == "token_classification":
+        meta.update(ner_meta(cfg, ds))
     save_model(model, tokenizer, run_dir / "model", meta)
     results = run_results(fitted, len(encoded["train"]), metric, precision, threshold, final, start_step)
     write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
     _print_summary(run_dir, results, metric)
     return RunResult(run_dir, results)
+
+
+def encode_split(cfg: Config, ds: Dataset, tokenizer, examples):
+    """Tokenized split: `Encoded` rows, or subword windows of sentences for token classification."""
+    if ds.task != "token_classification":
+        return encode(tokenizer, examples, cfg.model.max_length)
+    from strop.data.tokens import encode_tokens
+
+    n = cfg.ner
+    return encode_tokens(tokenizer, examples, cfg.model.max_length, n.stride, n.label_subwords, n.casing, ds.labels,
+                         n.decoding)
+
+
+def ner_meta(cfg: Config, ds) -> dict:
+    """strop.json fields a token-classification model needs at prediction time."""
+    n = cfg.ner
+    return {"text_column": "tokens", "label_column": "tags", "scheme": ds.scheme, "casing": n.casing,
+            "decoding": n.decoding, "stride": n.stride, "word_split": n.word_split,
+            "label_subwords": n.label_subwords, "token_column": n.token_column, "tag_column": n.tag_column,
+            "tokens_key": n.tokens_key, "tags_key": n.tags_key}
 
 
 def final_evaluation(model, encoded: dict, ds: Dataset, cfg: Config, device, precision) -> tuple[float, dict]:
@@ -225,7 +250,7 @@ def write_atomic(path: Path, text: str) -> None:
 def _print_summary(run_dir: Path, results: dict, metric: str) -> None:
     from rich.table import Table
 
-    keys = [metric] + [k for k in ("accuracy", "macro_f1", "mcc", "micro_f1", "exact_match", "pearson", "spearman",
+    keys = [metric] + [k for k in ("accuracy", "token_accuracy", "macro_f1", "mcc", "micro_f1", "exact_match", "pearson", "spearman",
                                    "rmse", "loss") if k != metric]
     table = Table(title=f"results ({results['steps']} steps, {results['train_seconds']:.0f} s, "
                         f"{results['train_samples_per_s']:.0f} samples/s)")
