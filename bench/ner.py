@@ -90,13 +90,11 @@ def hf_token_data(cfg, tokenizer, labels: list[str]):
 
 
 def run_hf(over: dict) -> dict:
-    import numpy as np
     import torch
     from transformers import (AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification,
                               Trainer, set_seed)
 
     from strop.config import load_config
-    from strop.evaluate.entities import EntityMetrics
     from strop.models.backbone import default_model_path
 
     start = time.perf_counter()

@@ -37,7 +37,7 @@ def test_conll_reader_docstart_blank_and_whitespace_lines(tmp_path):
 def test_conll_malformed_inputs_name_file_and_line(tmp_path):
     path = tmp_path / "bad.conll"
     path.write_text("EU B-ORG\nrejects O\nGerman\n", encoding="utf-8")
-    with pytest.raises(DataError, match=rf"bad.conll:3: 'German' has 1 column\(s\).*ner.tag_column"):
+    with pytest.raises(DataError, match=r"bad.conll:3: 'German' has 1 column\(s\).*ner.tag_column"):
         read_conll(path)
     path.write_bytes(b"EU B-ORG\n\xff\xfe O\n")
     with pytest.raises(DataError, match=r"bad.conll:2: byte 0xff is not valid utf-8"):

@@ -27,7 +27,7 @@ class TokenExamples:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def subset(self, idx) -> "TokenExamples":
+    def subset(self, idx) -> TokenExamples:
         return TokenExamples([self.tokens[i] for i in idx], None if self.tags is None else [self.tags[i] for i in idx],
                              [self.sentences[i] for i in idx])
 
