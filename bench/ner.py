@@ -60,10 +60,29 @@ def run_strop(over: dict) -> dict:
     start = time.perf_counter()
     run = strop.train(CONFIG, over, overwrite=True)
     r = run.results
-    return {"validation": r.get("validation"), "test": r.get("test"), "train_seconds": r["train_seconds"],
+    return {"validation": r.get("validation"), "test": r.get("test"), "decoding_ablation": decoding_ablation(run),
+            "train_seconds": r["train_seconds"],
             "wall_seconds": time.perf_counter() - start, "steps": r["steps"], "epochs": r["epochs"],
             "best_step": r["best_step"], "precision": r["precision"], "threads": torch.get_num_threads(),
             "run_dir": str(run.run_dir)}
+
+
+def decoding_ablation(run) -> dict:
+    """Test entity F1 of the trained model under each decoding (argmax per word vs constrained Viterbi)."""
+    from strop.config import load_config
+    from strop.evaluate.entities import TagDecoder
+    from strop.predict import Predictor
+
+    predictor = Predictor.load(run.run_dir)
+    test = load_config(run.run_dir / "config.yaml").data.test
+    out = {}
+    for decoding in ("argmax", "constrained"):
+        predictor.meta["decoding"] = decoding
+        predictor.decode = TagDecoder(predictor.labels, decoding)
+        m = predictor.evaluate_file(test)
+        out[decoding] = {"test_f1": m["f1"], "test_macro_f1": m["macro_f1"],
+                         "per_type_f1": {t: v["f1"] for t, v in m["per_type"].items()}}
+    return out
 
 
 def hf_token_data(cfg, tokenizer, labels: list[str]):
