@@ -137,3 +137,13 @@ def test_casing_rows_start_equal_to_type_zero(tiny_model):
         b = cased(input_ids=ids, token_type_ids=torch.tensor([[0, 3, 2, 0]])).logits
     torch.testing.assert_close(a, b)  # before training the shape ids change nothing
     assert np.isclose(float(cased.base_model.embeddings.token_type_embeddings.weight.detach().std(0).max()), 0.0)
+
+
+def test_cli_reports_bad_ner_input_without_traceback(tiny_model, tmp_path, capsys):
+    bad = tmp_path / "train.conll"
+    bad.write_text("EU B-ORG\nrejects O\n\nthe O\nPeter I-PER\n", encoding="utf-8")
+    args = tiny_overrides(tiny_model, tmp_path / "runs", **{"data.train": bad, "ner.invalid": "refuse"})
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert "train.conll:5: invalid IOB2 sequence: I-PER follows O" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()  # bad input leaves nothing behind
