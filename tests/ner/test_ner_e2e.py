@@ -147,3 +147,38 @@ def test_cli_reports_bad_ner_input_without_traceback(tiny_model, tmp_path, capsy
     err = capsys.readouterr().err
     assert "train.conll:5: invalid IOB2 sequence: I-PER follows O" in err and "Traceback" not in err
     assert not (tmp_path / "runs").exists()  # bad input leaves nothing behind
+
+
+def test_resume_gives_the_same_ner_run(tiny_model, tmp_path, monkeypatch):
+    """12 steps straight == crash after step 5's checkpoint + resume (token labels, windows, casing ids)."""
+    import strop
+    from strop.training import checkpoint as ckpt_mod
+    from strop.training import loop as loop_mod
+
+    files = {s: write_conll(tmp_path / f"{s}.txt", toy_sentences(n, seed)) for s, n, seed in
+             (("train", 40, 1), ("dev", 10, 2))}
+    extra = {"data.train": files["train"], "data.validation": files["dev"], "data.test_ratio": 0,
+             "train.max_steps": 12, "train.log_every": 1, "train.save_every": 1, "model.max_length": 16,
+             "ner.stride": 4, "ner.casing": "true"}
+    straight = strop.train(None, tiny_overrides(tiny_model, tmp_path / "a", **extra))
+    real_save = ckpt_mod.save_checkpoint
+
+    def crash_after(run_dir, model, optimizer, scheduler, state):
+        path = real_save(run_dir, model, optimizer, scheduler, state)
+        if state.step == 5:
+            raise KeyboardInterrupt  # stands in for a killed process after its checkpoint
+        return path
+
+    monkeypatch.setattr(loop_mod, "save_checkpoint", crash_after)
+    with pytest.raises(KeyboardInterrupt):
+        strop.train(None, tiny_overrides(tiny_model, tmp_path / "b", **extra))
+    monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
+    resumed = strop.train(resume=tmp_path / "b" / "run")
+
+    def losses(run_dir):
+        return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+                if r["split"] == "train"]
+
+    assert resumed.results["resumed_from_step"] == 5
+    assert losses(resumed.run_dir) == losses(straight.run_dir) and len(losses(straight.run_dir)) == 12
+    assert resumed.results["validation"] == straight.results["validation"]
