@@ -199,16 +199,23 @@ def main() -> None:
     report = {"config": str(CONFIG.relative_to(REPO)), "machine": machine(),
               "command": "python bench/ner.py " + " ".join(sys.argv[1:]), "time": time.strftime("%Y-%m-%d %H:%M %Z"),
               "known_differences": KNOWN_DIFFERENCES, "strop": {}}
-    if not args.skip_hf:
-        report["hf"] = run_child("hf", overrides(args, "plain"))
-        _print("HF Trainer", report["hf"])
-    for v in variants:
-        report["strop"][v] = {"overrides": overrides(args, v), **run_child("strop", overrides(args, v))}
-        _print(f"strop {v}", report["strop"][v])
-    report["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = Path(args.out) if args.out else RESULTS / "ner_conll2003.json"
-    path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+
+    def save():  # after every side, so a long benchmark stopped midway keeps what it measured
+        report["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        path.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+
+    # the first strop variant, then the HF side, then the other variants (the headline pair comes first)
+    order = variants[:1] + ([] if args.skip_hf else ["hf"]) + variants[1:]
+    for side in order:
+        if side == "hf":
+            report["hf"] = run_child("hf", overrides(args, "plain"))
+            _print("HF Trainer", report["hf"])
+        else:
+            report["strop"][side] = {"overrides": overrides(args, side), **run_child("strop", overrides(args, side))}
+            _print(f"strop {side}", report["strop"][side])
+        save()
     print(f"load average at start / end: {report['machine']['loadavg_at_start']} / {report['loadavg_at_end']}")
     print(f"wrote {path}")
 
