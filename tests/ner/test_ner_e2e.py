@@ -182,3 +182,29 @@ def test_resume_gives_the_same_ner_run(tiny_model, tmp_path, monkeypatch):
     assert resumed.results["resumed_from_step"] == 5
     assert losses(resumed.run_dir) == losses(straight.run_dir) and len(losses(straight.run_dir)) == 12
     assert resumed.results["validation"] == straight.results["validation"]
+
+
+def test_in_memory_model_equals_plain_transformers_after_save(tiny_model, tmp_path):
+    """The model strop trains (casing rows changed as training would) == AutoModelForTokenClassification of model/."""
+    from transformers import AutoModelForTokenClassification
+
+    from strop.models.classifier import save_model
+
+    cfg = load_config(None, {"model.path": str(tiny_model)})
+    torch.manual_seed(0)
+    model = build_token_model(cfg.model, ["O", "B-X", "I-X"], casing=True).eval()
+    with torch.no_grad():
+        model.base_model.embeddings.token_type_embeddings.weight.add_(torch.randn(5, 32))
+        model.classifier.weight.add_(torch.randn_like(model.classifier.weight))
+    tok = load_tokenizer(tiny_model)
+    save_model(model, tok, tmp_path / "model", {"task": "token_classification"})
+    plain = AutoModelForTokenClassification.from_pretrained(str(tmp_path / "model")).eval()
+    enc = encode_tokens(tok, TokenExamples([["Paris", "IS", "big", "McDonald", "1996"]], None, []), 16, 4,
+                        casing=True)
+    ids, types = torch.tensor(enc.input_ids), torch.tensor(enc.token_type_ids)
+    with torch.inference_mode():
+        a = model(input_ids=ids, token_type_ids=types).logits
+        b = plain(input_ids=ids, token_type_ids=types).logits
+        c = plain(input_ids=ids).logits  # without the shape ids plain transformers differs: documented
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
