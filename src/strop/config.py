@@ -341,9 +341,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.label_delimiter='' is empty; give the character that separates labels "
                           "(in YAML quote it: label_delimiter: '|')")
     n = cfg.ner
-    if n.stride < 0 or n.stride > m.max_length // 2:
-        raise ConfigError(f"ner.stride={n.stride} must be in [0, model.max_length/2 = {m.max_length // 2}]: windows "
-                          "overlap by stride tokens and each must still advance")
+    if n.stride < 0:  # stride < the window size is checked where the window size is known (data/tokens.py)
+        raise ConfigError(f"ner.stride={n.stride} must be >= 0 (subword tokens shared by consecutive windows)")
     if n.token_column < 0 or n.token_column == n.tag_column:
         raise ConfigError(f"ner.token_column={n.token_column} must be >= 0 and differ from ner.tag_column="
                           f"{n.tag_column}")
