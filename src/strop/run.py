@@ -147,6 +147,10 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     model_folder = resolve_model_path(cfg.model.path, cfg.model.allow_pickle)
     tokenizer = load_tokenizer(model_folder, cfg.model.trust_remote_code)
     check_max_length(cfg, model_folder)
+    if ds.task == "token_classification":
+        from strop.data.tokens import window_size
+
+        window_size(tokenizer, cfg.model.max_length, cfg.ner.stride)  # before the run folder: a bad stride writes nothing
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     metric = primary_metric(ds.task) if cfg.train.metric == "auto" else cfg.train.metric

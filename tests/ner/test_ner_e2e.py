@@ -208,3 +208,12 @@ def test_in_memory_model_equals_plain_transformers_after_save(tiny_model, tmp_pa
         c = plain(input_ids=ids).logits  # without the shape ids plain transformers differs: documented
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, c)
+
+
+def test_stride_too_large_for_max_length_stops_before_the_run_folder(tiny_model, tmp_path, capsys):
+    train = write_conll(tmp_path / "train.conll", toy_sentences(20, 0))
+    args = tiny_overrides(tiny_model, tmp_path / "runs", **{"data.train": train, "model.max_length": 16,
+                                                             "ner.stride": 14})
+    assert main(["train", *args]) == 2
+    assert "model.max_length=16 leaves 14 subwords per window, not more than ner.stride=14" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -75,6 +75,16 @@ def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
     return out["input_ids"][:first], out["input_ids"][last + 1:]
 
 
+def window_size(tokenizer, max_length: int, stride: int) -> int:
+    """Subwords per window (max_length minus special tokens); it must exceed the stride so windows advance."""
+    prefix, suffix = special_tokens(tokenizer)
+    size = max_length - len(prefix) - len(suffix)
+    if size <= stride:
+        raise ConfigError(f"model.max_length={max_length} leaves {size} subwords per window, not more than "
+                          f"ner.stride={stride}; raise model.max_length or lower ner.stride")
+    return size
+
+
 def windows(word_ids: list[int], size: int, stride: int) -> list[tuple[int, int]]:
     """[start, end) subword spans of at most `size`, overlapping by >= `stride`, ending on word boundaries."""
     n = len(word_ids)
@@ -103,10 +113,7 @@ def encode_tokens(tokenizer, examples, max_length: int, stride: int = 32, label_
                   chunk: int = 2048) -> TokenEncoded:
     """Tokenize sentences (`TokenExamples`) into labelled windows of at most max_length tokens."""
     prefix, suffix = special_tokens(tokenizer)
-    size = max_length - len(prefix) - len(suffix)
-    if size <= stride:
-        raise ConfigError(f"model.max_length={max_length} leaves {size} subwords per window, not more than "
-                          f"ner.stride={stride}; raise model.max_length or lower ner.stride")
+    size = window_size(tokenizer, max_length, stride)
     inside = _inside_ids(labels) if labels and label_subwords == "all" else None
     ids, types, labs, example, words, first, n_split = [], [] if casing else None, [], [], [], [], 0
     for begin in range(0, len(examples), chunk):
