@@ -150,7 +150,7 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     if ds.task == "token_classification":
         from strop.data.tokens import window_size
 
-        window_size(tokenizer, cfg.model.max_length, cfg.ner.stride)  # before the run folder: a bad stride writes nothing
+        window_size(tokenizer, cfg.model.max_length, cfg.ner.stride)  # a stride too large for the windows stops here
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     metric = primary_metric(ds.task) if cfg.train.metric == "auto" else cfg.train.metric
@@ -158,7 +158,8 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
         raise ConfigError(f"train.metric={metric!r} is not a {ds.task} metric; choose from {TASK_METRICS[ds.task]}")
 
     torch.manual_seed(cfg.train.seed)  # the new head's initial weights
-    model = build_model(cfg.model, ds.task, ds.labels, cfg.ner)  # before the run folder: broken weights leave nothing behind
+    model = build_model(cfg.model, ds.task, ds.labels,  # before the run folder: broken weights leave nothing behind
+                        cfg.ner)
 
     start_step = open_run_dir(run_dir, ckpt)
     write_atomic(run_dir / "config.yaml", dump_yaml(cfg))  # first file of a new run: the resolved config
@@ -254,8 +255,8 @@ def write_atomic(path: Path, text: str) -> None:
 def _print_summary(run_dir: Path, results: dict, metric: str) -> None:
     from rich.table import Table
 
-    keys = [metric] + [k for k in ("accuracy", "token_accuracy", "macro_f1", "mcc", "micro_f1", "exact_match", "pearson", "spearman",
-                                   "rmse", "loss") if k != metric]
+    keys = [metric] + [k for k in ("accuracy", "token_accuracy", "macro_f1", "mcc", "micro_f1", "exact_match",
+                                   "pearson", "spearman", "rmse", "loss") if k != metric]
     table = Table(title=f"results ({results['steps']} steps, {results['train_seconds']:.0f} s, "
                         f"{results['train_samples_per_s']:.0f} samples/s)")
     table.add_column("split")
