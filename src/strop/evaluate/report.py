@@ -20,7 +20,7 @@ import numpy as np
 
 from strop.errors import StropError
 
-SECTIONS = ("summary", "data", "curves", "metrics", "confusion", "calibration", "errors", "regression")
+SECTIONS = ("summary", "data", "curves", "metrics", "entities", "confusion", "calibration", "errors", "regression")
 
 
 def _png(fig) -> str:
@@ -99,7 +99,7 @@ def data_section(data: dict, ds) -> str:
         return "".join(parts)
     fig, ax = _figure()
     for split, ex in ds.splits.items():
-        ax.hist([len(t.split()) for t in ex.texts], bins=40, alpha=0.5, label=split)
+        ax.hist([len(t.split()) for t in _texts(ex)], bins=40, alpha=0.5, label=split)
     ax.set_xlabel("words per text")
     ax.set_title("text lengths")
     ax.legend()
@@ -108,13 +108,18 @@ def data_section(data: dict, ds) -> str:
     return "".join(parts)
 
 
+def _texts(ex) -> list[str]:
+    """Texts of a split (token-classification sentences joined by spaces)."""
+    return ex.texts if hasattr(ex, "texts") else [" ".join(words) for words in ex.tokens]
+
+
 def _key(text: str, pair: str | None) -> str:
     return " ".join(text.lower().split()) + ("\t" + " ".join(pair.lower().split()) if pair else "")
 
 
 def shared_texts(ds) -> dict[str, list[str]]:
     """{'train/test': [texts in both]} after lower-casing and whitespace normalisation."""
-    keys = {s: {_key(t, ex.pairs[i] if ex.pairs else None): t for i, t in enumerate(ex.texts)}
+    keys = {s: {_key(t, ex.pairs[i] if getattr(ex, "pairs", None) else None): t for i, t in enumerate(_texts(ex))}
             for s, ex in ds.splits.items()}
     out = {}
     names = list(keys)
@@ -250,6 +255,55 @@ def errors_section(predictor, ex, probs: np.ndarray, k: int, explain_k: int) -> 
             f'<th>text</th></tr></thead><tbody>{"".join(rows)}</tbody></table></div>'), items
 
 
+def entities_section(predictor, ex, results: dict, split: str, k: int = 8) -> str:
+    """NER: per-type F1 bars and the first sentences with errors, gold vs predicted spans highlighted."""
+    from strop.data.tags import spans
+
+    parts = []
+    per = (results.get(split) or {}).get("per_type") or {}
+    if per:
+        fig, ax = _figure()
+        ax.bar(list(per), [v["f1"] for v in per.values()])
+        ax.set_ylim(0, 1)
+        ax.set_title(f"entity F1 per type ({split})")
+        parts.append(_png(fig))
+    sentences = ex.tokens[:400]
+    tagged = predictor.tag(sentences)
+    shown = 0
+    rows = []
+    for words, gold_ids, (pred_ids, _) in zip(sentences, ex.tags, tagged):
+        gold = {(a, b, t) for a, b, t in spans([predictor.labels[i] for i in gold_ids])}
+        pred = {(a, b, t) for a, b, t in spans([predictor.labels[i] for i in pred_ids])}
+        if gold == pred:
+            continue
+        rows.append(f"<tr><td>gold</td><td>{_marked(words, gold)}</td></tr>"
+                    f"<tr><td>predicted</td><td>{_marked(words, pred)}</td></tr>")
+        shown += 1
+        if shown >= k:
+            break
+    if rows:
+        parts.append(f"<p>sentences with errors ({split}): gold vs predicted spans</p><div class=\"scroll\"><table>"
+                     f"{''.join(rows)}</table></div>")
+    else:
+        parts.append("<p>no errors in the first 400 sentences</p>")
+    return "".join(parts)
+
+
+def _marked(words: list[str], entities: set) -> str:
+    starts = {a: (b, t) for a, b, t in entities}
+    out, i = [], 0
+    while i < len(words):
+        if i in starts:
+            b, t = starts[i]
+            out.append(f'<mark class="ent" title="{html.escape(t)}">{html.escape(" ".join(words[i:b]))}'
+                       f"<sub>{html.escape(t)}</sub></mark>")
+            i = b
+        else:
+            out.append(html.escape(words[i]))
+            i += 1
+    return " ".join(out)
+
+
 def _has_captum() -> bool:
     import importlib.util
 
@@ -279,7 +333,7 @@ h1{font-size:1.4rem;margin:.5rem 0}h2{font-size:1.15rem;margin:.2rem 0 .6rem}h3{
 img{max-width:100%;height:auto;display:block;margin:.5rem 0}
 table{border-collapse:collapse;font-size:.9rem}td,th{border-bottom:1px solid #eee;padding:.25rem .5rem;text-align:left}
 .scroll{overflow-x:auto;max-width:100%}.warn{color:#b45309;font-weight:600}.ok{color:#15803d}
-nav a{margin-right:.6rem}.text{min-width:12rem}
+nav a{margin-right:.6rem}.text{min-width:12rem}mark.ent{background:#dbeafe;border-radius:3px;padding:0 2px}
 """
 
 SCRIPT = """
@@ -323,7 +377,9 @@ def build_report(run_dir: str | Path, explain_k: int = 5, errors_k: int = 10) ->
     if task == "single_label":
         sections["confusion"] = confusion_section(results, meta["labels"], "test" if "test" in results
                                                   else "validation")
-    if ds is not None and split:
+    if ds is not None and split and task == "token_classification":
+        sections["entities"] = entities_section(predictor, ds.splits[split], results, split)
+    elif ds is not None and split:
         ex = ds.splits[split]
         probs = predictor._raw(ex, 64)
         if task == "single_label":
@@ -339,7 +395,7 @@ def build_report(run_dir: str | Path, explain_k: int = 5, errors_k: int = 10) ->
             sections["calibration"] = calibration_section(cal, split + ", per label decision")
         elif task == "regression":
             sections["regression"] = regression_section(probs, ex.labels, split)
-    titles = {"summary": "Run", "data": "Data", "curves": "Training curves", "metrics": "Final metrics",
+    titles = {"summary": "Run", "data": "Data", "entities": "Entities", "curves": "Training curves", "metrics": "Final metrics",
               "confusion": "Confusion matrix", "calibration": "Calibration",
               "errors": f"Most confident errors ({split})", "regression": "Predicted vs true"}
     body = "".join(f'<section id="{k}"><h2>{titles[k]}</h2>{sections[k]}</section>' for k in SECTIONS
