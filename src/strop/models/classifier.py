@@ -164,6 +164,10 @@ def load_model(folder: Path) -> tuple[nn.Module, object, dict]:
     folder = Path(folder)
     meta = read_meta(folder)
     resolve_model_path(folder)
+    if meta.get("attention_heads_kept"):  # head-pruned (strop export --prune heads=...): shapes the config can't say
+        from strop.compress.prune import load_head_pruned
+
+        return load_head_pruned(folder, meta).eval(), load_tokenizer(folder), meta
     if meta.get("pooling") == "mean":
         backbone = load_pretrained(AutoModel, folder)
         model = MeanPoolClassifier(backbone, 1 if meta["task"] == "regression" else len(meta["labels"]), 0.0)

@@ -31,11 +31,12 @@ class FitResult:
 
 
 def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_batch_size: int, task: str,
-                         device: torch.device, precision: str) -> torch.Tensor:
+                         device: torch.device, precision: str, loss_fn=None) -> torch.Tensor:
     """Forward + backward over the examples `idx` in micro-batches; returns the batch's mean loss (detached).
 
     Each micro-batch loss is weighted by its share of the batch, so the summed gradients equal those of one
     forward/backward over the whole batch (also when the last micro-batch is smaller).
+    loss_fn(logits, batch) -> mean loss replaces the task loss (distillation uses it); None = task_loss.
     """
     total = torch.zeros((), device=device)
     for start in range(0, len(idx), micro_batch_size):
@@ -43,7 +44,8 @@ def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_
         batch = {k: v.to(device, non_blocking=True) for k, v in collate(enc, part).items()}
         with autocast(device, precision):
             logits = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).logits
-        loss = task_loss(logits, batch["labels"], task) * (len(part) / len(idx))
+        loss = loss_fn(logits, batch) if loss_fn else task_loss(logits, batch["labels"], task)
+        loss = loss * (len(part) / len(idx))
         loss.backward()
         total += loss.detach()
     return total
@@ -51,8 +53,9 @@ def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_
 
 def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, label_names: list[str],
         device: torch.device, precision: str, tracker, metric: str, run_dir: Path,
-        resume_from: Path | None = None) -> FitResult:
-    """Train `model` in place on `train`, evaluating on `val` and checkpointing into run_dir/checkpoints."""
+        resume_from: Path | None = None, loss_fn=None) -> FitResult:
+    """Train `model` in place on `train`, evaluating on `val` and checkpointing into run_dir/checkpoints.
+    loss_fn(logits, batch): a training loss other than the task loss (e.g. distillation); evaluation is unchanged."""
     t = cfg.train
     steps_per_epoch = math.ceil(len(train) / t.batch_size)
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
@@ -80,8 +83,8 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
         while state.step < total_steps and not state.stopped_early:
             batches = epoch_batches(train.lengths, t.batch_size, t.seed, state.epoch, t.batching == "length_grouped")
             for idx in batches[state.batch_in_epoch:]:
-                loss = micro.run(lambda m: accumulate_gradients(model, train, idx, m, task, device, precision),
-                                 model, progress.note)
+                loss = micro.run(lambda m: accumulate_gradients(model, train, idx, m, task, device, precision,
+                                                                loss_fn), model, progress.note)
                 # clip_grad_norm_ returns the total norm: one pass that both clips and checks for NaN/Inf gradients
                 norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
                 if not is_finite(loss, norm):
