@@ -20,11 +20,10 @@ def _inputs(enc: Encoded, idx) -> dict:
 
 
 @torch.inference_mode()
-def latency_ms(model, enc: Encoded, n: int = 100, warmup: int = 10) -> dict:
-    """p50 / p95 / mean wall time (ms) of one forward pass at batch 1 over the first `n` examples."""
+def latency_samples(model, enc: Encoded, n: int = 100, warmup: int = 10) -> list[float]:
+    """Wall time (ms) of one forward pass at batch 1 for each of the first `n` examples, after `warmup` calls."""
     model.eval()
-    n = min(n, len(enc))
-    batches = [_inputs(enc, [i]) for i in range(n)]
+    batches = [_inputs(enc, [i]) for i in range(min(n, len(enc)))]
     for b in batches[:warmup]:
         model(**b)
     times = []
@@ -32,6 +31,13 @@ def latency_ms(model, enc: Encoded, n: int = 100, warmup: int = 10) -> dict:
         start = time.perf_counter()
         model(**b)
         times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def latency_ms(model, enc: Encoded, n: int = 100, warmup: int = 10) -> dict:
+    """p50 / p95 / mean wall time (ms) of one forward pass at batch 1 over the first `n` examples."""
+    times = latency_samples(model, enc, n, warmup)
+    n = len(times)
     return {"p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95)),
             "mean": float(np.mean(times)), "n": n}
 
