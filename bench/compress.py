@@ -51,7 +51,7 @@ def sparsity_sweep(model_dir: Path, enc, meta: dict) -> list[dict]:
     from strop.models.classifier import load_model
 
     out = []
-    for kind, values in (("magnitude", (0.3, 0.5, 0.7)), ("ffn", (0.25, 0.5, 0.75)), ("heads", (0.25, 0.5))):
+    for kind, values in (("magnitude", (0.5, 0.7)), ("ffn", (0.25, 0.5)), ("heads", (0.25, 0.5))):
         for value in values:
             model = load_model(model_dir)[0]
             before = parameter_count(model)
