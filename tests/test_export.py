@@ -274,6 +274,8 @@ def test_export_errors_name_the_problem(tmp_path, tiny_model, capsys):
     (half / "model" / "strop.json").write_text("{}")
     with pytest.raises(RunError, match="model/ is incomplete"):
         export_run(half)
+    with pytest.raises(ExportError, match="tolerance"):
+        export_run(tmp_path, ExportOptions(tolerance=-1))
     for spec, msg in (("heads=1.5", "fraction"), ("layers=0.5", "heads=F"), ("ffn=x", "not a number"), ("", "value")):
         with pytest.raises(ExportError, match=msg):
             parse_prune(spec)
@@ -288,3 +290,22 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
         prune_heads(model, 0.5)
     with pytest.raises(ExportError, match="BERT-style"):
         make_student(model, 1)
+
+
+@pytest.mark.slow
+def test_default_model_exports_with_parity(tmp_path):
+    """The real all-MiniLM-L6-v2 (6 layers, 384 wide) exports and quantises; fp32 matches PyTorch closely."""
+    from strop.compress.quantize import quantize_onnx_dynamic
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(path="default"), "single_label", ["neg", "pos"]).eval()
+    from strop.models.backbone import default_model_path
+
+    tok = load_tokenizer(default_model_path())
+    export_onnx(model, tok, tmp_path / "model.onnx", 128)
+    enc = encode(tok, _examples(64), 128)
+    ours = logits_of(model, enc)
+    np.testing.assert_allclose(logits_of(OnnxModel(tmp_path / "model.onnx", 2), enc), ours, atol=1e-4)
+    quantize_onnx_dynamic(tmp_path / "model.onnx", tmp_path / "model.int8.onnx")
+    int8 = logits_of(OnnxModel(tmp_path / "model.int8.onnx", 2), enc)
+    assert (int8.argmax(1) == ours.argmax(1)).mean() >= 0.9

@@ -174,6 +174,8 @@ def export_run(run: str | Path, opts: ExportOptions | None = None, log=print) ->
     Raises ExportError when the ONNX model's logits differ from PyTorch's by more than opts.tolerance.
     """
     opts = opts or ExportOptions()
+    if not opts.tolerance >= 0:
+        raise ExportError(f"--tolerance {opts.tolerance}: must be a number >= 0 (max |logit difference|), e.g. 1e-3")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     model_dir = run_model_dir(run)
