@@ -75,7 +75,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--latency-examples", type=int, default=100, help="dev examples timed at batch 1 per round")
     ap.add_argument("--skip-export", action="store_true", help="reuse RUN/export from an earlier run of this script")
+    ap.add_argument("--markdown", action="store_true", help="print bench/results/compress.json as a markdown table")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads((RESULTS / "compress.json").read_text())))
+        return
     torch.set_num_threads(args.threads)
     mach = machine()
     command = "flock /tmp/strop-bench.lock python bench/compress.py " + " ".join(sys.argv[1:])
@@ -151,6 +155,21 @@ def _targets(table: dict) -> dict:
         out.update({"student_ge_1.8x_faster_p50": table["student"]["speedup_p50"] >= 1.8,
                     "student_within_1.5_points": table["student"]["accuracy_change_points"] >= -1.5})
     return out
+
+
+def markdown(report: dict) -> str:
+    """The variants table of a compress.json report, as in BENCHMARKS.md."""
+    names = {"torch_fp32": "PyTorch fp32 eager", "onnx_fp32": "ONNX fp32", "onnx_int8": "ONNX int8 (dynamic)",
+             "torch_int8": "PyTorch int8 (dynamic)", "pruned": "pruned (structured) + recovery",
+             "student": "distilled student"}
+    lines = ["| variant | dev accuracy | change (points) | size MB | p50 ms (bs 1) | p95 ms | p50 vs fp32 | "
+             "ex/s (bs 32) | throughput vs fp32 | agreement |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in report["variants"].items():
+        lines.append(f"| {names.get(name, name)} | {100 * r['accuracy']:.2f} | {r['accuracy_change_points']:+.2f} | "
+                     f"{r['size_mb']:.1f} | {r['latency_ms_p50']:.2f} | {r['latency_ms_p95']:.2f} | "
+                     f"{r['latency_p50_ratio']:.2f}x | {r['throughput_bs32']:.0f} | {r['throughput_ratio']:.2f}x | "
+                     f"{r['agreement_with_fp32']:.3f} |")
+    return "\n".join(lines)
 
 
 def _print(table: dict, report: dict, mach: dict) -> None:
