@@ -14,7 +14,8 @@ from rich.console import Console
 from strop.errors import StropError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Fine-tune pretrained transformers for your task: train, evaluate, predict, explain, report, bench.")
+                  help="Fine-tune pretrained transformers for your task: train, evaluate, predict, explain, report, "
+                       "export, bench.")
 err = Console(stderr=True, soft_wrap=True)  # error messages stay one line, greppable
 
 
@@ -62,7 +63,7 @@ def train(
 
 @app.command("eval")
 def eval_(
-    run: Path = typer.Argument(..., help="run folder (runs/<name>) or its model/ folder"),
+    run: Path = typer.Argument(..., help="run folder (runs/<name>), its model/ folder, or an export folder"),
     data: Path = typer.Option(..., "--data", help="labelled CSV/TSV/JSONL/Parquet file"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the metrics to this JSON file"),
     batch_size: int = typer.Option(128, min=1, help="examples per forward pass"),
@@ -79,7 +80,7 @@ def eval_(
 
 @app.command()
 def predict(
-    run: Path = typer.Argument(..., help="run folder (runs/<name>) or its model/ folder"),
+    run: Path = typer.Argument(..., help="run folder (runs/<name>), its model/ folder, or an export folder"),
     data: Optional[Path] = typer.Option(None, "--data", help="input file; without it, one text per line from stdin"),
     out: Optional[Path] = typer.Option(None, "--out", help="output .jsonl or .csv; default: JSON lines on stdout"),
     batch_size: int = typer.Option(64, min=1, help="examples per forward pass"),
@@ -175,6 +176,40 @@ def explain(
         err.print(f"wrote {out}")
     else:
         print(json.dumps([e.to_dict() for e in results], ensure_ascii=False))
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="finished run folder (runs/<name>); writes RUN/export/"),
+    int8: bool = typer.Option(True, "--int8/--no-int8", help="ONNX Runtime and PyTorch dynamic int8"),
+    static_int8: bool = typer.Option(False, "--static-int8", help="also ONNX static int8, calibrated on training data"),
+    prune: Optional[str] = typer.Option(None, "--prune", help="magnitude=S (unstructured) and/or heads=F,ffn=F "
+                                        "(structured: removes that share of heads / FFN neurons in every layer)"),
+    recover_epochs: float = typer.Option(0.0, min=0, help="fine-tune the pruned model this many epochs"),
+    distill: int = typer.Option(0, min=0, help="train a student with this many layers (0 = none)"),
+    distill_epochs: float = typer.Option(3.0, min=0, help="student training epochs"),
+    temperature: float = typer.Option(2.0, help="distillation temperature"),
+    alpha: float = typer.Option(0.5, help="weight of the teacher's soft labels (1 - alpha: gold labels)"),
+    lr: Optional[float] = typer.Option(None, help="learning rate for recovery/distillation; default: the run's"),
+    tolerance: float = typer.Option(1e-3, help="max |logit difference| allowed between ONNX and PyTorch"),
+    data: Optional[Path] = typer.Option(None, "--data", help="labelled held-out file for parity and quality; "
+                                        "default: the run's validation split"),
+    timing: bool = typer.Option(True, "--timing/--no-timing", help="measure latency and throughput per variant"),
+    threads: int = typer.Option(0, min=0, help="threads for torch and onnxruntime; 0 = all cores"),
+):
+    """Export a run to ONNX (+ int8, pruned, distilled), each checked against the original; writes RUN/export/.
+
+    Example: strop export runs/sst2 --prune heads=0.25,ffn=0.5 --recover-epochs 1 --distill 3
+    """
+    from strop.compress.export import ExportOptions, export_run, print_summary
+    from strop.compress.prune import parse_prune
+
+    opts = ExportOptions(int8=int8, static_int8=static_int8, prune=parse_prune(prune) if prune else None,
+                         recover_epochs=recover_epochs, distill=distill, distill_epochs=distill_epochs,
+                         temperature=temperature, alpha=alpha, lr=lr, tolerance=tolerance,
+                         data=str(data) if data else None, timing=timing, threads=threads)
+    parity = export_run(run, opts, log=err.print)
+    print_summary(parity)
 
 
 @app.command()

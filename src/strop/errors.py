@@ -19,3 +19,7 @@ class ModelError(StropError):
 
 class RunError(StropError):
     """A run folder is missing or incomplete."""
+
+
+class ExportError(StropError):
+    """A model cannot be exported or compressed, or the exported model disagrees with the original."""

@@ -29,6 +29,13 @@ class Predictor:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", precision: str = "fp32") -> "Predictor":
+        """From a run folder, its model/ folder, or an export folder (RUN/export, or one of its .onnx files)."""
+        from strop.compress.onnx import export_file_of, load_export
+
+        onnx_file = export_file_of(path)
+        if onnx_file is not None:  # ONNX Runtime behind the same interface (CPU, fp32 graph or int8)
+            model, tokenizer, meta = load_export(onnx_file)
+            return cls(model, tokenizer, meta, resolve_device(device), precision)
         model, tokenizer, meta = load_model(open_run(path))
         if meta["task"] == "token_classification":  # entities instead of labels: its own predictor, same verbs
             from strop.predict_tokens import TokenPredictor

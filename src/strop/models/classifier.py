@@ -175,6 +175,10 @@ def load_model(folder: Path) -> tuple[nn.Module, object, dict]:
 
         return load_adapter(folder, meta).eval(), load_tokenizer(folder), meta
     resolve_model_path(folder)
+    if meta.get("attention_heads_kept"):  # head-pruned (strop export --prune heads=...): shapes the config can't say
+        from strop.compress.prune import load_head_pruned
+
+        return load_head_pruned(folder, meta).eval(), load_tokenizer(folder), meta
     if meta.get("task") == "token_classification":
         from transformers import AutoModelForTokenClassification
 

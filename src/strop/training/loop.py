@@ -38,12 +38,13 @@ def count_steps(t, n_train: int) -> tuple[int, int]:
 
 
 def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_batch_size: int, task: str,
-                         device: torch.device, precision: str, regularizer=None) -> torch.Tensor:
+                         device: torch.device, precision: str, regularizer=None, loss_fn=None) -> torch.Tensor:
     """Forward + backward over the examples `idx` in micro-batches; returns the batch's mean loss (detached).
 
     Each micro-batch loss is weighted by its share of the batch, so the summed gradients equal those of one
     forward/backward over the whole batch (also when the last micro-batch is smaller). `regularizer()` (e.g.
     AdaLoRA's orthogonality penalty) returns a term added once per batch, or None.
+    loss_fn(logits, batch) -> mean loss replaces the task loss (distillation uses it); None = task_loss.
     """
     total = torch.zeros((), device=device)
     for start in range(0, len(idx), micro_batch_size):
@@ -51,7 +52,7 @@ def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_
         batch = {k: v.to(device, non_blocking=True) for k, v in collate(enc, part).items()}
         with autocast(device, precision):
             logits = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).logits
-        loss = task_loss(logits, batch["labels"], task)
+        loss = loss_fn(logits, batch) if loss_fn else task_loss(logits, batch["labels"], task)
         penalty = regularizer() if regularizer else None
         loss = (loss if penalty is None else loss + penalty) * (len(part) / len(idx))
         loss.backward()
@@ -61,9 +62,10 @@ def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_
 
 def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, label_names: list[str],
         device: torch.device, precision: str, tracker, metric: str, run_dir: Path,
-        resume_from: Path | None = None, peft_hook: PeftHook | None = None) -> FitResult:
+        resume_from: Path | None = None, peft_hook: PeftHook | None = None, loss_fn=None) -> FitResult:
     """Train `model` in place on `train`, evaluating on `val` and checkpointing into run_dir/checkpoints.
-    `peft_hook` (models/peft.py) adds its regulariser to the loss and runs after each optimizer step."""
+    `peft_hook` (models/peft.py) adds its regulariser to the loss and runs after each optimizer step.
+    loss_fn(logits, batch): a training loss other than the task loss (e.g. distillation); evaluation is unchanged."""
     t = cfg.train
     peft_hook = peft_hook or PeftHook()
     steps_per_epoch, total_steps = count_steps(t, len(train))
@@ -92,7 +94,7 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
             batches = epoch_batches(train.lengths, t.batch_size, t.seed, state.epoch, t.batching == "length_grouped")
             for idx in batches[state.batch_in_epoch:]:
                 loss = micro.run(lambda m: accumulate_gradients(model, train, idx, m, task, device, precision,
-                                                                  peft_hook.regularizer),
+                                                                  peft_hook.regularizer, loss_fn),
                                  model, progress.note)
                 # clip_grad_norm_ returns the total norm: one pass that both clips and checks for NaN/Inf gradients
                 norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)

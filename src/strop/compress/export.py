@@ -1,0 +1,399 @@
+"""`strop export RUN`: the run's model -> RUN/export/ (ONNX fp32 + int8, tokenizer, strop.json, parity.json), plus
+optional pruned and distilled variants; every artifact is measured against the original on held data.
+
+RUN/export/ (a contract with `strop serve`, which loads it with onnxruntime):
+  model.onnx        fp32; int64 inputs input_ids, attention_mask (+ token_type_ids when the tokenizer makes them),
+                    axes (batch, sequence); output `logits` (batch, num_labels)
+  model.int8.onnx   ONNX Runtime dynamic int8
+  tokenizer files   as saved by the run's tokenizer
+  strop.json        the run's meta plus an "onnx" entry: files and input names
+  parity.json       ONNX vs PyTorch on held data, and quality/size/speed of every variant
+  pruned/, student/ optional: model folders (strop.json inside) of the pruned and distilled models
+The folder is written as export.tmp/ and renamed at the end; a parity failure leaves export.failed/ to inspect.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from strop.compress.onnx import OnnxModel, export_onnx
+from strop.compress.timing import latency_ms, throughput
+from strop.data.batching import Encoded, encode
+from strop.errors import ExportError, RunError, StropError
+from strop.evaluate.evaluator import batched_logits, evaluate
+from strop.evaluate.metrics import primary_metric
+from strop.models.classifier import META_FILE, load_model, save_model
+
+CPU = torch.device("cpu")
+
+
+@dataclass
+class ExportOptions:
+    """What `strop export` writes and checks (CLI options of the same names)."""
+
+    int8: bool = True  # ONNX Runtime dynamic int8 (model.int8.onnx) and PyTorch dynamic int8
+    static_int8: bool = False  # also ONNX static int8 calibrated on training data (model.static-int8.onnx)
+    calibration_size: int = 256  # training examples for static int8 calibration
+    prune: dict | None = None  # {'magnitude': s} and/or {'heads': f, 'ffn': f}
+    recover_epochs: float = 0.0  # fine-tune the pruned model this many epochs on the training data
+    distill: int = 0  # student layers (0 = no distillation)
+    distill_epochs: float = 3.0  # student training epochs
+    temperature: float = 2.0  # distillation temperature
+    alpha: float = 0.5  # weight of the soft (teacher) loss; 1 - alpha goes to the gold labels
+    lr: float | None = None  # learning rate of recovery / distillation; empty = the run's train.lr
+    tolerance: float = 1e-3  # max |logit difference| allowed between ONNX fp32 and PyTorch on held data
+    data: str | None = None  # labelled file for parity and quality; empty = the run's validation (or test) split
+    timing: bool = True  # measure p50/p95 latency at batch 1 and throughput at batch 32 for every variant
+    timing_examples: int = 100  # examples timed at batch 1 (and x4 for throughput)
+    threads: int = 0  # threads for torch and onnxruntime; 0 = torch's current setting
+
+
+def run_model_dir(run: str | Path) -> Path:
+    """RUN/model of a finished run; errors say when the run is missing or unfinished."""
+    run = Path(run)
+    if not run.is_dir():
+        raise RunError(f"{run} not found; give a run folder (runs/<name>) written by strop train")
+    if run.name == "model" and (run / META_FILE).is_file():
+        run = run.parent
+    model = run / "model"
+    if not (model / META_FILE).is_file():
+        state = "has a config.yaml but no model/strop.json: training did not finish" if (run / "config.yaml").is_file() \
+            else "is not a strop run folder (no config.yaml, no model/)"
+        raise RunError(f"cannot export {run}: it {state}. Finish it (strop train --resume {run}) or give a "
+                       "finished run")
+    if not (model / "config.json").is_file() or not any(model.glob("*.safetensors")):
+        raise RunError(f"cannot export {run}: model/ is incomplete (config.json or *.safetensors missing); "
+                       "train the run again")
+    return model
+
+
+def _data(run: Path, model_dir: Path, meta: dict, tokenizer, opts: ExportOptions, need_train: bool):
+    """(held Encoded, where it came from, train Encoded or None)."""
+    from strop.config import load_config
+    from strop.data.prepare import prepare
+    from strop.predict import Predictor
+
+    held = source = None
+    if opts.data:
+        _, ex = Predictor(torch.nn.Identity(), tokenizer, meta, CPU)._file_examples(opts.data, need_label=True)
+        held, source = encode(tokenizer, ex, meta["max_length"]), str(opts.data)
+    if held is not None and not need_train:
+        return held, source, None
+    if not (run / "config.yaml").is_file():
+        raise RunError(f"{run} has no config.yaml, so its data is unknown; pass --data FILE (labelled held data)")
+    try:
+        ds = prepare(load_config(run / "config.yaml"))
+    except StropError as e:
+        raise type(e)(f"{e} (reading the data named in {run / 'config.yaml'}: run from the folder the run was "
+                      "trained in, or pass --data FILE)") from None
+    if held is None:
+        split = "validation" if "validation" in ds.splits else "test" if "test" in ds.splits else None
+        if split is None:
+            raise ExportError(f"{run} has no validation or test split to check the export on; pass --data FILE")
+        held, source = encode(tokenizer, ds.splits[split], meta["max_length"]), f"{split} split of {run}/config.yaml"
+    return held, source, encode(tokenizer, ds.splits["train"], meta["max_length"]) if need_train else None
+
+
+def logits_of(model, enc: Encoded, batch_size: int = 64) -> np.ndarray:
+    """(n, num_labels) float32 logits in input order."""
+    out = np.zeros((len(enc), 0), dtype=np.float32)
+    for idx, logits, _ in batched_logits(model, enc, batch_size, CPU):
+        if out.shape[1] == 0:
+            out = np.zeros((len(enc), logits.shape[1]), dtype=np.float32)
+        out[idx] = logits.numpy()
+    return out
+
+
+def agreement(a: np.ndarray, b: np.ndarray, task: str, threshold: float) -> float | None:
+    """Share of examples whose prediction is the same (all labels the same for multi-label); None for regression."""
+    if task == "single_label":
+        return float((a.argmax(1) == b.argmax(1)).mean())
+    if task == "multi_label":
+        sig = lambda x: 1 / (1 + np.exp(-x))
+        return float(((sig(a) >= threshold) == (sig(b) >= threshold)).all(1).mean())
+    return None
+
+
+def file_mb(*paths: Path) -> float:
+    return round(sum(p.stat().st_size for p in paths) / 2**20, 2)
+
+
+def torch_size_mb(model) -> float:
+    """Size of the model's state dict as torch.save writes it (int8 packed weights included)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.pt"
+        torch.save(model.state_dict(), path)
+        return file_mb(path)
+
+
+class Report:
+    """Collects the measurements of each variant (quality, size, speed, agreement with the original)."""
+
+    def __init__(self, held: Encoded, meta: dict, reference: np.ndarray, opts: ExportOptions):
+        self.held, self.meta, self.reference, self.opts = held, meta, reference, opts
+        self.metric = primary_metric(meta["task"])
+        self.variants: dict[str, dict] = {}
+
+    def add(self, name: str, model, size_mb: float, **extra) -> dict:
+        m = self.meta
+        metrics, _ = evaluate(model, self.held, m["task"], m["labels"], 64, CPU, "fp32", m.get("threshold", 0.5))
+        logits = logits_of(model, self.held)
+        entry = {"metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                 self.metric: metrics[self.metric], "size_mb": size_mb,
+                 "max_abs_logit_diff": float(np.abs(logits - self.reference).max()),
+                 "agreement": agreement(logits, self.reference, m["task"], m.get("threshold", 0.5)), **extra}
+        if self.opts.timing:
+            lat = latency_ms(model, self.held, self.opts.timing_examples)
+            entry.update(latency_ms_p50=lat["p50"], latency_ms_p95=lat["p95"],
+                         throughput_bs32=throughput(model, self.held, 32, 4 * self.opts.timing_examples))
+        self.variants[name] = entry
+        return entry
+
+    def ratios(self) -> None:
+        """Each variant's quality change and speed-up relative to the PyTorch fp32 original."""
+        base = self.variants["torch_fp32"]
+        for entry in self.variants.values():
+            entry[f"{self.metric}_change"] = entry[self.metric] - base[self.metric]
+            entry["size_ratio"] = entry["size_mb"] / base["size_mb"]
+            if "latency_ms_p50" in entry:
+                entry["latency_p50_ratio"] = entry["latency_ms_p50"] / base["latency_ms_p50"]
+                entry["throughput_ratio"] = entry["throughput_bs32"] / base["throughput_bs32"]
+
+
+def export_run(run: str | Path, opts: ExportOptions | None = None, log=print) -> dict:
+    """Export and compress a finished run into RUN/export/; returns what parity.json holds.
+
+    Raises ExportError when the ONNX model's logits differ from PyTorch's by more than opts.tolerance.
+    """
+    opts = opts or ExportOptions()
+    if not opts.tolerance >= 0:
+        raise ExportError(f"--tolerance {opts.tolerance}: must be a number >= 0 (max |logit difference|), e.g. 1e-3")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    model_dir = run_model_dir(run)
+    run_dir = model_dir.parent
+    teacher, tokenizer, meta = load_model(model_dir)
+    need_train = opts.static_int8 or opts.distill > 0 or (opts.prune is not None and opts.recover_epochs > 0)
+    held, source, train_enc = _data(run_dir, model_dir, meta, tokenizer, opts, need_train)
+    log(f"checking on {len(held)} held examples ({source})")
+
+    tmp, final, failed = run_dir / "export.tmp", run_dir / "export", run_dir / "export.failed"
+    for stale in (tmp, failed):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+    started = time.perf_counter()
+    reference = logits_of(teacher, held)
+    report = Report(held, meta, reference, opts)
+    parity = {"run": str(run_dir), "task": meta["task"], "held_data": {"source": source, "examples": len(held)},
+              "adapter": {"present": (run_dir / "adapter").is_dir(), "merged": (run_dir / "adapter").is_dir(),
+                          "note": "RUN/model holds the adapter merged into the base; the export is of that model"},
+              "tolerance": opts.tolerance, "primary_metric": report.metric, "threads": torch.get_num_threads()}
+
+    log("exporting ONNX (fp32) ...")
+    names = export_onnx(teacher, tokenizer, tmp / "model.onnx", meta["max_length"])
+    onnx_fp32 = OnnxModel(tmp / "model.onnx", opts.threads)
+    diff = np.abs(logits_of(onnx_fp32, held) - reference)
+    parity["onnx"] = {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
+                      "prediction_agreement": agreement(logits_of(onnx_fp32, held), reference, meta["task"],
+                                                        meta.get("threshold", 0.5)),
+                      "passed": bool(diff.max() <= opts.tolerance)}
+    if not parity["onnx"]["passed"]:
+        _write_json(tmp / "parity.json", parity)
+        tmp.rename(failed)
+        raise ExportError(f"ONNX export of {run_dir} disagrees with PyTorch: max |logit difference| "
+                          f"{diff.max():.3g} > tolerance {opts.tolerance:g} on {len(held)} held examples; nothing "
+                          f"was exported (see {failed / 'parity.json'}). Raise --tolerance only if the difference "
+                          "is acceptable")
+    log(f"ONNX parity: max |logit diff| {diff.max():.2e}, agreement {parity['onnx']['prediction_agreement']}")
+
+    report.add("torch_fp32", teacher, file_mb(*model_dir.glob("*.safetensors")))
+    report.add("onnx_fp32", onnx_fp32, file_mb(tmp / "model.onnx"))
+    files = {"fp32": "model.onnx"}
+    if opts.int8:
+        files.update(_int8_variants(report, teacher, tmp, names, train_enc if opts.static_int8 else None, opts, log))
+    if opts.prune:
+        _pruned_variant(report, teacher, tokenizer, meta, tmp, train_enc, run_dir, opts, log)
+    if opts.distill:
+        _student_variant(report, teacher, tokenizer, meta, tmp, train_enc, run_dir, opts, log)
+    report.ratios()
+    parity["variants"] = report.variants
+    parity["seconds"] = round(time.perf_counter() - started, 1)
+
+    tokenizer.save_pretrained(str(tmp))
+    _write_json(tmp / META_FILE, {**meta, "onnx": {"files": files, "inputs": list(names), "output": "logits",
+                                                   "opset": _opset(tmp / "model.onnx"),
+                                                   "dynamic_axes": ["batch", "sequence"]},
+                                  "source_run": str(run_dir), "adapter_merged": parity["adapter"]["merged"]})
+    _write_json(tmp / "parity.json", parity)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    log(f"wrote {final}")
+    return parity
+
+
+def _int8_variants(report: Report, teacher, tmp: Path, names, train_enc, opts: ExportOptions, log) -> dict:
+    from strop.compress.quantize import (
+        quantize_onnx_dynamic,
+        quantize_onnx_static,
+        torch_dynamic_int8,
+    )
+
+    log("quantising: ONNX Runtime dynamic int8 ...")
+    quantize_onnx_dynamic(tmp / "model.onnx", tmp / "model.int8.onnx")
+    report.add("onnx_int8", OnnxModel(tmp / "model.int8.onnx", opts.threads), file_mb(tmp / "model.int8.onnx"))
+    files = {"int8": "model.int8.onnx"}
+    if train_enc is not None:
+        log(f"quantising: ONNX Runtime static int8 (calibration: {opts.calibration_size} training examples) ...")
+        quantize_onnx_static(tmp / "model.onnx", tmp / "model.static-int8.onnx", train_enc, list(names),
+                             opts.calibration_size)
+        report.add("onnx_static_int8", OnnxModel(tmp / "model.static-int8.onnx", opts.threads),
+                   file_mb(tmp / "model.static-int8.onnx"), calibration_examples=opts.calibration_size)
+        files["static_int8"] = "model.static-int8.onnx"
+    log("quantising: PyTorch dynamic int8 ...")
+    q = torch_dynamic_int8(teacher)
+    report.add("torch_int8", q, torch_size_mb(q), note="not saved: PyTorch int8 modules do not load with "
+               "from_pretrained; measured for comparison")
+    return files
+
+
+def _variant_cfg(run_dir: Path, epochs: float, lr: float | None):
+    """The run's config for a short extra training (recovery / distillation): no checkpoints, no TensorBoard."""
+    from strop.config import load_config
+
+    cfg = load_config(run_dir / "config.yaml")
+    cfg.train.epochs, cfg.train.max_steps, cfg.train.save_every, cfg.track = epochs, -1, -1, []
+    cfg.train.early_stopping_patience = 0
+    if lr is not None:
+        cfg.train.lr = lr
+    return cfg
+
+
+def _train_variant(model, train_enc: Encoded, held: Encoded, meta: dict, cfg, work: Path, loss_fn=None) -> dict:
+    """Fine-tune `model` in place with strop's loop; metrics.jsonl goes to `work`. Returns the fit summary."""
+    from strop.device import resolve_precision
+    from strop.evaluate.metrics import primary_metric as metric_of
+    from strop.track import Trackers
+    from strop.training.loop import fit
+
+    work.mkdir(parents=True, exist_ok=True)
+    precision = resolve_precision(cfg.train.precision, CPU)
+    metric = metric_of(meta["task"]) if cfg.train.metric == "auto" else cfg.train.metric
+    tracker = Trackers(work, [])
+    try:
+        result = fit(model, train_enc, held, cfg, meta["task"], meta["labels"], CPU, precision, tracker, metric,
+                     work, loss_fn=loss_fn)
+    finally:
+        tracker.close()
+    model.eval()
+    return {"steps": result.state.step, "epochs": cfg.train.epochs, "lr": cfg.train.lr,
+            "train_seconds": round(result.train_seconds, 1), "precision": precision,
+            "best_step": result.state.best_step}
+
+
+def _pruned_variant(report: Report, teacher, tokenizer, meta, tmp: Path, train_enc, run_dir, opts, log) -> None:
+    import copy
+
+    from strop.compress.prune import (
+        magnitude_prune,
+        parameter_count,
+        prune_ffn,
+        prune_heads,
+        sparsity_of,
+    )
+
+    model, info = copy.deepcopy(teacher), {"spec": opts.prune, "parameters_before": parameter_count(teacher)}
+    if "heads" in opts.prune:
+        info["attention_heads_kept"] = prune_heads(model, opts.prune["heads"])
+    if "ffn" in opts.prune:
+        info["ffn_neurons_kept"] = prune_ffn(model, opts.prune["ffn"])
+    if "magnitude" in opts.prune:
+        info["sparsity"] = magnitude_prune(model, opts.prune["magnitude"])
+        info["note"] = "magnitude pruning zeroes weights but keeps matrices dense: no speed or disk gain"
+    log(f"pruned: {info}")
+    if opts.recover_epochs > 0:
+        cfg = _variant_cfg(run_dir, opts.recover_epochs, opts.lr)
+        log(f"recovery fine-tune: {opts.recover_epochs} epoch(s) ...")
+        mask = _zero_masks(model) if "magnitude" in opts.prune else None
+        info["recovery"] = _train_variant(model, train_enc, report.held, meta, cfg, tmp / "pruned-train")
+        if mask is not None:  # keep pruned weights at zero: re-apply the mask after the fine-tune
+            _apply_masks(model, mask)
+            info["sparsity_after_recovery"] = sparsity_of(model)
+    info["parameters_after"] = parameter_count(model)
+    folder = tmp / "pruned"
+    extra = {"attention_heads_kept": info["attention_heads_kept"]} if "attention_heads_kept" in info else {}
+    save_model(model, tokenizer, folder, {**meta, "pruning": opts.prune, **extra})
+    report.add("pruned", model, file_mb(*folder.glob("*.safetensors")), pruning=info)
+
+
+def _zero_masks(model) -> dict:
+    from strop.compress.prune import linear_layers
+
+    return {id(m): m.weight != 0 for m in linear_layers(model)}
+
+
+@torch.no_grad()
+def _apply_masks(model, masks: dict) -> None:
+    from strop.compress.prune import linear_layers
+
+    for m in linear_layers(model):
+        m.weight.mul_(masks[id(m)])
+
+
+def _student_variant(report: Report, teacher, tokenizer, meta, tmp: Path, train_enc, run_dir, opts, log) -> None:
+    from strop.compress.distill import distillation_loss, kept_layers, make_student
+    from strop.compress.prune import encoder_layers, parameter_count
+    from strop.device import resolve_precision
+
+    n_teacher = len(encoder_layers(teacher))
+    student = make_student(teacher, opts.distill)
+    cfg = _variant_cfg(run_dir, opts.distill_epochs, opts.lr)
+    precision = resolve_precision(cfg.train.precision, CPU)
+    log(f"distilling a {opts.distill}-layer student (teacher layers {kept_layers(n_teacher, opts.distill)}), "
+        f"{opts.distill_epochs} epoch(s), T={opts.temperature}, alpha={opts.alpha} ...")
+    loss_fn = distillation_loss(teacher, meta["task"], opts.temperature, opts.alpha, CPU, precision)
+    info = _train_variant(student, train_enc, report.held, meta, cfg, tmp / "student-train", loss_fn)
+    info.update(layers=opts.distill, teacher_layers=n_teacher, kept=kept_layers(n_teacher, opts.distill),
+                temperature=opts.temperature, alpha=opts.alpha, parameters=parameter_count(student),
+                teacher_parameters=parameter_count(teacher))
+    folder = tmp / "student"
+    save_model(student, tokenizer, folder, {**meta, "distilled_from": str(run_dir), "student_layers": opts.distill})
+    report.add("student", student, file_mb(*folder.glob("*.safetensors")), distillation=info)
+
+
+def _opset(path: Path) -> int | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, default=float), encoding="utf-8")
+
+
+def print_summary(parity: dict) -> None:
+    """One row per variant: quality, size, latency and throughput, with ratios to the PyTorch original."""
+    from rich.console import Console
+    from rich.table import Table
+
+    metric = parity["primary_metric"]
+    table = Table(title=f"export of {parity['run']} ({parity['held_data']['examples']} held examples)")
+    for col in ("variant", metric, "change", "MB", "p50 ms", "p95 ms", "x p50", "ex/s bs32", "x thr", "agree"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for name, v in parity["variants"].items():
+        timed = "latency_ms_p50" in v
+        table.add_row(name, f"{v[metric]:.4f}", f"{v[f'{metric}_change']:+.4f}", f"{v['size_mb']:.1f}",
+                      f"{v['latency_ms_p50']:.2f}" if timed else "-", f"{v['latency_ms_p95']:.2f}" if timed else "-",
+                      f"{v['latency_p50_ratio']:.2f}" if timed else "-", f"{v['throughput_bs32']:.0f}" if timed else "-",
+                      f"{v['throughput_ratio']:.2f}" if timed else "-",
+                      f"{v['agreement']:.3f}" if v["agreement"] is not None else "-")
+    Console(stderr=True, width=max(140, Console(stderr=True).width)).print(table)

@@ -1,0 +1,81 @@
+"""int8 quantisation: ONNX Runtime dynamic and static (calibrated) int8, and PyTorch dynamic int8.
+
+Dynamic int8 stores Linear/MatMul weights as int8 and quantises activations per batch at run time (VNNI kernels on
+CPUs that have them); static int8 also fixes activation ranges from a calibration set drawn from training data.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from strop.compress.onnx import onnxruntime
+from strop.data.batching import Encoded, collate
+from strop.errors import ExportError
+
+
+def quantize_onnx_dynamic(src: Path, dst: Path) -> None:
+    """int8 weights for every MatMul/Gemm of the fp32 model at `src`, written to `dst`."""
+    onnxruntime()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    _quiet()
+    # per_channel keeps one scale per output row: small MiniLM-sized matrices lose less accuracy that way
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul", "Gemm"])
+
+
+def quantize_onnx_static(src: Path, dst: Path, calibration: Encoded, input_names: list[str], n: int = 256,
+                         batch_size: int = 16, seed: int = 0) -> None:
+    """int8 weights and activations (QDQ), activation ranges calibrated on `n` examples of `calibration`."""
+    onnxruntime()
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    _quiet()
+    if "token_type_ids" in input_names and calibration.token_type_ids is None:
+        calibration = _with_zero_types(calibration)  # single texts: segment ids are all zero
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(calibration), size=min(n, len(calibration)), replace=False)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{k: v.numpy() for k, v in collate(calibration, idx[i:i + batch_size]).items()
+                                  if k in input_names} for i in range(0, len(idx), batch_size)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["MatMul", "Gemm"])
+
+
+def _with_zero_types(enc: Encoded) -> Encoded:
+    return Encoded(enc.input_ids, [[0] * len(x) for x in enc.input_ids], enc.labels, enc.lengths, enc.n_truncated,
+                   enc.pad_id)
+
+
+def torch_dynamic_int8(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose nn.Linear layers run PyTorch's dynamic int8 kernels (fbgemm/onednn), CPU only."""
+    try:
+        from torch.ao.quantization import quantize_dynamic
+    except ImportError:
+        raise ExportError(f"torch {torch.__version__} has no torch.ao.quantization.quantize_dynamic; "
+                          "use the ONNX int8 model instead") from None
+    return quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
+
+
+def _quiet() -> None:
+    # onnxruntime.quantization logs a warning per node it leaves in fp32; the parity report is what users read
+    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
