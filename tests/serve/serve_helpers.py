@@ -104,3 +104,43 @@ def export_onnx(run_dir: Path, out: Path | None = None) -> Path:
     tokenizer.save_pretrained(str(out))
     shutil.copy(model_dir / "strop.json", out / "strop.json")
     return out
+
+
+class ThreadServer:
+    """A real uvicorn server for `create_app(target, cfg)` in a thread of the test process (no subprocess start-up;
+    no signal handling). Use as a context manager."""
+
+    def __init__(self, target: Path, **settings):
+        import uvicorn
+
+        from strop.serve.app import create_app
+        from strop.serve.settings import load_serve_config
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cfg = load_serve_config(None, {"port": self.port, **settings})
+        self.app = create_app(target, self.cfg)
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None,
+                                                    lifespan="on"))
+        import threading
+
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ThreadServer:
+        self.thread.start()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            state = self.app.state.strop
+            if state.load_error:
+                raise RuntimeError(state.load_error)
+            try:
+                if httpx.get(f"{self.url}/health/ready", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("thread server not ready")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

@@ -94,6 +94,20 @@ def _config_hash(path: Path, model_folder: Path) -> str:
     return ""
 
 
+def check_target(path: str | Path, backend: str, onnx_file: str | None = None) -> None:
+    """Fail before the server starts when there is nothing to serve (the loading itself runs in the background)."""
+    from strop.run import open_run
+
+    path = Path(path)
+    if backend == "onnx":
+        folder = find_export(path)
+        if onnx_file and not (folder / onnx_file).is_file():
+            raise ModelError(f"serve.onnx_file={onnx_file!r} not found in {folder}; it holds "
+                             f"{sorted(p.name for p in folder.glob('*.onnx'))}")
+    else:
+        read_meta(open_run(path))
+
+
 def load_model_for_serving(path: str | Path, backend: str = "torch", onnx_file: str | None = None,
                            threads: int = 0) -> LoadedModel:
     """Load a run folder (or its model/ folder, or an export folder) for serving; only safetensors/ONNX load."""

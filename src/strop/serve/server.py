@@ -66,7 +66,10 @@ def run_server(path: str | Path, cfg: ServeConfig) -> None:
 
     from strop.serve.app import create_app
 
+    from strop.serve.backend import check_target
+
     validate_serve(cfg)
+    check_target(path, cfg.backend, cfg.onnx_file)
     cfg = dataclasses.replace(cfg, threads=resolved_threads(cfg))
     configure_logging()
     common = dict(host=cfg.host, port=cfg.port, log_config=None, timeout_graceful_shutdown=cfg.graceful_timeout_s,
