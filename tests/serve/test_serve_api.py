@@ -110,7 +110,8 @@ def test_metrics_parse_and_count(server):
     assert after[("strop_inputs_total", ())] - before[("strop_inputs_total", ())] == 2
     assert after[("strop_queue_depth_inputs", ())] == 0 and after[("strop_model_load_seconds", ())] > 0
     assert after[("strop_batch_size_inputs_count", ())] > before[("strop_batch_size_inputs_count", ())]
-    assert ("strop_http_request_duration_seconds_bucket", (("le", "+Inf"), ("route", "/v1/predict"))) in after
+    assert ("strop_http_request_duration_seconds_bucket", (("le", "+Inf"), ("route", "/v1/predict"),
+                                                           ("status_class", "2xx"))) in after
     # raw paths never become label values: unknown routes collapse into one
     httpx.get(f"{server.url}/random-{id(after)}")
     routes = {dict(labels).get("route") for (name, labels) in _samples(httpx.get(f"{server.url}/metrics").text)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ from strop import __version__
 from strop.errors import StropError
 from strop.serve.backend import LoadedModel, load_model_for_serving
 from strop.serve.batcher import Batcher
-from strop.serve.guard import GuardMiddleware, error_body, mask_pii
+from strop.serve.guard import Admission, GuardMiddleware, error_body, mask_pii
 from strop.serve.schema import (
     ErrorResponse,
     Health,
@@ -36,6 +37,7 @@ from strop.serve.settings import ServeConfig, read_api_key
 from strop.serve.telemetry import MetricsMiddleware, Telemetry
 
 log = logging.getLogger("strop.serve")
+SWITCH_INTERVAL_S = 0.0005
 WARMUP_TEXTS = ["warm up", "warming up the model with a somewhat longer sentence of several words " * 4]
 
 
@@ -61,7 +63,8 @@ class ServerState:
         self.ready = False
         self.draining = False
         self.load_error: str | None = None
-        self.inflight = 0
+        self.admission = Admission(cfg.max_concurrency, cfg.retry_after_s, telemetry.inflight.set,
+                                   telemetry.rejected.inc)
 
     def set_ready(self, ready: bool) -> None:
         self.ready = ready
@@ -112,6 +115,9 @@ def create_app(path: str | Path, cfg: ServeConfig, loaded: LoadedModel | None = 
         from strop.serve.server import install_drain_handler
 
         install_drain_handler(state, cfg.drain_s)
+        # the model thread holds the GIL between kernels; with the default 5 ms switch interval every socket read of
+        # the event loop waits up to 5 ms for it (convoy effect), which made 429s take ~0.5 s under load
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         loader = asyncio.create_task(_load(state, Path(path), loaded))
         yield
         loader.cancel()
@@ -125,7 +131,8 @@ def create_app(path: str | Path, cfg: ServeConfig, loaded: LoadedModel | None = 
     _routes(app, state)
     _handlers(app)
     api_key = read_api_key(cfg.api_key_file) if cfg.api_key_file else None
-    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=cfg.max_body_bytes)
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=cfg.max_body_bytes,
+                       admission=state.admission)
     app.add_middleware(MetricsMiddleware, telemetry=telemetry)  # outermost: counts the guard's answers too
     return app
 
@@ -226,30 +233,20 @@ async def _predict(state: ServerState, body: PredictRequest) -> PredictResponse:
     model = _require_ready(state)
     cfg, meta = state.cfg, model.predictor.meta
     texts, pairs = _normalise(body, bool(meta.get("text_pair_column")), cfg.max_inputs)
-    if state.inflight >= cfg.max_concurrency:
-        state.telemetry.rejected.inc()
-        raise ApiError(429, "overloaded", f"the server is at its limit of {cfg.max_concurrency} requests in flight; "
-                       f"retry after {cfg.retry_after_s} s", {"Retry-After": str(cfg.retry_after_s)})
-    state.inflight += 1
-    state.telemetry.inflight.inc()
-    try:
-        if cfg.mask_pii:
-            texts = [mask_pii(t) for t in texts]
-            pairs = [mask_pii(t) for t in pairs] if pairs is not None else None
-        counts = await asyncio.to_thread(_token_counts, model, texts, pairs)
-        limit = meta["max_length"]
-        too_long = [i for i, c in enumerate(counts) if c > limit]
-        if too_long and not body.truncate:
-            i = too_long[0]
-            raise ApiError(422, "input_too_long", f"inputs[{i}] has {counts[i]} tokens; this model takes at most "
-                           f"{limit}: shorten it, or send \"truncate\": true to cut it")
-        if cfg.log_inputs:
-            for i, text in enumerate(texts):
-                log.info("input %d: %s", i, mask_pii(text if pairs is None else f"{text} ||| {pairs[i]}"))
-        outputs = await state.batcher.submit(texts, pairs, [min(c, limit) for c in counts])
-    finally:
-        state.inflight -= 1
-        state.telemetry.inflight.dec()
+    if cfg.mask_pii:
+        texts = [mask_pii(t) for t in texts]
+        pairs = [mask_pii(t) for t in pairs] if pairs is not None else None
+    counts = await asyncio.to_thread(_token_counts, model, texts, pairs)
+    limit = meta["max_length"]
+    too_long = [i for i, c in enumerate(counts) if c > limit]
+    if too_long and not body.truncate:
+        i = too_long[0]
+        raise ApiError(422, "input_too_long", f"inputs[{i}] has {counts[i]} tokens; this model takes at most "
+                       f"{limit}: shorten it, or send \"truncate\": true to cut it")
+    if cfg.log_inputs:
+        for i, text in enumerate(texts):
+            log.info("input %d: %s", i, mask_pii(text if pairs is None else f"{text} ||| {pairs[i]}"))
+    outputs = await state.batcher.submit(texts, pairs, [min(c, limit) for c in counts])
     for i in too_long:
         outputs[i] = {**outputs[i], "truncated": True}
     return PredictResponse(model=model.version, task=meta["task"], predictions=outputs)

@@ -125,16 +125,38 @@ def _is_json(content_type: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
+class Admission:
+    """At most `limit` prediction requests in flight (queued or running); the next one is refused at once."""
+
+    def __init__(self, limit: int, retry_after_s: int, on_change=None, on_reject=None):
+        self.limit, self.retry_after_s, self.inflight = limit, retry_after_s, 0
+        self.on_change, self.on_reject = on_change or (lambda n: None), on_reject or (lambda: None)
+
+    def enter(self) -> bool:
+        if self.inflight >= self.limit:
+            self.on_reject()
+            return False
+        self.inflight += 1
+        self.on_change(self.inflight)
+        return True
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        self.on_change(self.inflight)
+
+
 class GuardMiddleware:
-    """API key (constant-time), JSON content type (415), body limit (413), UTF-8 (400) — before any route runs.
+    """API key (constant-time), admission (429), JSON content type (415), body limit (413), UTF-8 (400) — in this
+    order, before any route runs: a refused request costs no body reading and no model work.
 
     Health probes stay open without a key so orchestrators can probe; everything else needs it when one is set.
     """
 
     OPEN_PATHS = ("/health/live", "/health/ready")
+    ADMITTED_PATHS = ("/v1/predict",)
 
-    def __init__(self, app, api_key: bytes | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+    def __init__(self, app, api_key: bytes | None, max_body_bytes: int, admission: Admission | None = None):
+        self.app, self.api_key, self.max_body_bytes, self.admission = app, api_key, max_body_bytes, admission
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         given = headers.get(b"x-api-key")
@@ -154,6 +176,18 @@ class GuardMiddleware:
                                     {"WWW-Authenticate": "Bearer"})
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
+        if self.admission is None or scope["path"] not in self.ADMITTED_PATHS:
+            return await self._checked(scope, receive, send, headers)
+        if not self.admission.enter():
+            a = self.admission
+            return await send_error(send, 429, "overloaded", f"the server is at its limit of {a.limit} requests in "
+                                    f"flight; retry after {a.retry_after_s} s", {"Retry-After": a.retry_after_s})
+        try:
+            await self._checked(scope, receive, send, headers)
+        finally:
+            self.admission.leave()
+
+    async def _checked(self, scope, receive, send, headers):
         content_type = headers.get(b"content-type", b"").decode("latin-1")
         if not _is_json(content_type):
             return await send_error(send, 415, "unsupported_media_type",

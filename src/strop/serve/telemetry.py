@@ -30,7 +30,8 @@ class Telemetry:
         self.requests = Counter("strop_http_requests", "HTTP requests answered, by route template, method and "
                                 "status code", ["route", "method", "status"], registry=r)
         self.latency = Histogram("strop_http_request_duration_seconds", "wall time from request start to the end "
-                                 "of the response, by route template", ["route"], buckets=LATENCY_BUCKETS, registry=r)
+                                 "of the response, by route template and status class (2xx, 4xx, 5xx)",
+                                 ["route", "status_class"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("strop_batch_size_inputs", "inputs per model forward pass",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.batch_tokens = Histogram("strop_batch_padded_tokens", "padded tokens per forward pass (inputs x "
@@ -80,7 +81,7 @@ class MetricsMiddleware:
             route = route_label(scope)
             self.telemetry.requests.labels(route, scope["method"] if scope["method"] in KNOWN_METHODS else "other",
                                            str(status)).inc()
-            self.telemetry.latency.labels(route).observe(time.perf_counter() - start)
+            self.telemetry.latency.labels(route, f"{status // 100}xx").observe(time.perf_counter() - start)
 
 
 KNOWN_METHODS = {"GET", "POST", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"}
