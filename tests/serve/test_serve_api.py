@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -125,3 +126,31 @@ def _samples(text: str) -> dict:
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
+
+
+ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "strop-alerts.yml"
+
+
+def test_alert_rules_parse_and_use_served_metrics(server):
+    """promtool is not installed here: check the rule file's structure and that every metric and label value it
+    reads is one the server exposes (a renamed metric would silently never fire)."""
+    import re
+
+    import yaml
+
+    rules = yaml.safe_load(ALERTS.read_text())
+    exposed = _samples(httpx.get(f"{server.url}/metrics").text)
+    names = {name for name, _ in exposed}
+    families = {re.sub(r"_(bucket|count|sum|total)$", "", n) for n in names}
+    labels = {k for _, labels in exposed for k, _ in labels}
+    alerts = [r for g in rules["groups"] for r in g["rules"]]
+    assert {a["alert"] for a in alerts} >= {"StropHighP99Latency", "StropHighErrorRate", "StropQueueBacklog"}
+    for a in alerts:
+        assert set(a) <= {"alert", "expr", "for", "labels", "annotations"} and a["labels"]["severity"]
+        assert re.fullmatch(r"\d+[smh]", a["for"]) and a["annotations"]["summary"]
+        expr = a["expr"]
+        assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}")
+        for metric in re.findall(r"\bstrop_[a-z_]+", expr):
+            assert metric in names or metric in families, f"{a['alert']}: {metric} is not exposed"
+        for label in re.findall(r"(\w+)\s*=~?\s*\"", expr):
+            assert label in labels, f"{a['alert']}: label {label} is not exposed"
