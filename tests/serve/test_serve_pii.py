@@ -102,7 +102,7 @@ def test_checked_patterns_leave_look_alikes_alone():
     assert mask_pii("mail a.b@c.example.com or +1 415 555 0134") == "mail <EMAIL> or <PHONE>"
 
 
-@pytest.mark.parametrize("mask_inputs", [False, True])
+@pytest.mark.parametrize("mask_inputs", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_no_seeded_value_reaches_the_server_log(single_run, tmp_path, mask_inputs):
     records = seeded_records()
     log_path = tmp_path / "server.log"

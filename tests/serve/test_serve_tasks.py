@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import httpx
 import numpy as np
 import pytest
-from serve_helpers import SRC, ThreadServer
+from serve_helpers import ThreadServer
 
 from strop.predict import Predictor
 
@@ -87,23 +84,26 @@ def test_api_key(single_run, tmp_path):
         assert httpx.post(url, content=b"x" * 2_000_000, headers={"content-type": "text/plain"}).status_code == 401
 
 
-def _serve_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "import sys; from strop.cli import main; sys.exit(main())",
-                           "serve", *args], capture_output=True, text=True, timeout=60, env={"PYTHONPATH": str(SRC)})
+def _serve_cli(capsys, *args: str) -> tuple[int, str, str]:
+    from strop.cli import main
+
+    code = main(["serve", *args])
+    out, err = capsys.readouterr()
+    return code, out, " ".join(err.split())  # rich wraps long messages
 
 
-def test_cli_refuses_unsafe_settings(single_run, tmp_path):
-    r = _serve_cli(str(single_run), "--host", "0.0.0.0")
-    assert r.returncode == 2 and "not a loopback address" in r.stderr and "--api-key-file" in r.stderr
+def test_cli_refuses_unsafe_settings(single_run, tmp_path, capsys):
+    code, _, err = _serve_cli(capsys, str(single_run), "--host", "0.0.0.0")
+    assert code == 2 and "not a loopback address" in err and "--api-key-file" in err
     short = tmp_path / "short"
     short.write_text("abc")
-    r = _serve_cli(str(single_run), "--host", "0.0.0.0", "--api-key-file", str(short))
-    assert r.returncode == 2 and "at least 16 characters" in r.stderr
-    r = _serve_cli(str(single_run), "serve.max_wiat_ms=3")
-    assert r.returncode == 2 and "did you mean 'serve.max_wait_ms'" in r.stderr
-    r = _serve_cli(str(tmp_path), "--backend", "onnx")
-    assert r.returncode == 2 and "holds no ONNX export" in r.stderr and "strop export" in r.stderr
-    r = _serve_cli(str(tmp_path / "missing"))
-    assert r.returncode == 2 and "not found" in r.stderr
-    r = _serve_cli("--help-config")
-    assert r.returncode == 0 and "serve.max_batch_tokens" in r.stdout and "serve.mask_pii" in r.stdout
+    code, _, err = _serve_cli(capsys, str(single_run), "--host", "0.0.0.0", "--api-key-file", str(short))
+    assert code == 2 and "at least 16 characters" in err
+    code, _, err = _serve_cli(capsys, str(single_run), "serve.max_wiat_ms=3")
+    assert code == 2 and "did you mean 'serve.max_wait_ms'" in err
+    code, _, err = _serve_cli(capsys, str(tmp_path), "--backend", "onnx")
+    assert code == 2 and "holds no ONNX export" in err and "strop export" in err
+    code, _, err = _serve_cli(capsys, str(tmp_path / "missing"))
+    assert code == 2 and "not found" in err
+    code, out, _ = _serve_cli(capsys, "--help-config")
+    assert code == 0 and "serve.max_batch_tokens" in out and "serve.mask_pii" in out

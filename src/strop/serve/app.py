@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -38,6 +39,7 @@ from strop.serve.telemetry import MetricsMiddleware, Telemetry
 
 log = logging.getLogger("strop.serve")
 SWITCH_INTERVAL_S = 0.0005
+WORD = re.compile(r"\S+")
 WARMUP_TEXTS = ["warm up", "warming up the model with a somewhat longer sentence of several words " * 4]
 
 
@@ -217,9 +219,30 @@ def _normalise(body: PredictRequest, pair_model: bool, max_inputs: int) -> tuple
         for name, value in (("text", text), ("text_pair", pair)):
             if value is not None and not value.strip():
                 raise ApiError(400, "empty_input", f"inputs[{i}] {name} is empty; every input needs some text")
+            if value is not None and not _encodable(value):
+                raise ApiError(422, "invalid_text", f"inputs[{i}] {name} holds an unpaired UTF-16 surrogate "
+                               "(a \\ud800-\\udfff escape without its pair); send valid Unicode text")
         texts.append(text)
         pairs.append(pair)
     return texts, pairs if pair_model else None
+
+
+def clip_words(text: str, n: int) -> tuple[str, bool]:
+    """(text up to the end of its n-th whitespace-separated word, whether anything but whitespace was cut)."""
+    end = 0
+    for i, match in enumerate(WORD.finditer(text)):
+        if i == n:
+            return text[:end], True
+        end = match.end()
+    return text, False
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _token_counts(model: LoadedModel, texts: list[str], pairs: list[str] | None) -> list[int]:
@@ -236,11 +259,24 @@ async def _predict(state: ServerState, body: PredictRequest) -> PredictResponse:
     if cfg.mask_pii:
         texts = [mask_pii(t) for t in texts]
         pairs = [mask_pii(t) for t in pairs] if pairs is not None else None
-    counts = await asyncio.to_thread(_token_counts, model, texts, pairs)
     limit = meta["max_length"]
-    too_long = [i for i, c in enumerate(counts) if c > limit]
+    # every whitespace-separated word is at least one token: an input with more words than max_length is too long
+    # without tokenizing it, and with truncate only its first max_length words can reach the model. Clipping there
+    # gives the same tokens and keeps a 1 MB text from costing 100+ MB of tokenizer memory.
+    clipped = [clip_words(t, limit) for t in texts]
+    clipped_pairs = [clip_words(t, limit) for t in pairs] if pairs is not None else None
+    too_long = {i for i, (_, cut) in enumerate(clipped) if cut} | \
+        {i for i, (_, cut) in enumerate(clipped_pairs or []) if cut}
     if too_long and not body.truncate:
-        i = too_long[0]
+        i = min(too_long)
+        raise ApiError(422, "input_too_long", f"inputs[{i}] has more than {limit} tokens; this model takes at most "
+                       f"{limit}: shorten it, or send \"truncate\": true to cut it")
+    texts = [t for t, _ in clipped]
+    pairs = [t for t, _ in clipped_pairs] if clipped_pairs is not None else None
+    counts = await asyncio.to_thread(_token_counts, model, texts, pairs)
+    too_long |= {i for i, c in enumerate(counts) if c > limit}
+    if too_long and not body.truncate:
+        i = min(too_long)
         raise ApiError(422, "input_too_long", f"inputs[{i}] has {counts[i]} tokens; this model takes at most "
                        f"{limit}: shorten it, or send \"truncate\": true to cut it")
     if cfg.log_inputs:
