@@ -67,6 +67,8 @@ def onnx_predictor(path: Path, onnx_file: str | None, threads: int) -> tuple[Pre
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # idle pool threads would spin and take the event loop's core (as torch's OpenMP does, see cli.serve)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
     if "logits" not in [o.name for o in session.get_outputs()]:
         raise ModelError(f"{file} has no output named 'logits' (outputs: {[o.name for o in session.get_outputs()]});"
