@@ -7,7 +7,6 @@ import json
 import time
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from serve_helpers import ServerProcess, ThreadServer
 

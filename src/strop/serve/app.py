@@ -107,8 +107,10 @@ async def _load(state: ServerState, path: Path, loaded: LoadedModel | None) -> N
         log.error("model failed to load: %s", state.load_error)
 
 
-def create_app(path: str | Path, cfg: ServeConfig, loaded: LoadedModel | None = None) -> FastAPI:
-    """The ASGI app serving the run (or export) at `path`; the model loads in the background after startup."""
+def create_app(path: str | Path, cfg: ServeConfig, loaded: LoadedModel | None = None,
+               handle_signals: bool = True) -> FastAPI:
+    """The ASGI app serving the run (or export) at `path`; the model loads in the background after startup.
+    handle_signals: drain on SIGTERM (off where the host handles shutdown itself, as Ray Serve does)."""
     telemetry = Telemetry()
     state = ServerState(cfg, telemetry)
 
@@ -116,7 +118,8 @@ def create_app(path: str | Path, cfg: ServeConfig, loaded: LoadedModel | None = 
     async def lifespan(app: FastAPI):
         from strop.serve.server import install_drain_handler
 
-        install_drain_handler(state, cfg.drain_s)
+        if handle_signals:
+            install_drain_handler(state, cfg.drain_s)
         # the model thread holds the GIL between kernels; with the default 5 ms switch interval every socket read of
         # the event loop waits up to 5 ms for it (convoy effect), which made 429s take ~0.5 s under load
         sys.setswitchinterval(SWITCH_INTERVAL_S)

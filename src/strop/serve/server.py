@@ -79,7 +79,6 @@ def run_server(path: str | Path, cfg: ServeConfig) -> None:
     import uvicorn
 
     from strop.serve.app import create_app
-
     from strop.serve.backend import check_target
 
     validate_serve(cfg)
