@@ -39,6 +39,7 @@ from strop.serve.telemetry import MetricsMiddleware, Telemetry
 
 log = logging.getLogger("strop.serve")
 SWITCH_INTERVAL_S = 0.0005
+INLINE_TOKENIZE_CHARS = 2000
 WORD = re.compile(r"\S+")
 WARMUP_TEXTS = ["warm up", "warming up the model with a somewhat longer sentence of several words " * 4]
 
@@ -276,7 +277,10 @@ async def _predict(state: ServerState, body: PredictRequest) -> PredictResponse:
                        f"{limit}: shorten it, or send \"truncate\": true to cut it")
     texts = [t for t, _ in clipped]
     pairs = [t for t, _ in clipped_pairs] if clipped_pairs is not None else None
-    counts = await asyncio.to_thread(_token_counts, model, texts, pairs)
+    size = sum(map(len, texts)) + sum(map(len, pairs or []))
+    # short inputs (the usual request) are counted on the event loop: a thread hop costs more than tokenizing them
+    counts = _token_counts(model, texts, pairs) if size <= INLINE_TOKENIZE_CHARS else \
+        await asyncio.to_thread(_token_counts, model, texts, pairs)
     too_long |= {i for i, c in enumerate(counts) if c > limit}
     if too_long and not body.truncate:
         i = min(too_long)
