@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 import numpy as np
 from serve_helpers import ThreadServer
 
@@ -106,3 +107,18 @@ def test_cli_refuses_unsafe_settings(single_run, tmp_path, capsys):
     assert code == 2 and "not found" in err
     code, out, _ = _serve_cli(capsys, "--help-config")
     assert code == 0 and "serve.max_batch_tokens" in out and "serve.mask_pii" in out
+
+
+def test_shipped_serve_yaml_loads(tmp_path):
+    from pathlib import Path
+
+    from strop.errors import ConfigError
+    from strop.serve.settings import load_serve_config
+
+    example = Path(__file__).resolve().parents[2] / "deploy" / "serve.yaml"
+    cfg = load_serve_config(example, ["serve.port=9001"])
+    assert cfg.backend == "onnx" and cfg.drain_s == 5 and cfg.port == 9001 and cfg.max_wait_ms == 5.0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("serve:\n  max_batch_tokens: 0\n")
+    with pytest.raises(ConfigError, match=r"serve.max_batch_tokens=0 must be > 0"):
+        load_serve_config(bad)
