@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
 
 import pytest
 
-# this file is also named conftest: take the shared helpers from tests/conftest.py by path
-_spec = importlib.util.spec_from_file_location("strop_tests_root", Path(__file__).resolve().parents[1] / "conftest.py")
-_root = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_root)
-tiny_overrides, toy_rows, write_csv, write_jsonl = _root.tiny_overrides, _root.toy_rows, _root.write_csv, \
-    _root.write_jsonl
+from conftest import tiny_overrides, toy_rows, write_csv, write_jsonl  # tests/conftest.py (this one is serve.conftest)
 
 
 def _train(tiny_model: Path, out: Path, train_file: Path, **extra) -> Path:
@@ -55,7 +49,7 @@ def regression_run(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def single_export(single_run) -> Path:
-    from serve_helpers import export_onnx
+    from .serve_helpers import export_onnx
 
     return export_onnx(single_run)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from serve_helpers import ServerProcess
+from .serve_helpers import ServerProcess
 
 from strop.predict import Predictor
 

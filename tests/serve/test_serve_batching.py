@@ -8,7 +8,7 @@ import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from serve_helpers import ServerProcess, ThreadServer
+from .serve_helpers import ServerProcess, ThreadServer
 
 from strop.serve.batcher import Batcher
 

@@ -6,7 +6,7 @@ import random
 
 import httpx
 import pytest
-from serve_helpers import ServerProcess, ThreadServer
+from .serve_helpers import ServerProcess, ThreadServer
 
 from strop.predict import Predictor
 from strop.serve.guard import iban_ok, luhn_ok, mask_pii

@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from serve_helpers import free_port
+from .serve_helpers import free_port
 
 from strop.predict import Predictor
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import numpy as np
-from serve_helpers import ThreadServer
+from .serve_helpers import ThreadServer
 
 from strop.predict import Predictor
 
