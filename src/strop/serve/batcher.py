@@ -87,6 +87,8 @@ class Batcher:
     def _take(self) -> list[_Item]:
         """The next batch from the queue head: one whole request when batching is off, else the longest prefix
         within the token budget (always at least one input)."""
+        while len(self._queue) > 1 and self._queue[0].request.future.done():
+            self._queue.popleft()  # the rest of a request that already failed: no model time for it
         if not self.enabled:
             head = self._queue[0].request
             n = 0
