@@ -148,15 +148,32 @@ def ratios(results: dict) -> dict:
     return out
 
 
+def table(report: dict) -> str:
+    """The results as a markdown table (for BENCHMARKS.md)."""
+    lines = ["| server | clients | req/s | p50 ms | p95 ms | p99 ms | errors | load avg (1 min) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for kind, result in report["servers"].items():
+        for p in result["points"]:
+            lines.append(f"| {kind} | {p['clients']} | {p['throughput_rps']:.1f} | {p['p50_ms']} | {p['p95_ms']} | "
+                         f"{p['p99_ms']} | {p['errors']} | {p['loadavg'][0]} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, required=True, help="a finished run folder (runs/<name>)")
+    ap.add_argument("--run", type=Path, help="a finished run folder (runs/<name>)")
+    ap.add_argument("--table", action="store_true", help="print bench/results/serve.json as a markdown table")
     ap.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     ap.add_argument("--seconds", type=float, default=15.0, help="measured seconds per point")
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring, per point")
     ap.add_argument("--servers", default="baseline,strop-torch,strop-onnx-int8,strop-torch-nobatch,"
                     "strop-onnx-int8-nobatch")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads((RESULTS / "serve.json").read_text())))
+        return
+    if args.run is None:
+        ap.error("--run RUN is required")
     mach = machine()
     meta = json.loads((args.run / "model" / "strop.json").read_text())
     export = args.run / "export"
@@ -172,6 +189,7 @@ def main() -> None:
               "servers": results, "ratios": ratios(results), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "serve.json").write_text(json.dumps(report, indent=2))
+    print(table(report))
     print(json.dumps(report["ratios"], indent=2))
 
 
