@@ -65,7 +65,7 @@ class ModelInfo(BaseModel):
     max_length: int
     text_pair: bool = Field(description="whether inputs must be text pairs")
     strop_version: str
-    limits: dict[str, float]
+    limits: dict[str, int | float]
 
 
 class ErrorDetail(BaseModel):
