@@ -1,0 +1,135 @@
+"""Models behind the server: the run's torch model or its ONNX export, both driven by strop.predict.Predictor.
+
+The ONNX backend wraps an ONNX Runtime session in a parameter-free torch module that returns the same `.logits`
+as the torch model, so tokenisation, batching and output formatting stay Predictor's (one code path, parity-tested).
+Export folder layout (written by `strop export`): model.onnx (fp32; int64 inputs input_ids, attention_mask and
+token_type_ids when the model uses them; dynamic batch/sequence axes; output `logits`), model.int8.onnx, the
+tokenizer files and strop.json (the run's meta).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from strop.errors import ModelError, RunError
+from strop.models.classifier import Output, read_meta
+from strop.predict import Predictor
+
+
+class OnnxLogits(nn.Module):
+    """An ONNX Runtime session as a torch module: forward(input_ids, attention_mask[, token_type_ids]) ->
+    Output(logits (batch, num_labels) float32)."""
+
+    def __init__(self, session):
+        super().__init__()
+        self.session = session
+        self.input_names = [i.name for i in session.get_inputs()]
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> Output:
+        given = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "token_type_ids": token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)}
+        feed = {name: given[name].cpu().numpy() for name in self.input_names}
+        (logits,) = self.session.run(["logits"], feed)
+        return Output(torch.from_numpy(logits))
+
+
+def find_export(path: Path) -> Path:
+    """The export folder of a run folder (RUN/export) or the folder itself."""
+    for folder in (path / "export", path):
+        if (folder / "strop.json").is_file() and list(folder.glob("*.onnx")):
+            return folder
+    raise RunError(f"{path} holds no ONNX export (RUN/export/ with model.onnx and strop.json); run "
+                   f"`strop export {path}` first, or serve it with --backend torch")
+
+
+def onnx_predictor(path: Path, onnx_file: str | None, threads: int) -> tuple[Predictor, Path]:
+    """A Predictor whose model is an ONNX Runtime session over `onnx_file` of the export folder at `path`."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ModelError("--backend onnx needs ONNX Runtime: pip install 'strop[serve]'") from None
+    from strop.models.backbone import load_tokenizer
+
+    folder = find_export(path)
+    name = onnx_file or ("model.int8.onnx" if (folder / "model.int8.onnx").is_file() else "model.onnx")
+    file = folder / name
+    if not file.is_file():
+        raise ModelError(f"serve.onnx_file={name!r} not found in {folder}; it holds "
+                         f"{sorted(p.name for p in folder.glob('*.onnx'))}")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # idle pool threads would spin and take the event loop's core (as torch's OpenMP does, see cli.serve)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+    if "logits" not in [o.name for o in session.get_outputs()]:
+        raise ModelError(f"{file} has no output named 'logits' (outputs: {[o.name for o in session.get_outputs()]});"
+                         " re-export it with `strop export`")
+    return Predictor(OnnxLogits(session), load_tokenizer(folder), read_meta(folder), torch.device("cpu")), file
+
+
+@dataclass
+class LoadedModel:
+    """What the server serves: the predictor plus facts for /v1/model."""
+
+    predictor: Predictor
+    backend: str  # torch | onnx
+    source: Path  # model folder or ONNX file
+    version: str  # run name plus a short hash of the weights' identity
+    config_hash: str  # sha256 of the run's config.yaml (or of strop.json when there is no config.yaml)
+    load_seconds: float
+
+
+def _config_hash(path: Path, model_folder: Path) -> str:
+    for candidate in (path / "config.yaml", path.parent / "config.yaml", model_folder.parent / "config.yaml",
+                      model_folder / "strop.json"):
+        if candidate.is_file():
+            return hashlib.sha256(candidate.read_bytes()).hexdigest()
+    return ""
+
+
+def check_target(path: str | Path, backend: str, onnx_file: str | None = None) -> None:
+    """Fail before the server starts when there is nothing to serve (the loading itself runs in the background)."""
+    from strop.run import open_run
+
+    path = Path(path)
+    if backend == "onnx":
+        folder = find_export(path)
+        if onnx_file and not (folder / onnx_file).is_file():
+            raise ModelError(f"serve.onnx_file={onnx_file!r} not found in {folder}; it holds "
+                             f"{sorted(p.name for p in folder.glob('*.onnx'))}")
+    else:
+        read_meta(open_run(path))
+
+
+def load_model_for_serving(path: str | Path, backend: str = "torch", onnx_file: str | None = None,
+                           threads: int = 0) -> LoadedModel:
+    """Load a run folder (or its model/ folder, or an export folder) for serving; only safetensors/ONNX load."""
+    from strop.run import open_run
+
+    path = Path(path)
+    start = time.perf_counter()
+    if backend == "onnx":
+        predictor, source = onnx_predictor(path, onnx_file, threads)
+        identity = f"{source.name}:{source.stat().st_size}:{source.stat().st_mtime_ns}"
+        folder = source.parent
+    else:
+        if threads:
+            torch.set_num_threads(threads)
+        folder = open_run(path)
+        predictor = Predictor.load(folder)
+        source = folder
+        weights = sorted(folder.glob("*.safetensors"))
+        identity = json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights])
+    run_name = (folder.parent if folder.name in ("model", "export") else folder).name
+    version = f"{run_name}@{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+    return LoadedModel(predictor, backend, source, version, _config_hash(path, folder),
+                       time.perf_counter() - start)

@@ -1,0 +1,156 @@
+"""The HTTP API against a real server on loopback: predictions equal strop.predict's, status codes, schema, metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from .serve_helpers import ServerProcess
+
+from strop.predict import Predictor
+
+
+@pytest.fixture(scope="module")
+def server(single_run, tmp_path_factory):
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    srv = ServerProcess(single_run, "serve.max_inputs=8", "serve.max_body_bytes=20000", log_path=log)
+    srv.wait_ready()
+    yield srv
+    srv.stop()
+
+
+def test_predictions_match_strop_predict(server, single_run):
+    texts = ["refund my card payment please", "where is the courier with my parcel", "password reset"]
+    r = httpx.post(f"{server.url}/v1/predict", json={"inputs": texts})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = Predictor.load(single_run).predict(texts)
+    assert body["task"] == "single_label" and body["model"].startswith("single@")
+    for got, want in zip(body["predictions"], expected):
+        assert got["label"] == want["label"]
+        assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+        assert got["probs"] == pytest.approx(want["probs"], abs=1e-5)
+    # the {"text": ...} form gives the same answer as a bare string
+    r2 = httpx.post(f"{server.url}/v1/predict", json={"inputs": [{"text": texts[0]}]})
+    assert r2.json()["predictions"][0]["probs"] == pytest.approx(body["predictions"][0]["probs"], abs=1e-6)
+
+
+def test_model_info_and_health(server, single_run):
+    info = httpx.get(f"{server.url}/v1/model").json()
+    meta = json.loads((single_run / "model" / "strop.json").read_text())
+    assert info["task"] == "single_label" and info["labels"] == meta["labels"]
+    import hashlib
+    assert info["config_hash"] == hashlib.sha256((single_run / "config.yaml").read_bytes()).hexdigest()
+    assert info["backend"] == "torch" and info["max_length"] == meta["max_length"] and info["text_pair"] is False
+    assert httpx.get(f"{server.url}/health/live").json() == {"status": "alive"}
+    assert httpx.get(f"{server.url}/health/ready").json() == {"status": "ready"}
+
+
+def _err(r):
+    body = r.json()
+    assert set(body) == {"error"} and body["error"]["status"] == r.status_code and body["error"]["message"]
+    return body["error"]
+
+
+def test_status_codes(server):
+    url = f"{server.url}/v1/predict"
+    cases = [
+        (dict(json={"inputs": []}), 400, "empty_input"),
+        (dict(json={"inputs": ["ok", "   "]}), 400, "empty_input"),
+        (dict(content=b'{"inputs": ["a"', headers={"content-type": "application/json"}), 400, "malformed_json"),
+        (dict(content=b'{"inputs": ["\xff\xfe"]}', headers={"content-type": "application/json"}), 400, "invalid_utf8"),
+        (dict(json={"inputs": "not a list"}), 422, "schema_violation"),
+        (dict(json={"texts": ["a"]}), 422, "schema_violation"),
+        (dict(json={"inputs": [1, 2]}), 422, "schema_violation"),
+        (dict(json={"inputs": ["a"], "truncate": "yes"}), 422, "schema_violation"),
+        (dict(json={"inputs": [{"text": "a", "text_pair": "b"}]}), 422, "unexpected_text_pair"),
+        (dict(json={"inputs": [{"tokens": ["a", "b"]}]}), 422, "wrong_input_kind"),
+        (dict(json={"inputs": ["word " * 200]}), 422, "input_too_long"),
+        (dict(json={"inputs": ["a"] * 9}), 413, "too_many_inputs"),
+        (dict(json={"inputs": ["a" * 30000]}), 413, "body_too_large"),
+        (dict(content=b"inputs=a", headers={"content-type": "application/x-www-form-urlencoded"}), 415,
+         "unsupported_media_type"),
+        (dict(content=b'{"inputs": ["a"]}'), 415, "unsupported_media_type"),
+    ]
+    for kwargs, status, code in cases:
+        r = httpx.post(url, **kwargs)
+        assert r.status_code == status, (kwargs, r.status_code, r.text)
+        assert _err(r)["code"] == code, (kwargs, r.text)
+    assert httpx.get(f"{server.url}/nowhere").status_code == 404
+    assert httpx.get(url).status_code == 405
+    # a text over the limit is served when the caller asks for truncation, and flagged
+    r = httpx.post(url, json={"inputs": ["word " * 200, "short"], "truncate": True})
+    assert r.status_code == 200
+    assert r.json()["predictions"][0]["truncated"] is True and "truncated" not in r.json()["predictions"][1]
+
+
+def test_openapi_matches_behaviour(server):
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    op = spec["paths"]["/v1/predict"]["post"]
+    assert {"200", "400", "401", "413", "415", "422", "429", "503"} <= set(op["responses"])
+    assert op["requestBody"]["content"]["application/json"]
+    assert {"/v1/model", "/health/live", "/health/ready", "/metrics"} <= set(spec["paths"])
+    schema = spec["components"]["schemas"]["PredictRequest"]
+    assert schema["required"] == ["inputs"] and schema["additionalProperties"] is False
+    err = spec["components"]["schemas"]["ErrorDetail"]
+    assert {"status", "code", "message"} <= set(err["required"])
+
+
+def test_metrics_parse_and_count(server):
+    url = f"{server.url}/v1/predict"
+    before = _samples(httpx.get(f"{server.url}/metrics").text)
+    httpx.post(url, json={"inputs": ["billing refund", "parcel delivery"]})
+    httpx.post(url, json={"inputs": []})
+    after = _samples(httpx.get(f"{server.url}/metrics").text)
+    key200 = ("strop_http_requests_total", (("method", "POST"), ("route", "/v1/predict"), ("status", "200")))
+    key400 = ("strop_http_requests_total", (("method", "POST"), ("route", "/v1/predict"), ("status", "400")))
+    assert after[key200] - before.get(key200, 0) == 1 and after[key400] - before.get(key400, 0) == 1
+    assert after[("strop_inputs_total", ())] - before[("strop_inputs_total", ())] == 2
+    assert after[("strop_queue_depth_inputs", ())] == 0 and after[("strop_model_load_seconds", ())] > 0
+    assert after[("strop_batch_size_inputs_count", ())] > before[("strop_batch_size_inputs_count", ())]
+    assert ("strop_http_request_duration_seconds_bucket", (("le", "+Inf"), ("route", "/v1/predict"),
+                                                           ("status_class", "2xx"))) in after
+    # raw paths never become label values: unknown routes collapse into one
+    httpx.get(f"{server.url}/random-{id(after)}")
+    routes = {dict(labels).get("route") for (name, labels) in _samples(httpx.get(f"{server.url}/metrics").text)}
+    assert routes <= {None, "/v1/predict", "/v1/model", "/health/live", "/health/ready", "/metrics",
+                      "/openapi.json", "/docs", "unmatched"}
+
+
+def _samples(text: str) -> dict:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "strop-alerts.yml"
+
+
+def test_alert_rules_parse_and_use_served_metrics(server):
+    """promtool is not installed here: check the rule file's structure and that every metric and label value it
+    reads is one the server exposes (a renamed metric would silently never fire)."""
+    import re
+
+    import yaml
+
+    rules = yaml.safe_load(ALERTS.read_text())
+    exposed = _samples(httpx.get(f"{server.url}/metrics").text)
+    names = {name for name, _ in exposed}
+    families = {re.sub(r"_(bucket|count|sum|total)$", "", n) for n in names}
+    labels = {k for _, labels in exposed for k, _ in labels}
+    alerts = [r for g in rules["groups"] for r in g["rules"]]
+    assert {a["alert"] for a in alerts} >= {"StropHighP99Latency", "StropHighErrorRate", "StropQueueBacklog"}
+    for a in alerts:
+        assert set(a) <= {"alert", "expr", "for", "labels", "annotations"} and a["labels"]["severity"]
+        assert re.fullmatch(r"\d+[smh]", a["for"]) and a["annotations"]["summary"]
+        expr = a["expr"]
+        assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}")
+        for metric in re.findall(r"\bstrop_[a-z_]+", expr):
+            assert metric in names or metric in families, f"{a['alert']}: {metric} is not exposed"
+        for label in re.findall(r"(\w+)\s*=~?\s*\"", expr):
+            assert label in labels, f"{a['alert']}: label {label} is not exposed"
