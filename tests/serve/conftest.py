@@ -7,8 +7,12 @@ import random
 from pathlib import Path
 
 import pytest
-
-from conftest import tiny_overrides, toy_rows, write_csv, write_jsonl  # tests/conftest.py (this one is serve.conftest)
+from conftest import (  # tests/conftest.py (this one is serve.conftest)
+    tiny_overrides,
+    toy_rows,
+    write_csv,
+    write_jsonl,
+)
 
 
 def _train(tiny_model: Path, out: Path, train_file: Path, **extra) -> Path:

@@ -8,9 +8,10 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from .serve_helpers import ServerProcess
 
 from strop.predict import Predictor
+
+from .serve_helpers import ServerProcess
 
 
 @pytest.fixture(scope="module")

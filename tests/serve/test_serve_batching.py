@@ -8,9 +8,10 @@ import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from .serve_helpers import ServerProcess, ThreadServer
 
 from strop.serve.batcher import Batcher
+
+from .serve_helpers import ServerProcess, ThreadServer
 
 
 def _echo_model(calls: list):

@@ -6,10 +6,11 @@ import random
 
 import httpx
 import pytest
-from .serve_helpers import ServerProcess, ThreadServer
 
 from strop.predict import Predictor
 from strop.serve.guard import iban_ok, luhn_ok, mask_pii
+
+from .serve_helpers import ServerProcess, ThreadServer
 
 FIRST = ["anna", "li", "omar", "zoe", "jan", "maria", "kofi", "yuki", "pierre", "sven"]
 DOMAINS = ["example.com", "mail.example.org", "corp.example.co.uk", "uni-example.edu", "ex4mple.io"]

@@ -7,9 +7,10 @@ import time
 
 import httpx
 import pytest
-from .serve_helpers import free_port
 
 from strop.predict import Predictor
+
+from .serve_helpers import free_port
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")

@@ -12,6 +12,7 @@ import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from .serve_helpers import ServerProcess
 
 pytestmark = pytest.mark.slow

@@ -11,6 +11,7 @@ import httpx
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from .serve_helpers import ServerProcess
 
 

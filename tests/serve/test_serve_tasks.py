@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import httpx
-import pytest
 import numpy as np
-from .serve_helpers import ThreadServer
+import pytest
 
 from strop.predict import Predictor
+
+from .serve_helpers import ThreadServer
 
 TEXTS = ["refund my card payment please", "where is the courier with my parcel", "password reset for login",
          "invoice again today"]
