@@ -23,7 +23,7 @@ from strop.evaluate.metrics import primary_metric, tune_threshold
 from strop.models.backbone import load_tokenizer, read_model_config, resolve_model_path
 from strop.models.classifier import build_model
 from strop.models.peft import apply_peft, count_parameters, save_trained
-from strop.track import Trackers
+from strop.track import Trackers, check_trackers
 from strop.training.checkpoint import latest_checkpoint
 from strop.training.loop import count_steps, fit
 from strop.training.progress import console
@@ -132,11 +132,13 @@ def data_summary(ds: Dataset, encoded: dict) -> dict:
 
 
 def train(config: Config | str | Path | None = None, overrides: list[str] | dict | None = None,
-          overwrite: bool = False, resume: bool | str | Path = False) -> RunResult:
+          overwrite: bool = False, resume: bool | str | Path = False, on_eval=None) -> RunResult:
     """Fine-tune a model as the config says; returns the run folder and its results.
 
     `config`: a Config, a YAML path, or None for defaults; `overrides`: ['train.lr=3e-4', ...] or {'train.lr': 3e-4};
-    `resume`: True to continue the run the config names from its newest complete checkpoint, or a run folder path.
+    `resume`: True to continue the run the config names from its newest complete checkpoint, or a run folder path;
+    `on_eval(step, value)`: called after each validation with the validation metric (hyperparameter search prunes
+    there by raising).
     """
     cfg, run_dir, ckpt = resolve_run(config, overrides, overwrite, resume)
     set_threads(cfg.train.threads)
@@ -155,6 +157,7 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     model = build_model(cfg.model, ds.task, ds.labels)  # before the run folder: broken weights leave nothing behind
     model, peft_hook = apply_peft(model, cfg.peft, count_steps(cfg.train, len(ds.splits["train"]))[1])
 
+    check_trackers(cfg.track)
     start_step = open_run_dir(run_dir, ckpt)
     write_atomic(run_dir / "config.yaml", dump_yaml(cfg))  # first file of a new run: the resolved config
     for note in ds.notes:
@@ -172,17 +175,18 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     console.print(f"peft.method={cfg.peft.method}: trainable parameters {trainable:,} of {total:,} "
                   f"({100 * trainable / total:.2f}%)")
 
-    tracker = Trackers(run_dir, cfg.track, purge_step=start_step + 1 if start_step else None)
+    tracker = Trackers(run_dir, cfg.track, purge_step=start_step + 1 if start_step else None, config=cfg)
     try:
         if "validation" not in encoded:
             console.print("[yellow]no validation split: no evaluation during training[/yellow]")
         fitted = fit(model, encoded["train"], encoded.get("validation"), cfg, ds.task, ds.labels, device, precision,
-                     tracker, metric, run_dir, resume_from=ckpt, peft_hook=peft_hook)
+                     tracker, metric, run_dir, resume_from=ckpt, peft_hook=peft_hook, on_eval=on_eval)
         threshold, final = final_evaluation(model, encoded, ds, cfg, device, precision)
         for split, metrics in final.items():
             tracker.log({"step": fitted.state.step, "split": f"final_{split}", **metrics})
-    finally:
-        tracker.close()
+    except BaseException:
+        tracker.close(failed=True)
+        raise
 
     meta = {"strop_version": __version__, "task": ds.task, "labels": ds.labels, "pooling": cfg.model.pooling,
             "max_length": cfg.model.max_length, "text_column": ds.columns.text, "text_pair_column": ds.columns.pair,
@@ -195,6 +199,7 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     results = run_results(fitted, len(encoded["train"]), metric, precision, threshold, final, start_step)
     results["trainable_params"], results["total_params"] = trainable, total
     write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
+    tracker.finish(run_dir)  # after model/ and results.json: MLflow logs them as artifacts; then all trackers close
     _print_summary(run_dir, results, metric)
     return RunResult(run_dir, results)
 

@@ -61,9 +61,10 @@ def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_
 
 def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, label_names: list[str],
         device: torch.device, precision: str, tracker, metric: str, run_dir: Path,
-        resume_from: Path | None = None, peft_hook: PeftHook | None = None) -> FitResult:
+        resume_from: Path | None = None, peft_hook: PeftHook | None = None, on_eval=None) -> FitResult:
     """Train `model` in place on `train`, evaluating on `val` and checkpointing into run_dir/checkpoints.
-    `peft_hook` (models/peft.py) adds its regulariser to the loss and runs after each optimizer step."""
+    `peft_hook` (models/peft.py) adds its regulariser to the loss and runs after each optimizer step.
+    `on_eval(step, value)` sees each validation metric; it may raise to stop the run (tune.py's pruning)."""
     t = cfg.train
     peft_hook = peft_hook or PeftHook()
     steps_per_epoch, total_steps = count_steps(t, len(train))
@@ -142,6 +143,8 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
                     result.history.append(record)
                     progress.note(f"step {state.step}: validation {metric}={metrics[metric]:.4f}"
                                   f"{' (best)' if improved else ''} loss={metrics['loss']:.4f}")
+                    if on_eval is not None:
+                        on_eval(state.step, metrics[metric])
                     if t.early_stopping_patience and state.bad_evals >= t.early_stopping_patience:
                         progress.note(f"early stopping: no improvement in {state.bad_evals} evaluations")
                         state.stopped_early = True
