@@ -7,6 +7,7 @@ import ipaddress
 import json
 import socket
 import struct
+from pathlib import Path
 
 import pytest
 import yaml
@@ -134,7 +135,8 @@ def test_all_trackers_hold_the_metrics_of_metrics_jsonl_with_no_network(tiny_mod
     assert not any(p.endswith((".pkl", ".bin", "MLmodel")) for p in artifacts)  # no pickled pyfunc
     top = {f.path for f in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "results.json", "model"} <= top
-    logged_cfg = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))))
+    logged_cfg = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
+                                .read_text())
     assert logged_cfg == yaml.safe_load((run_dir / "config.yaml").read_text())
     (version,) = client.search_model_versions("name='toy-topics'")
     assert version.run_id == run.info.run_id and version.source.endswith("/model")
