@@ -385,8 +385,16 @@ def validate(cfg: Config) -> None:
 
 
 TRACKERS = ("tensorboard", "mlflow", "wandb", "none")
-DISTRIBUTIONS = {"log_uniform": "[low, high], both > 0", "uniform": "[low, high]", "int": "[low, high] whole numbers",
-                 "choice": "[value, ...]"}
+# (what the arguments must be, an example); no '[word]' in these texts: the CLI's rich output would eat it as markup
+DISTRIBUTIONS = {"log_uniform": ("two numbers > 0, low < high", "[1e-5, 1e-3]"),
+                 "uniform": ("two numbers, low < high", "[0.0, 0.3]"),
+                 "int": ("two whole numbers, low < high", "[1, 4]"),
+                 "choice": ("a non-empty list of values", "[4, 8, 16]")}
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # YAML 1.1 reads 1e-5 (no dot) as a string
+
+
+def _number(value: Any) -> Any:
+    return float(value) if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()) else value
 
 
 def validate_tune(tu: TuneConfig) -> None:
@@ -402,8 +410,10 @@ def validate_tune(tu: TuneConfig) -> None:
             raise ConfigError(f"tune.space: {key!r} is not a config key{f'; did you mean {near[0]!r}?' if near else ''}")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
             raise ConfigError(f"tune.space.{key}={spec!r} must be one distribution: "
-                              + ", ".join(f"{{{k}: {v}}}" for k, v in DISTRIBUTIONS.items()))
+                              + ", ".join(f"{{{k}: {example}}}" for k, (_, example) in DISTRIBUTIONS.items()))
         kind, args = next(iter(spec.items()))
+        if isinstance(args, list):
+            args = spec[kind] = [_number(a) for a in args]
         if kind == "choice":
             ok = isinstance(args, list) and len(args) >= 1
         else:
@@ -412,7 +422,8 @@ def validate_tune(tu: TuneConfig) -> None:
                                                                     for a in args) and args[0] < args[1]
                   and (kind != "log_uniform" or args[0] > 0))
         if not ok:
-            raise ConfigError(f"tune.space.{key}: {kind} needs {DISTRIBUTIONS[kind]} (low < high), got {args!r}")
+            raise ConfigError(f"tune.space.{key}: {kind} needs {DISTRIBUTIONS[kind][0]} such as "
+                              f"{DISTRIBUTIONS[kind][1]}; got {args!r}")
 
 
 def validate_peft(p: PeftConfig) -> None:
