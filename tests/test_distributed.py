@@ -52,7 +52,7 @@ def torchrun(nproc: int, args: list[str], cwd: Path) -> subprocess.CompletedProc
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "strop.cli", "train", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -75,7 +75,8 @@ def one_process(tiny_model, splits, tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_processes(tiny_model, splits, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp-runs2")
-    proc = torchrun(2, _args(tiny_model, splits, out, "two"), out)
+    # and 2 micro-batches per rank (8 = 4 + 4; the last batch's 5 = 4 + 1): accumulation under DDP too
+    proc = torchrun(2, _args(tiny_model, splits, out, "two") + ["train.micro_batch_size=4"], out)
     return out / "two", proc
 
 
@@ -134,3 +135,14 @@ def test_checkpoint_of_one_process_resumes_in_two(one_process, tmp_path):
     assert sorted(resumed) == list(range(1, STEPS + 1))
     assert [resumed[s] for s in range(k + 1, STEPS + 1)] == pytest.approx([ref[s] for s in range(k + 1, STEPS + 1)],
                                                                          rel=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED"])
+def test_fsdp_or_deepspeed_launch_config_is_refused_not_ignored(engine, monkeypatch):
+    from strop.errors import ConfigError
+    from strop.training.distributed import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "true")
+    with pytest.raises(ConfigError, match=f"asks for {engine}.*DDP only"):
+        init_distributed()

@@ -95,7 +95,8 @@ def tune(config=None, overrides=None, trials: int | None = None) -> TuneResult:
               else optuna.pruners.NopPruner())
     study = optuna.create_study(storage=storage, study_name=study_name, direction=direction, sampler=sampler,
                                 pruner=pruner, load_if_exists=True)  # same storage + name: continue the search
-    _fail_stale(study)
+    if not cfg.tune.storage:  # the default store is this machine's alone; a shared one may hold others' live trials
+        _fail_stale(study)
     finished = _finished(study)
     if finished:
         console.print(f"continuing study {study_name!r} ({storage}): {finished} of {n_trials} trials finished")

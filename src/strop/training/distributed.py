@@ -54,6 +54,13 @@ def init_distributed() -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
+    for engine in ("FSDP", "DEEPSPEED"):  # accelerate launch --config_file with these sets ACCELERATE_USE_<ENGINE>
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true"):
+            from strop.errors import ConfigError
+
+            raise ConfigError(f"the accelerate config asks for {engine}, but strop trains with DDP only (each process "
+                              "holds the whole model; fine up to a few hundred million parameters); launch with a "
+                              "plain multi-process config, e.g. accelerate launch --multi_gpu --num_processes N")
     dist = torch.distributed
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
@@ -86,6 +93,7 @@ def wrap_model(model: torch.nn.Module, d: Dist, device: torch.device) -> torch.n
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    # find_unused_parameters: a mean-pooling head leaves the backbone's pooler without gradients
+    # static_graph: every step runs the same graph, so DDP learns once which parameters get no gradient (the pooler
+    # under a mean-pooling head) instead of searching the graph each step as find_unused_parameters would
     return DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda" else None,
-                                   find_unused_parameters=True)
+                                   static_graph=True)
