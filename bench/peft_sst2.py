@@ -29,6 +29,10 @@ METHODS = {
     "adalora": {"peft.method": "adalora", "peft.init_r": 12, "peft.r": 8, "train.lr": 5e-4},
     "adapter": {"peft.method": "adapter", "peft.adapter_size": 64, "train.lr": 5e-4},
     "freeze": {"peft.method": "freeze", "peft.unfrozen_layers": 2, "train.lr": 1e-4},
+    # variants measured for speed: LoRA's input dropout costs a mask over every adapted layer's input
+    "lora-nodrop": {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16, "peft.dropout": 0.0, "train.lr": 5e-4},
+    "lora-qv": {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16, "peft.dropout": 0.0,
+                "peft.target_modules": ["query", "value"], "train.lr": 5e-4},
 }
 
 
@@ -57,11 +61,28 @@ def run_one(method: str, over: dict) -> dict:
             "precision": r["precision"], "threads": torch.get_num_threads(), "run_dir": str(run.run_dir)}
 
 
+def probe_one(method: str, over: dict, steps: int) -> dict:
+    """Training speed and memory of one method, without evaluation or saving: `steps` optimizer steps on SST-2
+    train batches (batch 16, max length 128, length-grouped, the shipped precision), in this (child) process."""
+    import torch
+
+    from strop.bench import training_probe
+
+    torch.set_num_threads(over.get("train.threads") or os.cpu_count() or 1)
+    keep = {k: v for k, v in over.items() if k.startswith(("peft.", "model."))}
+    result = training_probe(steps, batch_size=16, overrides=keep, data="../shared/datasets/sst2/train.jsonl",
+                            max_length=128)
+    return {**result, "method": method, "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--epochs", type=float, help="override train.epochs for every method (smoke checks)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run; 0 = all cores")
+    p.add_argument("--probe", type=int, default=0, metavar="STEPS",
+                   help="instead of full runs: time STEPS training steps per method (speed and memory only)")
+    p.add_argument("--fresh", action="store_true", help="start a new results file instead of merging into it")
     p.add_argument("--method", help=argparse.SUPPRESS)  # internal: one method, in a child
     p.add_argument("--overrides", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -69,20 +90,46 @@ def main() -> None:
     os.chdir(REPO)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.method:
-        result = run_one(args.method, json.loads(args.overrides))
+        over = json.loads(args.overrides)
+        result = probe_one(args.method, over, args.probe) if args.probe else run_one(args.method, over)
         Path(args.out).write_text(json.dumps(result, indent=2), encoding="utf-8")
         return
 
     command = "python bench/peft_sst2.py " + " ".join(sys.argv[1:])
+    # probes write their own file: full runs of other methods may be writing peft_sst2.json at the same time
+    path = RESULTS / ("peft_sst2_probe.json" if args.probe else "peft_sst2.json")
+    # methods can run as separate invocations (e.g. in parallel with --threads 1); their results are merged
+    previous = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not args.fresh else {}
     report = {"task": "sst2", "config": "configs/sst2.yaml", "machine": machine(), "command": command,
-              "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "methods": {}}
+              "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "methods": previous.get("methods", {}),
+              "commands": previous.get("commands", []) + [command]}
     for method in args.methods.split(","):
         over = {"name": f"bench-peft-{method}", "track": ["none"], "train.threads": args.threads, **METHODS[method]}
         if args.epochs is not None:
             over["train.epochs"] = args.epochs
-        report["methods"][method] = run_child(__file__, ["--method", method, "--overrides", json.dumps(over)],
-                                              f"sst2: peft.method={method}", f"{method} run")
+        child = ["--method", method, "--overrides", json.dumps(over), "--probe", str(args.probe)]
+        result = run_child(__file__, child, f"sst2: peft.method={method}", f"{method} run")
+        if args.probe:  # speed/memory probes go to their own key; nothing else of the report changes
+            report.setdefault("probe", {})[method] = {**result, "machine": machine(), "command": command}
+            report = merge_latest(path, report)
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+            print(json.dumps(result))
+            continue
+        report["methods"][method] = result
+        report["methods"][method]["machine"] = machine()  # load average when it finished
+        report["methods"][method]["command"] = command
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        report = merge_latest(path, report)
+        path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     report["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report = merge_latest(path, report)
+    base = report.get("probe", {}).get("none")
+    for r in report.get("probe", {}).values():
+        if base:
+            r["vs_full"] = {"cpu_s_per_step ratio": r["cpu_s_per_step"] / base["cpu_s_per_step"],
+                            "wall_s_per_step ratio": r["wall_s_per_step"] / base["wall_s_per_step"],
+                            "peak_rss ratio": r["peak_rss_mb"]["vmhwm"] / base["peak_rss_mb"]["vmhwm"]}
     full = report["methods"].get("none")
     if full:
         for m, r in report["methods"].items():
@@ -91,21 +138,39 @@ def main() -> None:
                 "seconds_per_epoch ratio": r["seconds_per_epoch"] / full["seconds_per_epoch"],
                 "cpu_seconds_per_epoch ratio": r["cpu_seconds_per_epoch"] / full["cpu_seconds_per_epoch"],
                 "peak_rss ratio": r["peak_rss_mb"]["vmhwm"] / full["peak_rss_mb"]["vmhwm"]}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "peft_sst2.json"
     path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     print_table(report)
     print(f"wrote {path.relative_to(REPO)}")
 
 
+def merge_latest(path: Path, report: dict) -> dict:
+    """Methods another invocation wrote meanwhile are kept (ours win for the methods we ran)."""
+    if path.is_file():
+        on_disk = json.loads(path.read_text(encoding="utf-8"))
+        for key in ("methods", "probe"):
+            report[key] = {**on_disk.get(key, {}), **report.get(key, {})}
+    return report
+
+
 def print_table(report: dict) -> None:
     m = report["machine"]
+    if report.get("probe"):
+        print(f"\nspeed/memory probe (SST-2 train batches of 16, max length 128):")
+        print(f"{'method':10}{'trainable':>12}{'cpu s/step':>12}{'wall s/step':>12}{'peak MiB':>10}{'cpu ×':>8}"
+              f"{'rss ×':>8}{'load avg':>20}")
+        for name, r in sorted(report["probe"].items(), key=lambda kv: list(METHODS).index(kv[0])):
+            v = r.get("vs_full", {})
+            print(f"{name:10}{r['trainable_params']:12,}{r['cpu_s_per_step']:12.3f}{r['wall_s_per_step']:12.3f}"
+                  f"{r['peak_rss_mb']['vmhwm']:10.0f}{v.get('cpu_s_per_step ratio', 1):8.2f}"
+                  f"{v.get('peak_rss ratio', 1):8.2f}{str(r['machine']['loadavg_at_start']):>20}")
     print(f"\nSST-2, configs/sst2.yaml | {m['cpu']}, {m['cores']} cores, torch {m['torch']}; "
           f"load average {m['loadavg_at_start']} -> {report['loadavg_at_end']}")
     print(f"{'method':10}{'dev acc':>9}{'test acc':>9}{'trainable':>12}{'%':>7}{'epochs':>8}{'s/epoch':>9}"
           f"{'cpu s/ep':>10}{'peak MiB':>10}{'Δdev':>7}{'s/ep ×':>8}{'cpu ×':>7}{'rss ×':>7}")
-    for name, r in report["methods"].items():
+    for name, r in sorted(report["methods"].items(), key=lambda kv: list(METHODS).index(kv[0])):
         v = r.get("vs_full", {})
+        if "validation" not in r:
+            continue
         print(f"{name:10}{100 * r['validation']['accuracy']:9.2f}{100 * (r['test'] or {}).get('accuracy', 0):9.2f}"
               f"{r['trainable_params']:12,}{100 * r['trainable_fraction']:7.2f}{r['epochs']:8.2f}"
               f"{r['seconds_per_epoch']:9.1f}{r['cpu_seconds_per_epoch']:10.1f}{r['peak_rss_mb']['vmhwm']:10.0f}"

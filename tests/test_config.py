@@ -239,13 +239,15 @@ def test_wrong_type_in_yaml_file(tmp_path):
 
 
 @pytest.mark.parametrize("override, key, value, allowed", [
-    ("task=classification", "task", "classification", ["auto", "single_label", "multi_label", "regression"]),
+    ("task=classification", "task", "classification", ["auto", "single_label", "multi_label", "regression",
+                                                         "token_classification"]),
     ("model.pooling=max", "model.pooling", "max", ["cls", "mean"]),
     ("train.scheduler=step", "train.scheduler", "step", ["linear", "cosine", "constant"]),
     ("train.precision=fp16", "train.precision", "fp16", ["auto", "bf16", "fp32"]),
     ("train.device=tpu", "train.device", "tpu", ["auto", "cpu", "cuda"]),
     ("train.batching=sorted", "train.batching", "sorted", ["length_grouped", "random"]),
-    ("data.format=xlsx", "data.format", "xlsx", ["auto", "csv", "tsv", "jsonl", "parquet", "hf"]),
+    ("data.format=xlsx", "data.format", "xlsx", ["auto", "csv", "tsv", "jsonl", "parquet", "hf",
+                                                    "conll"]),
 ])
 def test_invalid_choice_names_allowed_values(override, key, value, allowed):
     message = config_error(None, [override])

@@ -36,9 +36,14 @@ def measure_peak_flops(dtype=None, n: int = 4096, reps: int = 5, threads: int | 
         torch.set_num_threads(before)
 
 
-def training_probe(steps: int = 20, batch_size: int = 32, precision: str = "auto") -> dict:
-    """Train the packaged default model for `steps` steps on the shipped demo set (max length 64) and time the last
-    `steps - 5` (the first steps warm up kernels). Returns samples/s, real tokens/s and the precision used."""
+def training_probe(steps: int = 20, batch_size: int = 32, precision: str = "auto", overrides: dict | None = None,
+                   data: str | None = None, max_length: int = 64) -> dict:
+    """Train for `steps` steps and time the last `steps - 5` (the first steps warm up kernels).
+
+    Defaults: the packaged default model on the shipped demo set. `overrides` (config keys, e.g. {'peft.method':
+    'lora'}) and `data` (a training file) change what is trained. Returns samples/s, real tokens/s, wall and CPU
+    seconds per step (CPU time of this process: on a shared machine it moves far less than wall time) and the
+    trainable parameter count."""
     import numpy as np
     import torch
 
@@ -48,18 +53,21 @@ def training_probe(steps: int = 20, batch_size: int = 32, precision: str = "auto
     from strop.device import resolve_device, resolve_precision
     from strop.models.backbone import load_tokenizer, resolve_model_path
     from strop.models.classifier import build_model
+    from strop.models.peft import apply_peft, count_parameters
     from strop.training.loop import accumulate_gradients
     from strop.training.optim import build_optimizer
 
     demo = __import__("pathlib").Path(__file__).parent / "demo" / "support_tickets.csv"
-    cfg = load_config(None, {"data.train": str(demo), "model.max_length": 64, "train.batch_size": batch_size,
-                             "data.validation_ratio": 0, "data.test_ratio": 0})
+    cfg = load_config(None, {"data.train": str(data or demo), "model.max_length": max_length,
+                             "train.batch_size": batch_size, "data.validation_ratio": 0, "data.test_ratio": 0,
+                             **(overrides or {})})
     ds = prepare(cfg)
-    enc = encode(load_tokenizer(resolve_model_path("default")), ds.splits["train"], 64)
+    enc = encode(load_tokenizer(resolve_model_path(cfg.model.path)), ds.splits["train"], cfg.model.max_length)
     device = resolve_device("auto")
     precision = resolve_precision(precision, device)
     torch.manual_seed(0)
-    model = build_model(cfg.model, ds.task, ds.labels).to(device).train()
+    model, hook = apply_peft(build_model(cfg.model, ds.task, ds.labels), cfg.peft, max(steps, 100))
+    model = model.to(device).train()
     optimizer = build_optimizer(model, cfg.train)
     batches = [b for e in range(math.ceil(steps * batch_size / len(enc)) + 1)
                for b in epoch_batches(enc.lengths, batch_size, 0, e)][:steps]
@@ -67,13 +75,16 @@ def training_probe(steps: int = 20, batch_size: int = 32, precision: str = "auto
     examples = tokens = 0
     for i, idx in enumerate(batches):
         if i == warm:
-            start = time.perf_counter()
-        accumulate_gradients(model, enc, idx, batch_size, ds.task, device, precision)
+            start, cpu_start = time.perf_counter(), time.process_time()
+        accumulate_gradients(model, enc, idx, batch_size, ds.task, device, precision, hook.regularizer)
         optimizer.step()
+        hook(i + 1)
         optimizer.zero_grad(set_to_none=True)
         if i >= warm:
             examples += len(idx)
             tokens += int(np.sum(enc.lengths[idx]))
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    timed = len(batches) - warm
     return {"samples_per_s": examples / seconds, "tokens_per_s": tokens / seconds, "precision": precision,
-            "steps_timed": len(batches) - warm, "batch_size": batch_size}
+            "steps_timed": timed, "batch_size": batch_size, "wall_s_per_step": seconds / timed,
+            "cpu_s_per_step": cpu / timed, "trainable_params": count_parameters(model)[0]}

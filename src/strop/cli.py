@@ -14,7 +14,8 @@ from rich.console import Console
 from strop.errors import StropError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Fine-tune pretrained transformers for your task: train, tune, evaluate, predict, bench.")
+                  help="Fine-tune pretrained transformers for your task: train, tune, evaluate, predict, explain, report, "
+                       "bench.")
 err = Console(stderr=True, soft_wrap=True)  # error messages stay one line, greppable
 
 
@@ -133,6 +134,70 @@ def predict(
         return
     for text, pred in zip(texts, preds):
         print(json.dumps({"text": text, **pred}, ensure_ascii=False))
+
+
+@app.command()
+def report(
+    run: Path = typer.Argument(..., help="a finished run folder (runs/<name>)"),
+    explain_k: int = typer.Option(5, "--explain", min=0, help="attribute this many of the most confident errors"),
+):
+    """(Re)build RUN/report.html: config, data, curves, metrics, confusion matrix, calibration, worst errors."""
+    from strop.evaluate.report import build_report
+    from strop.run import open_run
+
+    model_dir = open_run(run)
+    out = build_report(model_dir.parent if model_dir.name == "model" else run, explain_k=explain_k)
+    err.print(f"wrote {out}")
+
+
+@app.command()
+def explain(
+    run: Path = typer.Argument(..., help="run folder (runs/<name>) or its model/ folder"),
+    text: Optional[str] = typer.Option(None, "--text", help="the text to explain"),
+    pair: Optional[str] = typer.Option(None, "--pair", help="second text, for models of text pairs"),
+    data: Optional[Path] = typer.Option(None, "--data", help="explain every row of this file instead"),
+    target: Optional[str] = typer.Option(None, "--target", help="label to explain; default: the predicted one"),
+    steps: int = typer.Option(50, min=2, help="integration steps to start with (doubled until complete)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write .json (attributions) or .html (coloured tokens)"),
+):
+    """Token attributions (integrated gradients, with the completeness check) and attention rollout.
+
+    Example: strop explain runs/sst2 --text "a gripping, beautifully shot film" --out why.html
+    """
+    from rich.console import Console
+
+    from strop.explain.attribution import explain as explain_one
+    from strop.explain.attribution import explanations_html, require_captum, to_rich_text
+    from strop.predict import Predictor
+
+    require_captum()
+    predictor = Predictor.load(run)
+    if (text is None) == (data is None):
+        raise StropError("give either --text \"...\" or --data FILE")
+    if text is not None:
+        inputs = [(text, pair)]
+    else:
+        _, ex = predictor._file_examples(data, False)
+        inputs = list(zip(ex.texts, ex.pairs or [None] * len(ex.texts)))
+    console = Console(stderr=out is None)
+    results = []
+    for t, p in inputs:
+        ex = explain_one(predictor, t, p, target=target, steps=steps)
+        results.append(ex)
+        c = ex.completeness
+        console.print(f"[bold]{ex.target}[/bold] (completeness: attributions sum {c['sum']:+.4f}, logit difference "
+                      f"{c['logit_diff']:+.4f}, {c['steps']} steps{'' if c['within_tolerance'] else ', NOT within tolerance'})")
+        console.print(to_rich_text(ex))
+    if out is not None:
+        if out.suffix.lower() == ".html":
+            out.write_text(explanations_html(results), encoding="utf-8")
+        elif out.suffix.lower() in (".json", ".jsonl"):
+            out.write_text(json.dumps([e.to_dict() for e in results], indent=2, ensure_ascii=False), encoding="utf-8")
+        else:
+            raise StropError(f"--out {out}: use a .json or .html file name")
+        err.print(f"wrote {out}")
+    else:
+        print(json.dumps([e.to_dict() for e in results], ensure_ascii=False))
 
 
 @app.command()

@@ -35,7 +35,7 @@ class DataConfig:
     validation: str | None = doc(None, "validation file; when empty, carved from train by validation_ratio")
     test: str | None = doc(None, "test file; when empty, carved from train by test_ratio")
     format: str = doc("auto", "file format; auto = from the file extension",
-                      ("auto", "csv", "tsv", "jsonl", "parquet", "hf"))
+                      ("auto", "csv", "tsv", "jsonl", "parquet", "hf", "conll"))
     encoding: str = doc("utf-8", "text encoding of CSV/TSV/JSONL files (a UTF-8 BOM is accepted)")
     text_column: str | None = doc(None, "column with the text; empty = infer (text, sentence, sentence1, ...)")
     text_pair_column: str | None = doc(None, "second text column for sentence pairs; empty = infer (sentence2, ...)")
@@ -69,7 +69,8 @@ class PeftConfig:
                       ("none", "lora", "adalora", "adapter", "freeze"))
     r: int = doc(8, "LoRA rank; for AdaLoRA the average rank it prunes down to (its target rank)")
     alpha: float = doc(16, "LoRA scaling numerator: updates are scaled by alpha / r")
-    dropout: float = doc(0.1, "dropout on the LoRA / adapter input")
+    dropout: float = doc(0.0, "dropout on the LoRA / adapter input; > 0 costs a mask over every adapted layer's "
+                         "input (LoRA on all linear layers ran ~25% slower per step with 0.1)")
     target_modules: list = doc([], "modules to adapt: name suffixes (query,value), one 're:<regex>' matched against "
                                "full module names, or all-linear; empty = all-linear for lora/adalora, the "
                                "attention-output and FFN-output projections for adapter. The task head is never "
@@ -121,8 +122,32 @@ class TrainConfig:
 
 
 @dataclass
+class NerConfig:
+    token_column: int = doc(0, "token classification, CoNLL files: column of the token (0 = first)")
+    tag_column: int = doc(-1, "token classification, CoNLL files: column of the tag (-1 = last)")
+    tokens_key: str | None = doc(None, "JSONL files: key of the token list; empty = tokens or words")
+    tags_key: str | None = doc(None, "JSONL files: key of the tag list; empty = tags, ner_tags or labels")
+    scheme: str = doc("auto", "tag scheme of the files (converted to IOB2 inside); auto = detected",
+                      ("auto", "iob1", "iob2", "bio", "bioes"))
+    invalid: str = doc("repair", "invalid tag sequences (I-PER after O in IOB2): repair (reported with file:line) "
+                       "or refuse", ("repair", "refuse"))
+    label_subwords: str = doc("first", "subwords whose label counts in the loss: first (others ignored) or all "
+                              "(continuations of B-X learn I-X)", ("first", "all"))
+    stride: int = doc(32, "subword tokens shared by consecutive windows of a sentence longer than model.max_length")
+    casing: bool = doc(False, "word-shape feature (no letters/lower/Title/UPPER/mixed) as token type ids: brings "
+                       "back the case signal an uncased tokenizer drops")
+    decoding: str = doc("constrained", "word tags from logits: constrained = best valid IOB2 sequence (Viterbi); "
+                        "argmax = best tag per word", ("constrained", "argmax"))
+    word_split: str = doc("simple", "raw text at prediction: simple = words and punctuation apart; whitespace = "
+                          "split on spaces only", ("simple", "whitespace"))
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = doc(128, "examples per forward pass during evaluation and prediction")
+    report: bool = doc(True, "write report.html (plots, metrics, calibration, worst errors) at the end of the run")
+    report_explain: int = doc(5, "explain this many of the report's most confident errors with integrated gradients "
+                              "(needs strop[explain]); 0 = none")
 
 
 @dataclass
@@ -160,7 +185,8 @@ class TuneConfig:
 class Config:
     name: str | None = doc(None, "run name; the run folder is <output_dir>/<name>; empty = from data file and time")
     output_dir: str = doc("runs", "folder that holds run folders")
-    task: str = doc("auto", "auto = infer from the labels", ("auto", "single_label", "multi_label", "regression"))
+    task: str = doc("auto", "auto = infer from the labels (CoNLL files / JSONL tokens+tags: token_classification)",
+                    ("auto", "single_label", "multi_label", "regression", "token_classification"))
     track: list = doc(["tensorboard"], "experiment trackers besides metrics.jsonl, several allowed: "
                       "tensorboard, mlflow, wandb, none")
     data: DataConfig = field(default_factory=DataConfig)
@@ -168,6 +194,7 @@ class Config:
     peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ner: NerConfig = field(default_factory=NerConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -376,6 +403,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.label_delimiter='' is empty; give the character that separates labels "
                           "(in YAML quote it: label_delimiter: '|')")
     validate_peft(cfg.peft)
+    n = cfg.ner
+    if n.stride < 0:  # stride < the window size is checked where the window size is known (data/tokens.py)
+        raise ConfigError(f"ner.stride={n.stride} must be >= 0 (subword tokens shared by consecutive windows)")
+    if n.token_column < 0 or n.token_column == n.tag_column:
+        raise ConfigError(f"ner.token_column={n.token_column} must be >= 0 and differ from ner.tag_column="
+                          f"{n.tag_column}")
     unknown = set(cfg.track) - set(TRACKERS)
     if unknown:
         raise ConfigError(f"track={cfg.track}: unknown tracker(s) {sorted(unknown)}; choose from {list(TRACKERS)}")

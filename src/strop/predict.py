@@ -30,6 +30,10 @@ class Predictor:
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", precision: str = "fp32") -> "Predictor":
         model, tokenizer, meta = load_model(open_run(path))
+        if meta["task"] == "token_classification":  # entities instead of labels: its own predictor, same verbs
+            from strop.predict_tokens import TokenPredictor
+
+            return TokenPredictor(model, tokenizer, meta, resolve_device(device), precision)
         return cls(model, tokenizer, meta, resolve_device(device), precision)
 
     def _raw(self, examples: Examples, batch_size: int) -> np.ndarray:
@@ -106,6 +110,8 @@ def _present(table: Table, name: str | None) -> str | None:
 
 def _flat(pred: dict, labels: list[str], task: str) -> dict:
     """Prediction dict -> flat CSV columns."""
+    if task == "token_classification":
+        return {"entities": json.dumps(pred["entities"], ensure_ascii=False)}
     if task == "regression":
         return {"prediction": pred["value"]}
     flat = {"prediction": pred["label"] if task == "single_label" else "|".join(pred["labels"])}

@@ -33,7 +33,8 @@ from strop.training.progress import console
 TASK_METRICS = {"single_label": ["accuracy", "macro_f1", "micro_f1", "weighted_f1", "mcc", "loss"],
                 "multi_label": ["micro_f1", "macro_f1", "micro_precision", "micro_recall", "exact_match",
                                 "hamming_loss", "loss"],
-                "regression": ["pearson", "spearman", "mse", "rmse", "mae", "loss"]}
+                "regression": ["pearson", "spearman", "mse", "rmse", "mae", "loss"],
+                "token_classification": ["f1", "precision", "recall", "macro_f1", "token_accuracy", "loss"]}
 
 
 @dataclass
@@ -125,6 +126,8 @@ def data_summary(ds: Dataset, encoded: dict) -> dict:
         enc = encoded[split]
         info = {"examples": len(ex), "truncated": enc.n_truncated, "mean_tokens": float(enc.lengths.mean()),
                 "max_tokens": int(enc.lengths.max())}
+        if ds.task == "token_classification":  # windows: rows the model sees; split: sentences over max_length
+            info.update(sentences=enc.n_examples, windows=len(enc), split_into_windows=enc.n_split)
         if ds.task == "single_label":
             counts = np.bincount(ex.labels, minlength=len(ds.labels))
             info["label_counts"] = dict(zip(ds.labels, counts.tolist()))
@@ -152,6 +155,10 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     model_folder = resolve_model_path(cfg.model.path, cfg.model.allow_pickle)
     tokenizer = load_tokenizer(model_folder, cfg.model.trust_remote_code)
     check_max_length(cfg, model_folder)
+    if ds.task == "token_classification":
+        from strop.data.tokens import window_size
+
+        window_size(tokenizer, cfg.model.max_length, cfg.ner.stride)  # a stride too large for the windows stops here
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     metric = primary_metric(ds.task) if cfg.train.metric == "auto" else cfg.train.metric
@@ -159,7 +166,8 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
         raise ConfigError(f"train.metric={metric!r} is not a {ds.task} metric; choose from {TASK_METRICS[ds.task]}")
 
     torch.manual_seed(cfg.train.seed)  # the new head's initial weights (and the adapters')
-    model = build_model(cfg.model, ds.task, ds.labels)  # before the run folder: broken weights leave nothing behind
+    model = build_model(cfg.model, ds.task, ds.labels,  # before the run folder: broken weights leave nothing behind
+                        cfg.ner)
     model, peft_hook = apply_peft(model, cfg.peft, count_steps(cfg.train, len(ds.splits["train"]))[1])
 
     check_trackers(cfg.track)
@@ -171,7 +179,7 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     write_atomic(run_dir / "config.yaml", dump_yaml(cfg))  # first file of a new run: the resolved config
     for note in ds.notes:
         console.print(f"[dim]{note}[/dim]")
-    encoded = {split: encode(tokenizer, ex, cfg.model.max_length) for split, ex in ds.splits.items()}
+    encoded = {split: encode_split(cfg, ds, tokenizer, ex) for split, ex in ds.splits.items()}
     write_atomic(run_dir / "data.json", json.dumps(data_summary(ds, encoded), indent=2))
     for split, enc in encoded.items():
         if enc.n_truncated:
@@ -201,6 +209,8 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
             "max_length": cfg.model.max_length, "text_column": ds.columns.text, "text_pair_column": ds.columns.pair,
             "label_column": ds.columns.label, "label_delimiter": cfg.data.label_delimiter, "threshold": threshold,
             "base_model": str(cfg.model.path)}
+    if ds.task == "token_classification":
+        meta.update(ner_meta(cfg, ds))
     probe = next(iter(encoded.values()))  # a few real examples check that merging adapters changes no logits
     probe_inputs = {k: v.to(device) for k, v in collate(probe, np.arange(min(8, len(probe)))).items()
                     if k in MODEL_INPUTS}
@@ -208,7 +218,11 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     results = run_results(fitted, len(encoded["train"]), metric, precision, threshold, final, start_step)
     results["trainable_params"], results["total_params"] = trainable, total
     write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
-    tracker.finish(run_dir)  # after model/ and results.json: MLflow logs them as artifacts; then all trackers close
+    if cfg.eval.report:
+        from strop.evaluate.report import build_report
+
+        build_report(run_dir, explain_k=cfg.eval.report_explain)
+    tracker.finish(run_dir)  # after model/, results.json and the report: MLflow logs them; then trackers close
     _print_summary(run_dir, results, metric)
     return RunResult(run_dir, results)
 
@@ -216,10 +230,30 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
 def _train_other_rank(model, ds: Dataset, tokenizer, cfg: Config, ckpt, run_dir: Path, device, precision, metric,
                       peft_hook, dist) -> RunResult:
     """Ranks > 0 of a multi-process run: the same loop on their slice of each batch; they write and log nothing."""
-    encoded = {split: encode(tokenizer, ex, cfg.model.max_length) for split, ex in ds.splits.items()}
+    encoded = {split: encode_split(cfg, ds, tokenizer, ex) for split, ex in ds.splits.items()}
     fit(model, encoded["train"], encoded.get("validation"), cfg, ds.task, ds.labels, device, precision, NoTracker(),
         metric, run_dir, resume_from=ckpt, peft_hook=peft_hook, dist=dist)
     return RunResult(run_dir, {"rank": dist.rank})
+
+
+def encode_split(cfg: Config, ds: Dataset, tokenizer, examples):
+    """Tokenized split: `Encoded` rows, or subword windows of sentences for token classification."""
+    if ds.task != "token_classification":
+        return encode(tokenizer, examples, cfg.model.max_length)
+    from strop.data.tokens import encode_tokens
+
+    n = cfg.ner
+    return encode_tokens(tokenizer, examples, cfg.model.max_length, n.stride, n.label_subwords, n.casing, ds.labels,
+                         n.decoding)
+
+
+def ner_meta(cfg: Config, ds) -> dict:
+    """strop.json fields a token-classification model needs at prediction time."""
+    n = cfg.ner
+    return {"text_column": "tokens", "label_column": "tags", "scheme": ds.scheme, "casing": n.casing,
+            "decoding": n.decoding, "stride": n.stride, "word_split": n.word_split,
+            "label_subwords": n.label_subwords, "token_column": n.token_column, "tag_column": n.tag_column,
+            "tokens_key": n.tokens_key, "tags_key": n.tags_key}
 
 
 def final_evaluation(model, encoded: dict, ds: Dataset, cfg: Config, device, precision) -> tuple[float, dict]:
@@ -257,8 +291,8 @@ def write_atomic(path: Path, text: str) -> None:
 def _print_summary(run_dir: Path, results: dict, metric: str) -> None:
     from rich.table import Table
 
-    keys = [metric] + [k for k in ("accuracy", "macro_f1", "mcc", "micro_f1", "exact_match", "pearson", "spearman",
-                                   "rmse", "loss") if k != metric]
+    keys = [metric] + [k for k in ("accuracy", "token_accuracy", "macro_f1", "mcc", "micro_f1", "exact_match",
+                                   "pearson", "spearman", "rmse", "loss") if k != metric]
     table = Table(title=f"results ({results['steps']} steps, {results['train_seconds']:.0f} s, "
                         f"{results['train_samples_per_s']:.0f} samples/s)")
     table.add_column("split")
@@ -270,6 +304,8 @@ def _print_summary(run_dir: Path, results: dict, metric: str) -> None:
             table.add_row(split, *[f"{results[split][k]:.4f}" for k in shown])
     console.print(table)
     console.print(f"run folder: [bold]{run_dir}[/bold]  (model: {run_dir / 'model'})")
+    if (run_dir / "report.html").is_file():
+        console.print(f"report: {run_dir / 'report.html'}")
 
 
 def open_run(path: str | Path) -> Path:

@@ -16,7 +16,7 @@ class Encoded:
 
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None
-    labels: np.ndarray | None
+    labels: np.ndarray | list | None  # list of (len,) arrays for token classification
     lengths: np.ndarray  # (n,) tokens per example after truncation
     n_truncated: int  # examples that were longer than max_length
     pad_id: int
@@ -91,6 +91,11 @@ def collate(enc: Encoded, idx: np.ndarray) -> dict[str, torch.Tensor]:
     batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
     if types is not None:
         batch["token_type_ids"] = torch.from_numpy(types)
-    if enc.labels is not None:
+    if isinstance(enc.labels, list):  # token classification: one label per token, -100 = not scored
+        labels = np.full((len(idx), width), -100, dtype=np.int64)
+        for row, i in enumerate(idx):
+            labels[row, :enc.lengths[i]] = enc.labels[i]
+        batch["labels"] = torch.from_numpy(labels)
+    elif enc.labels is not None:
         batch["labels"] = torch.from_numpy(enc.labels[idx])
     return batch

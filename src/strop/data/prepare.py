@@ -39,6 +39,10 @@ def _tables(data_cfg) -> dict[str, Table]:
 
 def prepare(cfg) -> Dataset:
     """Read, validate and split the data described by `cfg.data` for task `cfg.task` (auto = inferred)."""
+    from strop.data.ner import is_token_data, prepare_tokens
+
+    if is_token_data(cfg):  # CoNLL / JSONL token lists: their own reader and validation
+        return prepare_tokens(cfg)
     d = cfg.data
     tables = _tables(d)
     train = tables["train"]

@@ -45,6 +45,10 @@ def evaluate(model, enc: Encoded, task: str, label_names: list[str], batch_size:
              precision: str = "fp32", threshold: float = 0.5, keep_outputs: bool = False) -> tuple[dict, np.ndarray | None]:
     """Metrics (plus mean `loss`) on a labelled split; with keep_outputs also the outputs in input order
     ((n, L) probabilities or (n,) values), which multi-label threshold tuning needs."""
+    if task == "token_classification":  # entity metrics over words, windows merged back into sentences
+        from strop.evaluate.entities import evaluate_tokens
+
+        return evaluate_tokens(model, enc, label_names, batch_size, device, precision, keep_outputs)
     metrics = {"single_label": lambda: ClassificationMetrics(label_names),
                "multi_label": lambda: MultiLabelMetrics(label_names, threshold),
                "regression": RegressionMetrics}[task]()

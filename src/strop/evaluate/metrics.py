@@ -26,7 +26,8 @@ __all__ = [
 ]
 
 _LOWER_IS_BETTER = frozenset({"mse", "rmse", "mae", "loss", "hamming_loss"})
-_PRIMARY = {"single_label": "accuracy", "multi_label": "micro_f1", "regression": "pearson"}
+_PRIMARY = {"single_label": "accuracy", "multi_label": "micro_f1", "regression": "pearson",
+            "token_classification": "f1"}  # entity-level micro F1 (evaluate/entities.py)
 
 
 def _to_numpy(x) -> np.ndarray:

@@ -89,9 +89,14 @@ def load_config_of(folder: Path, trust_remote_code: bool, **kwargs):
         raise ModelError(f"cannot read the config of {folder} ({e})") from None
 
 
-def build_model(model_cfg, task: str, label_names: list[str]) -> nn.Module:
+def build_model(model_cfg, task: str, label_names: list[str], ner_cfg=None) -> nn.Module:
     """A fresh classifier on the pretrained backbone at model_cfg.path (head initialised from torch's RNG)."""
-    model = _build(model_cfg, task, label_names)
+    if task == "token_classification":
+        from strop.models.token_classifier import build_token_model
+
+        model = build_token_model(model_cfg, label_names, casing=bool(ner_cfg and ner_cfg.casing))
+    else:
+        model = _build(model_cfg, task, label_names)
     if model_cfg.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     return model
@@ -129,6 +134,8 @@ def _build(model_cfg, task: str, label_names: list[str]) -> nn.Module:
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
     """Mean loss over the batch. logits: (batch, num_labels) float; labels per task as in `Examples`."""
     logits = logits.float()
+    if task == "token_classification":  # logits (batch, seq_len, L), labels (batch, seq_len) with -100 = ignored
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
     if task == "single_label":
         return F.cross_entropy(logits, labels)
     if task == "multi_label":
@@ -168,7 +175,11 @@ def load_model(folder: Path) -> tuple[nn.Module, object, dict]:
 
         return load_adapter(folder, meta).eval(), load_tokenizer(folder), meta
     resolve_model_path(folder)
-    if meta.get("pooling") == "mean":
+    if meta.get("task") == "token_classification":
+        from transformers import AutoModelForTokenClassification
+
+        model = load_pretrained(AutoModelForTokenClassification, folder)
+    elif meta.get("pooling") == "mean":
         backbone = load_pretrained(AutoModel, folder)
         model = MeanPoolClassifier(backbone, 1 if meta["task"] == "regression" else len(meta["labels"]), 0.0)
         model.classifier.load_state_dict(load_file(str(folder / "head.safetensors")))

@@ -88,8 +88,10 @@ def _default_adapter_targets(model: nn.Module) -> list[str]:
 
 
 def head_modules(model: nn.Module) -> list[str]:
-    """Top-level names of the task head (PEFT's modules_to_save)."""
-    return [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+    """Names of what PEFT must train in full and save (modules_to_save): the task head, plus any module strop added
+    that has no pretrained value (flagged `_strop_always_train`, e.g. NER's word-shape embedding)."""
+    heads = [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+    return heads + [n for n, m in model.named_modules() if getattr(m, "_strop_always_train", False)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -199,8 +201,8 @@ def apply_peft(model: nn.Module, p, total_steps: int) -> tuple[nn.Module, PeftHo
             if "norm" in type(m).__name__.lower() or is_head(name):
                 for param in m.parameters(recurse=False):
                     param.requires_grad_(True)
-        for head in head_modules(model):
-            getattr(model, head).requires_grad_(True)
+        for name in head_modules(model):
+            model.get_submodule(name).requires_grad_(True)
         return model, PeftHook()
     return _apply_lora(model, p, total_steps)
 
@@ -254,7 +256,7 @@ def freeze_layers(model: nn.Module, unfrozen: int) -> None:
     for layer in list(layers)[len(layers) - unfrozen:]:
         layer.requires_grad_(True)
     for name, m in model.named_modules():
-        if is_head(name) or name.endswith("pooler"):
+        if is_head(name) or name.endswith("pooler") or getattr(m, "_strop_always_train", False):
             m.requires_grad_(True)
 
 
@@ -305,7 +307,7 @@ def load_adapter(folder: Path, meta: dict) -> nn.Module:
     The base must be a local safetensors folder; the adapter holds the task head too (modules_to_save)."""
     require_peft()
     from peft import PeftModel
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     from strop.models.backbone import load_pretrained, resolve_model_path
     from strop.models.classifier import PROBLEM_TYPES, MeanPoolClassifier
@@ -317,7 +319,14 @@ def load_adapter(folder: Path, meta: dict) -> nn.Module:
                          "folder here; load the run's model/ folder (adapter merged) instead")
     base = resolve_model_path(base_path)
     num_labels = 1 if meta["task"] == "regression" else len(meta["labels"])
-    if meta.get("pooling") == "mean":
+    labels = dict(id2label=dict(enumerate(meta["labels"])), label2id={n: i for i, n in enumerate(meta["labels"])})
+    if meta["task"] == "token_classification":
+        from strop.models.token_classifier import add_shape_embeddings
+
+        model = load_pretrained(AutoModelForTokenClassification, base, num_labels=num_labels, **labels)
+        if meta.get("casing"):
+            add_shape_embeddings(model)
+    elif meta.get("pooling") == "mean":
         model = MeanPoolClassifier(load_pretrained(AutoModel, base), num_labels, 0.0)
     else:
         model = load_pretrained(AutoModelForSequenceClassification, base, num_labels=num_labels,

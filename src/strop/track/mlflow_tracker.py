@@ -60,7 +60,7 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, metrics=metrics)
 
     def finish(self, run_dir: Path) -> None:
-        for name in ("results.json", "data.json"):
+        for name in ("results.json", "data.json", "report.html"):
             if (run_dir / name).is_file():
                 self.client.log_artifact(self.run_id, str(run_dir / name))
         self.client.log_artifacts(self.run_id, str(run_dir / "model"), artifact_path="model")

@@ -1,0 +1,160 @@
+"""Use a finished token-classification model: entities with character offsets for raw or pre-tokenised text.
+
+Every entity is {text, type, start, end, score}: `text == source[start:end]` where source is the input text (raw
+input) or the tokens joined by single spaces (pre-tokenised input); score is the mean probability of the entity's
+word tags. Pre-tokenised input also gets the word tags back, in the scheme of the training files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from strop.data.conll import CONLL_SUFFIXES, looks_like_conll, read_sentences
+from strop.data.ner import TokenExamples, check_sentences, to_token_examples
+from strop.data.tags import from_iob2, spans
+from strop.data.tokens import encode_tokens, split_words, word_logits
+from strop.errors import DataError
+from strop.evaluate.entities import TagDecoder, evaluate_tokens
+from strop.evaluate.evaluator import batched_logits
+
+
+class TokenPredictor:
+    """A loaded token classifier with its tokenizer and strop.json metadata (labels, scheme, casing, decoding)."""
+
+    def __init__(self, model, tokenizer, meta: dict, device: torch.device, precision: str = "fp32"):
+        self.model, self.tokenizer, self.meta = model.to(device), tokenizer, meta
+        self.device, self.precision = device, precision
+        self.task, self.labels = meta["task"], meta["labels"]
+        self.decode = TagDecoder(self.labels, meta.get("decoding", "constrained"))
+
+    def _encode(self, examples: TokenExamples):
+        m = self.meta
+        return encode_tokens(self.tokenizer, examples, m["max_length"], m.get("stride", 32), "first",
+                             m.get("casing", False), self.labels, m.get("decoding", "constrained"))
+
+    def tag(self, sentences: list[list[str]], batch_size: int = 64) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(IOB2 tag ids, probability of each chosen tag) per sentence of words."""
+        for i, words in enumerate(sentences):
+            if not words or not all(isinstance(w, str) and w.strip() for w in words):
+                raise DataError(f"input {i}: needs a non-empty list of non-empty words, got {str(words)[:80]}")
+        enc = self._encode(TokenExamples([list(s) for s in sentences], None, []))
+        stream = ((idx, logits.numpy()) for idx, logits, _ in
+                  batched_logits(self.model, enc, batch_size, self.device, self.precision))
+        return [self.decode(logits) for logits in word_logits(enc, stream)]
+
+    def _entities(self, text: str, offsets: list[tuple[int, int]], ids: np.ndarray, probs: np.ndarray) -> list[dict]:
+        tags = [self.labels[t] for t in ids]
+        out = []
+        for s, e, kind in spans(tags):
+            start, end = offsets[s][0], offsets[e - 1][1]
+            out.append({"text": text[start:end], "type": kind, "start": start, "end": end,
+                        "score": float(probs[s:e].mean()), "words": [s, e]})
+        return out
+
+    def predict(self, texts: list[str] | str, batch_size: int = 64, word_split: str | None = None) -> list[dict]:
+        """Raw texts -> [{'entities': [{text, type, start, end, score, words}]}] with offsets into each text."""
+        if isinstance(texts, str):
+            texts = [texts]
+        how = word_split or self.meta.get("word_split", "simple")
+        words = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"text {i} is empty; every input needs some text")
+            words.append(split_words(text, how))
+        tagged = self.tag([[w for w, _, _ in ws] for ws in words], batch_size)
+        return [{"entities": self._entities(text, [(s, e) for _, s, e in ws], ids, probs)}
+                for text, ws, (ids, probs) in zip(texts, words, tagged)]
+
+    def predict_tokens(self, sentences: list[list[str]], batch_size: int = 64) -> list[dict]:
+        """Pre-tokenised sentences -> [{'text', 'tags', 'entities'}]; text is the tokens joined by spaces and the
+        tags are in the training files' scheme."""
+        out = []
+        for words, (ids, probs) in zip(sentences, self.tag(sentences, batch_size)):
+            offsets, pos = [], 0
+            for w in words:
+                offsets.append((pos, pos + len(w)))
+                pos += len(w) + 1
+            text = " ".join(words)
+            tags = from_iob2([self.labels[t] for t in ids], self.meta.get("scheme", "iob2"))
+            out.append({"text": text, "tags": tags, "entities": self._entities(text, offsets, ids, probs)})
+        return out
+
+    # ---- files
+
+    def _ner_cfg(self) -> SimpleNamespace:
+        m = self.meta
+        return SimpleNamespace(token_column=m.get("token_column", 0), tag_column=m.get("tag_column", -1),
+                               tokens_key=m.get("tokens_key"), tags_key=m.get("tags_key"))
+
+    def evaluate_file(self, path, batch_size: int = 128, **_) -> dict:
+        """Entity metrics of this model on a labelled CoNLL or JSONL file (tags in the training files' scheme)."""
+        sentences = read_sentences(path, "auto", self._ner_cfg(), need_tags=True)
+        notes: list[str] = []
+        iob2 = check_sentences(sentences, self.meta.get("scheme", "iob2"), "repair", "input", notes)
+        ex = to_token_examples(sentences, iob2, {n: i for i, n in enumerate(self.labels)}, "input")
+        metrics, _ = evaluate_tokens(self.model, self._encode(ex), self.labels, batch_size, self.device,
+                                     self.precision)
+        metrics["repaired_tags"] = notes
+        return metrics
+
+    def predict_file(self, path, out: str | Path, batch_size: int = 64, **_) -> int:
+        """Entities for every input of `path`: a CoNLL file, JSONL rows with 'tokens' (a list) or 'text', or a
+        .txt file with one raw text per line. Writes JSON lines to `out`, keeping the input rows' fields."""
+        rows, preds = self._file_predictions(Path(path), batch_size)
+        out = Path(out)
+        if out.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
+            raise DataError(f"--out {out}: token classification writes JSON lines; use a .jsonl file name")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row, pred in zip(rows, preds):
+                f.write(json.dumps({**row, **pred}, ensure_ascii=False, default=str) + "\n")
+        tmp.replace(out)
+        return len(preds)
+
+    def _file_predictions(self, path: Path, batch_size: int) -> tuple[list[dict], list[dict]]:
+        if not path.is_file():
+            raise DataError(f"data file {path} not found; check the path (--data)")
+        suffix = path.suffix.lower()
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            return self._jsonl_predictions(path, batch_size)
+        if suffix in CONLL_SUFFIXES and (suffix != ".txt" or looks_like_conll(path)):
+            sentences = read_sentences(path, "conll", self._ner_cfg(), need_tags=False)
+            return [{} for _ in sentences], self.predict_tokens([s.tokens for s in sentences], batch_size)
+        if suffix == ".txt":
+            texts = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+            if not texts:
+                raise DataError(f"{path} has no text; give one text per line")
+            return [{"text": t} for t in texts], self.predict(texts, batch_size)
+        raise DataError(f"{path}: token classification predicts on CoNLL files, JSONL (with 'tokens' or 'text') or "
+                        ".txt (one text per line)")
+
+    def _jsonl_predictions(self, path: Path, batch_size: int) -> tuple[list[dict], list[dict]]:
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            key = next((k for k in ("tokens", "words") if isinstance(row, dict) and k in row), None)
+            if not isinstance(row, dict) or (key is None and not isinstance(row.get("text"), str)):
+                raise DataError(f"{path}:{number}: expected an object with 'tokens' (a list of words) or 'text' "
+                                "(a string)")
+            rows.append((number, row, key))
+        if not rows:
+            raise DataError(f"{path} has no rows; one JSON object per line")
+        preds: list[dict | None] = [None] * len(rows)
+        tok = [i for i, (_, _, key) in enumerate(rows) if key]
+        raw = [i for i, (_, _, key) in enumerate(rows) if not key]
+        for i, p in zip(tok, self.predict_tokens([rows[i][1][rows[i][2]] for i in tok], batch_size) if tok else []):
+            preds[i] = p
+        for i, p in zip(raw, self.predict([rows[i][1]["text"] for i in raw], batch_size) if raw else []):
+            preds[i] = p
+        return [r for _, r, _ in rows], preds
