@@ -105,8 +105,10 @@ def test_two_processes_follow_the_loss_curve_of_one_with_twice_the_batch(one_pro
 def test_only_rank_zero_writes_and_logs(two_processes):
     run_dir, proc = two_processes
     assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "data.json", "metrics.jsonl",
-                                                         "model", "results.json", "tb"]
+    # exactly the files of a one-process run (report.* when eval.report is on); no second writer's leftovers
+    names = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("report."))
+    assert names == ["checkpoints", "config.yaml", "data.json", "metrics.jsonl", "model", "results.json", "tb"]
+    assert not list(run_dir.rglob("*.tmp")) and not list((run_dir / "checkpoints").glob(".tmp-*"))
     output = proc.stdout + proc.stderr
     assert output.count("run folder:") == 1 and output.count("trainable parameters") == 1
     assert output.count(f"step {STEPS}/{STEPS}") == 1  # progress lines come from rank 0 only
