@@ -205,7 +205,7 @@ ERRORS = [
     Case("metric-of-other-task", lambda c: c.train(**{"train.metric": "pearson"}),
          ("train.metric='pearson'", "choose from")),
     Case("unknown-precision", lambda c: c.train(**{"train.precision": "fp16"}), ("train.precision='fp16'", "bf16")),
-    Case("unknown-tracker", lambda c: c.train(track="wandb"), ("unknown tracker", "tensorboard")),
+    Case("unknown-tracker", lambda c: c.train(track="comet"), ("unknown tracker", "tensorboard")),
     Case("cuda-without-gpu", lambda c: c.train(**{"train.device": "cuda"}), ("no cuda gpu", "train.device=auto"),
          marks=(pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible"),)),
     Case("config-file-missing", lambda c: c.train(str(c.tmp / "nope.yaml")),

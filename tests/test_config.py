@@ -293,8 +293,8 @@ def test_invalid_choice_names_allowed_values(override, key, value, allowed):
     (["train.betas=[0.9, abc]"], "train.betas"),
     (["train.betas=[]"], "train.betas"),
     (["data.label_delimiter=''"], "data.label_delimiter"),
-    (["track=wandb"], "track"),
-    (["track=tensorboard,mlflow"], "track"),
+    (["track=comet"], "track"),
+    (["track=tensorboard,comet"], "track"),
 ])
 def test_value_checks_name_the_key(overrides, key):
     assert key in config_error(None, overrides)
@@ -310,8 +310,8 @@ def test_micro_batch_message_names_both_sizes():
 
 
 def test_unknown_tracker_message_names_tracker_and_choices():
-    message = config_error(None, ["track=tensorboard,wandb"])
-    assert "'wandb'" in message and "tensorboard" in message and "none" in message
+    message = config_error(None, ["track=tensorboard,comet"])
+    assert "'comet'" in message and "tensorboard" in message and "none" in message
 
 
 @pytest.mark.parametrize("overrides", [

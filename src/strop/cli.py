@@ -14,8 +14,8 @@ from rich.console import Console
 from strop.errors import StropError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Fine-tune pretrained transformers for your task: train, evaluate, predict, explain, report, "
-                       "export, serve, bench.")
+                  help="Fine-tune pretrained transformers for your task: train, tune, evaluate, predict, explain, "
+                       "report, export, serve, bench.")
 err = Console(stderr=True, soft_wrap=True)  # error messages stay one line, greppable
 
 
@@ -59,6 +59,28 @@ def train(
     if config is None and not args:
         raise typer.BadParameter("give a config file and/or key=value overrides (at least data.train=FILE)")
     run_train(config, args, overwrite=overwrite)
+
+
+@app.command(context_settings={"allow_extra_args": False})
+def tune(
+    args: List[str] = typer.Argument(..., metavar="CONFIG.yaml [KEY=VALUE]...",
+                                     help="a YAML config with a tune.space section, and/or overrides"),
+    trials: Optional[int] = typer.Option(None, "--trials", min=1, help="trials to finish in total (default: "
+                                         "tune.trials); an interrupted search continues where it stopped"),
+):
+    """Hyperparameter search with Optuna (TPE, median pruning); each trial is a run folder runs/<name>-trial-<k>.
+
+    Writes runs/<name>-tune/ (best.yaml, trials.json, trials.png, report.html); the study is stored in
+    runs/<name>-tune.db. Example: strop tune configs/tune-quickstart.yaml --trials 8
+    """
+    from strop.tune import tune as run_tune
+
+    args = list(args)
+    config = args.pop(0) if args and "=" not in args[0] else None
+    result = run_tune(config, args, trials)
+    print(json.dumps({"best_value": result.best_value, "best_params": result.best_params,
+                      "best_config": str(result.tune_dir / "best.yaml") if result.best_run else None,
+                      "report": str(result.tune_dir / "report.html")}))
 
 
 @app.command("eval")

@@ -151,18 +151,53 @@ class EvalConfig:
 
 
 @dataclass
+class MlflowConfig:
+    tracking_uri: str = doc("", "MLflow tracking store; empty = sqlite:///<output_dir>/mlflow.db (local, no server)")
+    experiment: str = doc("strop", "MLflow experiment the run is logged under (created if missing)")
+    register_as: str | None = doc(None, "also register the final model in the MLflow model registry under this name")
+
+
+@dataclass
+class WandbConfig:
+    project: str = doc("strop", "Weights & Biases project")
+    entity: str | None = doc(None, "W&B entity (user or team); empty = your default")
+    mode: str = doc("", "offline (files only, sync later with `wandb sync`), online, disabled; empty = the "
+                    "WANDB_MODE environment variable, else offline")
+
+
+@dataclass
+class TuneConfig:
+    space: dict = doc({}, "search space: {config.key: {log_uniform|uniform: [lo, hi]} | {int: [lo, hi]} | "
+                      "{choice: [a, b, ...]}}, e.g. {train.lr: {log_uniform: [1e-5, 1e-3]}}")
+    trials: int = doc(20, "trials in the study (finished + pruned, counting those of an interrupted search)")
+    metric: str = doc("auto", "validation metric to optimise (and to prune on); auto = train.metric")
+    direction: str = doc("auto", "auto = maximize, or minimize for error metrics (loss, mse, rmse, mae, "
+                         "hamming_loss)", ("auto", "maximize", "minimize"))
+    storage: str = doc("", "Optuna storage; empty = sqlite:///<output_dir>/<name>-tune.db (a search resumes)")
+    study: str = doc("", "study name; empty = the run name")
+    pruner: str = doc("median", "stop trials whose intermediate validation metric is below the median of "
+                      "earlier trials at the same step", ("median", "none"))
+    startup_trials: int = doc(3, "trials sampled at random and never pruned before TPE and pruning start")
+    seed: int | None = doc(None, "seed of the TPE sampler; empty = train.seed")
+
+
+@dataclass
 class Config:
     name: str | None = doc(None, "run name; the run folder is <output_dir>/<name>; empty = from data file and time")
     output_dir: str = doc("runs", "folder that holds run folders")
     task: str = doc("auto", "auto = infer from the labels (CoNLL files / JSONL tokens+tags: token_classification)",
                     ("auto", "single_label", "multi_label", "regression", "token_classification"))
-    track: list = doc(["tensorboard"], "experiment trackers besides metrics.jsonl: tensorboard, none")
+    track: list = doc(["tensorboard"], "experiment trackers besides metrics.jsonl, several allowed: "
+                      "tensorboard, mlflow, wandb, none")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ner: NerConfig = field(default_factory=NerConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -374,9 +409,54 @@ def validate(cfg: Config) -> None:
     if n.token_column < 0 or n.token_column == n.tag_column:
         raise ConfigError(f"ner.token_column={n.token_column} must be >= 0 and differ from ner.tag_column="
                           f"{n.tag_column}")
-    unknown = set(cfg.track) - {"tensorboard", "none"}
+    unknown = set(cfg.track) - set(TRACKERS)
     if unknown:
-        raise ConfigError(f"track={cfg.track}: unknown tracker(s) {sorted(unknown)}; choose from ['tensorboard', 'none']")
+        raise ConfigError(f"track={cfg.track}: unknown tracker(s) {sorted(unknown)}; choose from {list(TRACKERS)}")
+    if cfg.wandb.mode not in ("", "offline", "online", "disabled"):
+        raise ConfigError(f"wandb.mode={cfg.wandb.mode!r} is not one of ['offline', 'online', 'disabled'] (or empty)")
+    validate_tune(cfg.tune)
+
+
+TRACKERS = ("tensorboard", "mlflow", "wandb", "none")
+# (what the arguments must be, an example); no '[word]' in these texts: the CLI's rich output would eat it as markup
+DISTRIBUTIONS = {"log_uniform": ("two numbers > 0, low < high", "[1e-5, 1e-3]"),
+                 "uniform": ("two numbers, low < high", "[0.0, 0.3]"),
+                 "int": ("two whole numbers, low < high", "[1, 4]"),
+                 "choice": ("a non-empty list of values", "[4, 8, 16]")}
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # YAML 1.1 reads 1e-5 (no dot) as a string
+
+
+def _number(value: Any) -> Any:
+    return float(value) if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()) else value
+
+
+def validate_tune(tu: TuneConfig) -> None:
+    """tune.space: every key a config field, every value one distribution with valid bounds."""
+    if tu.trials <= 0 or tu.startup_trials < 0:
+        raise ConfigError(f"tune.trials={tu.trials} must be > 0 and tune.startup_trials={tu.startup_trials} >= 0")
+    if not isinstance(tu.space, dict):
+        raise ConfigError(f"tune.space={tu.space!r} must be a mapping {{config.key: distribution}}")
+    keys = all_keys()
+    for key, spec in tu.space.items():
+        if key not in keys or key.startswith("tune."):
+            near = difflib.get_close_matches(str(key), keys, n=1, cutoff=0.5)
+            raise ConfigError(f"tune.space: {key!r} is not a config key{f'; did you mean {near[0]!r}?' if near else ''}")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            raise ConfigError(f"tune.space.{key}={spec!r} must be one distribution: "
+                              + ", ".join(f"{{{k}: {example}}}" for k, (_, example) in DISTRIBUTIONS.items()))
+        kind, args = next(iter(spec.items()))
+        if isinstance(args, list):
+            args = spec[kind] = [_number(a) for a in args]
+        if kind == "choice":
+            ok = isinstance(args, list) and len(args) >= 1
+        else:
+            number = int if kind == "int" else (int, float)
+            ok = (isinstance(args, list) and len(args) == 2 and all(isinstance(a, number) and not isinstance(a, bool)
+                                                                    for a in args) and args[0] < args[1]
+                  and (kind != "log_uniform" or args[0] > 0))
+        if not ok:
+            raise ConfigError(f"tune.space.{key}: {kind} needs {DISTRIBUTIONS[kind][0]} such as "
+                              f"{DISTRIBUTIONS[kind][1]}; got {args!r}")
 
 
 def validate_peft(p: PeftConfig) -> None:
@@ -417,6 +497,17 @@ def validate_peft(p: PeftConfig) -> None:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def flat_dict(cfg: Config) -> dict[str, Any]:
+    """{'train.lr': 5e-05, ...}: every field by its dotted key (for trackers' parameter tables)."""
+    out = {}
+    for key in all_keys():
+        value: Any = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        out[key] = value
+    return out
 
 
 def from_dict(mapping: dict) -> Config:

@@ -23,8 +23,9 @@ from strop.evaluate.metrics import primary_metric, tune_threshold
 from strop.models.backbone import load_tokenizer, read_model_config, resolve_model_path
 from strop.models.classifier import build_model
 from strop.models.peft import apply_peft, count_parameters, save_trained
-from strop.track import Trackers
+from strop.track import NoTracker, Trackers, check_trackers
 from strop.training.checkpoint import latest_checkpoint
+from strop.training.distributed import init_distributed
 from strop.training.loop import count_steps, fit
 from strop.training.progress import console
 
@@ -135,13 +136,19 @@ def data_summary(ds: Dataset, encoded: dict) -> dict:
 
 
 def train(config: Config | str | Path | None = None, overrides: list[str] | dict | None = None,
-          overwrite: bool = False, resume: bool | str | Path = False) -> RunResult:
+          overwrite: bool = False, resume: bool | str | Path = False, on_eval=None) -> RunResult:
     """Fine-tune a model as the config says; returns the run folder and its results.
 
     `config`: a Config, a YAML path, or None for defaults; `overrides`: ['train.lr=3e-4', ...] or {'train.lr': 3e-4};
-    `resume`: True to continue the run the config names from its newest complete checkpoint, or a run folder path.
+    `resume`: True to continue the run the config names from its newest complete checkpoint, or a run folder path;
+    `on_eval(step, value)`: called after each validation with the validation metric (hyperparameter search prunes
+    there by raising).
     """
+    dist = init_distributed()  # rank 0 of 1 unless started by torchrun / accelerate launch
+    console.quiet = not dist.main  # one voice: rank 0 prints, logs and writes the run folder
     cfg, run_dir, ckpt = resolve_run(config, overrides, overwrite, resume)
+    run_dir = Path(dist.from_main(str(run_dir)))  # a name from the clock could differ by a second between ranks
+    cfg.name = run_dir.name
     set_threads(cfg.train.threads)
     # everything a user can get wrong is checked before the run folder is created, so bad input leaves nothing
     ds = prepare(cfg)
@@ -163,6 +170,11 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
                         cfg.ner)
     model, peft_hook = apply_peft(model, cfg.peft, count_steps(cfg.train, len(ds.splits["train"]))[1])
 
+    check_trackers(cfg.track)
+    dist.barrier()  # every rank has checked the run folder before rank 0 (re)creates it
+    if not dist.main:
+        return _train_other_rank(model, ds, tokenizer, cfg, ckpt, run_dir, device, precision, metric, peft_hook,
+                                 dist)
     start_step = open_run_dir(run_dir, ckpt)
     write_atomic(run_dir / "config.yaml", dump_yaml(cfg))  # first file of a new run: the resolved config
     for note in ds.notes:
@@ -180,17 +192,18 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     console.print(f"peft.method={cfg.peft.method}: trainable parameters {trainable:,} of {total:,} "
                   f"({100 * trainable / total:.2f}%)")
 
-    tracker = Trackers(run_dir, cfg.track, purge_step=start_step + 1 if start_step else None)
+    tracker = Trackers(run_dir, cfg.track, purge_step=start_step + 1 if start_step else None, config=cfg)
     try:
         if "validation" not in encoded:
             console.print("[yellow]no validation split: no evaluation during training[/yellow]")
         fitted = fit(model, encoded["train"], encoded.get("validation"), cfg, ds.task, ds.labels, device, precision,
-                     tracker, metric, run_dir, resume_from=ckpt, peft_hook=peft_hook)
+                     tracker, metric, run_dir, resume_from=ckpt, peft_hook=peft_hook, on_eval=on_eval, dist=dist)
         threshold, final = final_evaluation(model, encoded, ds, cfg, device, precision)
         for split, metrics in final.items():
             tracker.log({"step": fitted.state.step, "split": f"final_{split}", **metrics})
-    finally:
-        tracker.close()
+    except BaseException:
+        tracker.close(failed=True)
+        raise
 
     meta = {"strop_version": __version__, "task": ds.task, "labels": ds.labels, "pooling": cfg.model.pooling,
             "max_length": cfg.model.max_length, "text_column": ds.columns.text, "text_pair_column": ds.columns.pair,
@@ -209,8 +222,18 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
         from strop.evaluate.report import build_report
 
         build_report(run_dir, explain_k=cfg.eval.report_explain)
+    tracker.finish(run_dir)  # after model/, results.json and the report: MLflow logs them; then trackers close
     _print_summary(run_dir, results, metric)
     return RunResult(run_dir, results)
+
+
+def _train_other_rank(model, ds: Dataset, tokenizer, cfg: Config, ckpt, run_dir: Path, device, precision, metric,
+                      peft_hook, dist) -> RunResult:
+    """Ranks > 0 of a multi-process run: the same loop on their slice of each batch; they write and log nothing."""
+    encoded = {split: encode_split(cfg, ds, tokenizer, ex) for split, ex in ds.splits.items()}
+    fit(model, encoded["train"], encoded.get("validation"), cfg, ds.task, ds.labels, device, precision, NoTracker(),
+        metric, run_dir, resume_from=ckpt, peft_hook=peft_hook, dist=dist)
+    return RunResult(run_dir, {"rank": dist.rank})
 
 
 def encode_split(cfg: Config, ds: Dataset, tokenizer, examples):

@@ -1,6 +1,7 @@
-"""Experiment tracking behind one small interface: `log(values, step)` and `close()`.
+"""Experiment tracking behind one small interface: `log(record)`, `finish(run_dir)` and `close()`.
 
-metrics.jsonl is always written; TensorBoard event files are added when `track` names it.
+metrics.jsonl is always written; `track` adds TensorBoard event files, MLflow (local SQLite store) and Weights &
+Biases (offline). `finish(run_dir)` runs once the final model is saved: trackers that keep artifacts log it then.
 """
 
 from __future__ import annotations
@@ -56,17 +57,65 @@ class TensorBoardTracker:
 
 
 class Trackers:
-    """Fan one record out to every configured tracker."""
+    """Fan one record out to every configured tracker. `config` (the resolved Config) is needed for mlflow/wandb."""
 
-    def __init__(self, run_dir: Path, names: list[str], purge_step: int | None = None):
+    def __init__(self, run_dir: Path, names: list[str], purge_step: int | None = None, config=None):
         self.trackers = [JsonlTracker(run_dir / "metrics.jsonl")]
         if "tensorboard" in names:
             self.trackers.append(TensorBoardTracker(run_dir / "tb", purge_step))
+        if "mlflow" in names:
+            from strop.track.mlflow_tracker import MlflowTracker
+
+            self.trackers.append(MlflowTracker(run_dir, config, resumed_from=(purge_step or 1) - 1))
+        if "wandb" in names:
+            from strop.track.wandb_tracker import WandbTracker
+
+            self.trackers.append(WandbTracker(run_dir, config, resumed_from=(purge_step or 1) - 1))
 
     def log(self, record: dict) -> None:
         for t in self.trackers:
             t.log(record)
 
-    def close(self) -> None:
+    def finish(self, run_dir: Path) -> None:
+        """The run succeeded and run_dir/model is written: log final artifacts, then close every tracker."""
         for t in self.trackers:
-            t.close()
+            if hasattr(t, "finish"):
+                t.finish(run_dir)
+        self.close()
+
+    def close(self, failed: bool = False) -> None:
+        for t in self.trackers:
+            t.close(failed) if hasattr(t, "finish") else t.close()
+
+
+class NoTracker:
+    """What processes other than rank 0 log to in multi-process training: nothing."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def finish(self, run_dir: Path) -> None:
+        pass
+
+    def close(self, failed: bool = False) -> None:
+        pass
+
+
+def check_trackers(names: list[str]) -> None:
+    """Fail before the run folder exists when a configured tracker's library is missing."""
+    for name in ("mlflow", "wandb"):
+        if name in names:
+            require(name, name)
+
+
+def require(module: str, extra: str):
+    """Import an optional tracker library, or fail with the install command."""
+    import importlib
+
+    from strop.errors import ConfigError
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"track includes {extra} but the {module} package is not installed; "
+                          f"pip install 'strop[{extra}]' (or drop {extra} from track)") from None

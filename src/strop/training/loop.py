@@ -18,6 +18,7 @@ from strop.evaluate.metrics import greater_is_better
 from strop.models.classifier import task_loss
 from strop.models.peft import PeftHook
 from strop.training.checkpoint import TrainState, load_checkpoint, load_weights, prune_checkpoints, save_checkpoint
+from strop.training.distributed import Dist, shard, wrap_model
 from strop.training.guards import MicroBatchSize, NonFiniteError, StopSignals, TrainingInterrupted, is_finite
 from strop.training.optim import build_optimizer, build_scheduler, warmup_steps
 from strop.training.progress import TrainProgress
@@ -38,13 +39,16 @@ def count_steps(t, n_train: int) -> tuple[int, int]:
 
 
 def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_batch_size: int, task: str,
-                         device: torch.device, precision: str, regularizer=None, loss_fn=None) -> torch.Tensor:
+                         device: torch.device, precision: str, regularizer=None, loss_fn=None,
+                         batch_examples: float | None = None) -> torch.Tensor:
     """Forward + backward over the examples `idx` in micro-batches; returns the batch's mean loss (detached).
 
     Each micro-batch loss is weighted by its share of the batch, so the summed gradients equal those of one
     forward/backward over the whole batch (also when the last micro-batch is smaller). `regularizer()` (e.g.
     AdaLoRA's orthogonality penalty) returns a term added once per batch, or None.
     loss_fn(logits, batch) -> mean loss replaces the task loss (distillation uses it); None = task_loss.
+    `batch_examples`: what the loss is averaged over, len(idx) by default; with several processes
+    len(global batch) / world (distributed.shard).
     """
     total = torch.zeros((), device=device)
     for start in range(0, len(idx), micro_batch_size):
@@ -54,7 +58,7 @@ def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_
             logits = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).logits
         loss = loss_fn(logits, batch) if loss_fn else task_loss(logits, batch["labels"], task)
         penalty = regularizer() if regularizer else None
-        loss = (loss if penalty is None else loss + penalty) * (len(part) / len(idx))
+        loss = (loss if penalty is None else loss + penalty) * (len(part) / (batch_examples or len(idx)))
         loss.backward()
         total += loss.detach()
     return total
@@ -62,12 +66,16 @@ def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_
 
 def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, label_names: list[str],
         device: torch.device, precision: str, tracker, metric: str, run_dir: Path,
-        resume_from: Path | None = None, peft_hook: PeftHook | None = None, loss_fn=None) -> FitResult:
+        resume_from: Path | None = None, peft_hook: PeftHook | None = None, loss_fn=None, on_eval=None,
+        dist: Dist | None = None) -> FitResult:
     """Train `model` in place on `train`, evaluating on `val` and checkpointing into run_dir/checkpoints.
     `peft_hook` (models/peft.py) adds its regulariser to the loss and runs after each optimizer step.
-    loss_fn(logits, batch): a training loss other than the task loss (e.g. distillation); evaluation is unchanged."""
+    loss_fn(logits, batch): a training loss other than the task loss (e.g. distillation); evaluation is unchanged.
+    `on_eval(step, value)` sees each validation metric; it may raise to stop the run (tune.py's pruning).
+    `dist` (training/distributed.py): this process's rank when a launcher started several; only rank 0 writes."""
     t = cfg.train
     peft_hook = peft_hook or PeftHook()
+    dist = dist or Dist()
     steps_per_epoch, total_steps = count_steps(t, len(train))
     eval_every = t.eval_every or steps_per_epoch
     save_every = eval_every if t.save_every == 0 else t.save_every
@@ -76,8 +84,11 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
     params = [p for p in model.parameters() if p.requires_grad]
     micro = MicroBatchSize(t.micro_batch_size or t.batch_size, t.auto_batch_size)
     model.to(device).train()
-    torch.manual_seed(t.seed)  # dropout masks
+    ddp_model = wrap_model(model, dist, device)  # trains with all-reduced gradients; `model` evaluates and saves
+    torch.manual_seed(t.seed + dist.rank)  # dropout masks (each rank its own)
     state = load_checkpoint(resume_from, model, optimizer, scheduler) if resume_from else TrainState()
+    if resume_from and dist.rank:  # the checkpoint holds rank 0's RNG; the other ranks keep their own masks
+        torch.manual_seed(t.seed + dist.rank + state.step)
     result = FitResult(state, steps_per_epoch)
     best_state = None
     window_loss = torch.tensor(state.window[0], device=device)  # summed on-device; read once per log line
@@ -86,6 +97,8 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
 
     def checkpoint():
         state.window = [float(window_loss), state.window[1], state.window[2]]
+        if not dist.main:
+            return
         save_checkpoint(run_dir, model, optimizer, scheduler, state)
         prune_checkpoints(run_dir, t.keep_checkpoints, {state.best_step} if state.best_step else set())
 
@@ -93,9 +106,11 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
         while state.step < total_steps and not state.stopped_early:
             batches = epoch_batches(train.lengths, t.batch_size, t.seed, state.epoch, t.batching == "length_grouped")
             for idx in batches[state.batch_in_epoch:]:
-                loss = micro.run(lambda m: accumulate_gradients(model, train, idx, m, task, device, precision,
-                                                                  peft_hook.regularizer, loss_fn),
+                part, share = shard(idx, dist)  # this process's slice of the global batch (all of it with one)
+                loss = micro.run(lambda m: accumulate_gradients(ddp_model, train, part, m, task, device, precision,
+                                                                  peft_hook.regularizer, loss_fn, share),
                                  model, progress.note)
+                loss = dist.mean(loss)  # the global batch's loss on every rank: same logs, same NaN decision
                 # clip_grad_norm_ returns the total norm: one pass that both clips and checks for NaN/Inf gradients
                 norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
                 if not is_finite(loss, norm):
@@ -144,6 +159,8 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
                     result.history.append(record)
                     progress.note(f"step {state.step}: validation {metric}={metrics[metric]:.4f}"
                                   f"{' (best)' if improved else ''} loss={metrics['loss']:.4f}")
+                    if on_eval is not None:
+                        on_eval(state.step, metrics[metric])
                     if t.early_stopping_patience and state.bad_evals >= t.early_stopping_patience:
                         progress.note(f"early stopping: no improvement in {state.bad_evals} evaluations")
                         state.stopped_early = True

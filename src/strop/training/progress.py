@@ -31,7 +31,7 @@ class TrainProgress:
     def update(self, step: int, record: dict) -> None:
         stats = f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['samples_per_s']:.0f} samples/s"
         self.bar.update(self.task, completed=step, stats=stats)
-        if not console.is_terminal:  # logs and CI: one line per logged step instead of a redrawn bar
+        if not console.is_terminal and not console.quiet:  # logs and CI: one line per logged step, not a bar
             print(f"step {step}/{self.total}  {stats}", file=sys.stderr, flush=True)
 
     def note(self, text: str) -> None:

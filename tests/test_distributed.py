@@ -1,0 +1,150 @@
+"""Multi-process training on CPU: 2 processes (torchrun, gloo) x batch b against 1 process x batch 2b.
+
+Dropout is off in both so the only differences are floating-point summation order: the per-step losses agree to
+1e-4 (relative). Each launch of torchrun costs ~10-20 s of process start-up on a busy 2-core machine, hence `slow`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_overrides
+
+from strop.run import train
+from strop.training.distributed import Dist, shard
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+STEPS = 24
+
+
+def _newest_checkpoint(run_dir: Path) -> int:
+    """Step of the newest complete checkpoint (written after each epoch's evaluation, the last epoch excepted)."""
+    steps = [int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file()]
+    assert steps and max(steps) < STEPS
+    return max(steps)
+
+
+def _losses(run_dir: Path, split: str = "train", key: str = "loss") -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["split"] == split]
+    assert len(steps) == len(set(steps)), f"duplicate {split} records: {steps}"  # one writer only
+    return {r["step"]: r[key] for r in records if r["split"] == split}
+
+
+def _args(tiny_model, splits, out, name):
+    # 90 examples, global batch 16 -> 6 steps per epoch (the last batch has 10: halves of 5 and 5), 4 epochs;
+    # no dropout, so 2 x 8 and 1 x 16 differ only in summation order
+    return tiny_overrides(tiny_model, out, **{"data.train": splits["train"], "data.validation": splits["validation"],
+                                              "train.epochs": 4, "train.batch_size": 16, "train.log_every": 1,
+                                              "train.threads": 1, "model.dropout": 0, "model.hidden_dropout": 0,
+                                              "model.attention_dropout": 0, "name": name, "track": "tensorboard"})
+
+
+def torchrun(nproc: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "strop.cli", "train", *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    from conftest import toy_rows, write_csv
+
+    folder = tmp_path_factory.mktemp("ddp-data")
+    return {split: write_csv(folder / f"{split}.csv", toy_rows(n, seed))
+            for split, n, seed in (("train", 90, 1), ("validation", 30, 2))}
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model, splits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp-runs")
+    return train(None, _args(tiny_model, splits, out, "one")).run_dir
+
+
+@pytest.fixture(scope="module")
+def two_processes(tiny_model, splits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp-runs2")
+    # and 2 micro-batches per rank (8 = 4 + 4; the last batch's 5 = 4 + 1): accumulation under DDP too
+    proc = torchrun(2, _args(tiny_model, splits, out, "two") + ["train.micro_batch_size=4"], out)
+    return out / "two", proc
+
+
+def test_shard_gives_disjoint_slices_that_cover_the_batch():
+    idx = [7, 3, 9, 1, 4]
+    parts = [shard(np.array(idx), Dist(rank, 2))[0].tolist() for rank in (0, 1)]
+    assert parts == [[7, 9, 4], [3, 1]]
+    assert shard(np.array([5]), Dist(1, 2))[1] == float("inf")  # empty slice: weight 0
+
+
+@pytest.mark.slow
+def test_two_processes_follow_the_loss_curve_of_one_with_twice_the_batch(one_process, two_processes):
+    two_dir, _ = two_processes
+    ref, ddp = _losses(one_process), _losses(two_dir)
+    assert sorted(ddp) == sorted(ref) == list(range(1, STEPS + 1))
+    assert [ddp[s] for s in sorted(ddp)] == pytest.approx([ref[s] for s in sorted(ref)], rel=1e-4)
+    assert ref[STEPS] < 0.8 * ref[1]  # it learned, so equal curves mean equal training
+    assert _losses(two_dir, "validation", "accuracy") == _losses(one_process, "validation", "accuracy")
+    r1 = json.loads((one_process / "results.json").read_text())
+    r2 = json.loads((two_dir / "results.json").read_text())
+    assert r2["steps"] == r1["steps"] == STEPS and r2["validation"]["loss"] == pytest.approx(r1["validation"]["loss"],
+                                                                                          rel=1e-4)
+
+
+@pytest.mark.slow
+def test_only_rank_zero_writes_and_logs(two_processes):
+    run_dir, proc = two_processes
+    assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1
+    # exactly the files of a one-process run (report.* when eval.report is on); no second writer's leftovers
+    names = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("report."))
+    assert names == ["checkpoints", "config.yaml", "data.json", "metrics.jsonl", "model", "results.json", "tb"]
+    assert not list(run_dir.rglob("*.tmp")) and not list((run_dir / "checkpoints").glob(".tmp-*"))
+    output = proc.stdout + proc.stderr
+    assert output.count("run folder:") == 1 and output.count("trainable parameters") == 1
+    assert output.count(f"step {STEPS}/{STEPS}") == 1  # progress lines come from rank 0 only
+
+
+@pytest.mark.slow
+def test_checkpoint_of_two_processes_resumes_in_one(one_process, two_processes, tmp_path):
+    two_dir, _ = two_processes
+    copy = tmp_path / "two"
+    shutil.copytree(two_dir, copy)
+    k = _newest_checkpoint(copy)
+    train(None, [], resume=copy)
+    resumed, ref = _losses(copy), _losses(one_process)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert [resumed[s] for s in range(k + 1, STEPS + 1)] == pytest.approx([ref[s] for s in range(k + 1, STEPS + 1)],
+                                                                         rel=1e-4)
+
+
+@pytest.mark.slow
+def test_checkpoint_of_one_process_resumes_in_two(one_process, tmp_path):
+    copy = tmp_path / "one"
+    shutil.copytree(one_process, copy)
+    k = _newest_checkpoint(copy)
+    torchrun(2, ["--resume", str(copy)], tmp_path)
+    resumed, ref = _losses(copy), _losses(one_process)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    assert [resumed[s] for s in range(k + 1, STEPS + 1)] == pytest.approx([ref[s] for s in range(k + 1, STEPS + 1)],
+                                                                         rel=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED"])
+def test_fsdp_or_deepspeed_launch_config_is_refused_not_ignored(engine, monkeypatch):
+    from strop.errors import ConfigError
+    from strop.training.distributed import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "true")
+    with pytest.raises(ConfigError, match=f"asks for {engine}.*DDP only"):
+        init_distributed()
