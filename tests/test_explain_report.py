@@ -146,3 +146,19 @@ def test_report_for_other_tasks(tiny_model, tmp_path, task):
     (run.run_dir / "report.html").unlink()
     assert main(["report", str(run.run_dir), "--explain", "0"]) == 0
     assert (run.run_dir / "report.html").is_file()
+
+
+def test_explain_text_pairs(tiny_model, tmp_path):
+    rows = toy_rows(60, seed=4, pairs=True)
+    src = write_csv(tmp_path / "pairs.csv", rows)
+    run = strop.train(None, tiny_overrides(tiny_model, tmp_path / "runs", **{
+        "data.train": src, "train.epochs": 1, "eval.report_explain": 0}))
+    predictor = strop.load(run.run_dir)
+    with pytest.raises(Exception, match="text pairs"):
+        explain(predictor, "refund my card")
+    ex = explain(predictor, "refund my card", "please help today")
+    assert ex.completeness["within_tolerance"]
+    words = ex.words()
+    assert [w["word"] for w in words if w["segment"] == 0] == ["refund", "my", "card"]
+    assert [w["word"] for w in words if w["segment"] == 1] == ["please", "help", "today"]
+    assert ex.to_dict()["pair"] == "please help today"

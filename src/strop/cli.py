@@ -167,7 +167,7 @@ def explain(
     from rich.console import Console
 
     from strop.explain.attribution import explain as explain_one
-    from strop.explain.attribution import explanations_html, require_captum, to_rich_text
+    from strop.explain.attribution import explanations_html, require_captum
     from strop.predict import Predictor
 
     require_captum()
@@ -176,18 +176,25 @@ def explain(
         raise StropError("give either --text \"...\" or --data FILE")
     if text is not None:
         inputs = [(text, pair)]
+    elif predictor.task == "token_classification":  # NER: one raw text per line
+        inputs = [(line, None) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
         _, ex = predictor._file_examples(data, False)
         inputs = list(zip(ex.texts, ex.pairs or [None] * len(ex.texts)))
     console = Console(stderr=out is None)
     results = []
     for t, p in inputs:
-        ex = explain_one(predictor, t, p, target=target, steps=steps)
-        results.append(ex)
-        c = ex.completeness
-        console.print(f"[bold]{ex.target}[/bold] (completeness: attributions sum {c['sum']:+.4f}, logit difference "
-                      f"{c['logit_diff']:+.4f}, {c['steps']} steps{'' if c['within_tolerance'] else ', NOT within tolerance'})")
-        console.print(to_rich_text(ex))
+        if predictor.task == "token_classification":  # one explanation per predicted entity
+            from strop.explain.attribution import explain_entities
+
+            found = explain_entities(predictor, t, steps=steps)
+            if not found:
+                console.print(f"no entities predicted in: {t}")
+        else:
+            found = [explain_one(predictor, t, p, target=target, steps=steps)]
+        for ex in found:
+            results.append(ex)
+            _print_explanation(console, ex)
     if out is not None:
         if out.suffix.lower() == ".html":
             out.write_text(explanations_html(results), encoding="utf-8")
@@ -198,6 +205,15 @@ def explain(
         err.print(f"wrote {out}")
     else:
         print(json.dumps([e.to_dict() for e in results], ensure_ascii=False))
+
+
+def _print_explanation(console, ex) -> None:
+    from strop.explain.attribution import to_rich_text
+
+    c = ex.completeness
+    console.print(f"[bold]{ex.target}[/bold] (completeness: attributions sum {c['sum']:+.4f}, logit difference "
+                  f"{c['logit_diff']:+.4f}, {c['steps']} steps{'' if c['within_tolerance'] else ', NOT within tolerance'})")
+    console.print(to_rich_text(ex))
 
 
 @app.command()

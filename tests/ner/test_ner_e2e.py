@@ -245,3 +245,25 @@ def test_peft_methods_for_token_classification(tiny_model, tmp_path, method):
         a = strop.load(run_dir / "adapter").predict(texts)
         b = strop.load(run_dir).predict(texts)
         assert a == b
+
+
+def test_explain_entities(ner_run, tmp_path):
+    """NER explanations: one per predicted entity, complete (attributions add up to the logit difference), one
+    attribution per word of the text; the CLI writes them."""
+    import strop
+    from strop.explain.attribution import explain_entities
+
+    run_dir, _, _ = ner_run
+    predictor = strop.load(run_dir)
+    text = "yesterday john smith met maria in paris"
+    found = explain_entities(predictor, text)
+    entities = predictor.predict([text])[0]["entities"]
+    assert len(found) == len(entities) >= 2
+    for ex, ent in zip(found, entities):
+        assert ex.target == f"B-{ent['type']} '{ent['text']}'"
+        assert ex.completeness["within_tolerance"], ex.completeness
+        assert [w["word"] for w in ex.words()] == text.split()
+    out = tmp_path / "why.json"
+    assert main(["explain", str(run_dir), "--text", text, "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert len(data) == len(entities) and all(d["completeness"]["within_tolerance"] for d in data)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 import torch
 
 from strop.errors import DataError, StropError
@@ -38,6 +40,7 @@ class Explanation:
     attributions: list[float]
     completeness: dict  # {'sum': float, 'logit_diff': float, 'delta': float, 'steps': int}
     rollout: list[float] = field(default_factory=list)
+    whole_words: bool = False  # tokens are already words (NER explanations): never merge them
 
     def words(self) -> list[dict]:
         """Tokens merged into whitespace words of the original text(s): [{'word', 'segment', 'start', 'end',
@@ -48,7 +51,8 @@ class Explanation:
                 continue
             source = self.text if seg == 0 else self.pair
             last = out[-1] if out else None
-            if last and last["segment"] == seg and start == last["end"] and start > 0 and not source[start - 1].isspace():
+            if (last and not self.whole_words and last["segment"] == seg and start == last["end"] and start > 0
+                    and not source[start - 1].isspace()):
                 last["end"], last["attribution"] = end, last["attribution"] + a
                 last["word"] = source[last["start"]:end]
             else:
@@ -228,6 +232,8 @@ SPAN_CSS = (".tok{padding:1px 2px;border-radius:3px;line-height:1.9}.sep{color:#
 
 
 def _pred_text(pred: dict) -> str:
+    if "type" in pred:  # an NER entity
+        return f"{pred['type']} '{pred['text']}' ({pred['score']:.2f})"
     if "value" in pred:
         return f"{pred['value']:.4f}"
     if "label" in pred:
@@ -241,3 +247,60 @@ def top_tokens(ex: Explanation, k: int = 3) -> list[str]:
     return [w["word"] for w in words[:k]]
 
 
+
+
+def explain_entities(predictor, text: str, steps: int = 50, tolerance: float = 0.05, max_steps: int = 800,
+                     internal_batch_size: int = 64) -> list[Explanation]:
+    """NER: one explanation per predicted entity — integrated gradients of the logit of the entity's first tag
+    (B-TYPE) at its first subword, attributed to every word of the text (subword attributions summed per word)."""
+    from captum.attr import LayerIntegratedGradients
+
+    from strop.data.ner import TokenExamples
+    from strop.data.tokens import split_words
+
+    if not isinstance(text, str) or not text.strip():
+        raise DataError("the text to explain is empty")
+    model, tok, labels = predictor.model, predictor.tokenizer, predictor.labels
+    words = split_words(text, predictor.meta.get("word_split", "simple"))
+    pred = predictor.predict([text])[0]
+    enc = predictor._encode(TokenExamples([[w for w, _, _ in words]], None, []))
+    if len(enc) > 1:
+        raise DataError(f"the text is longer than model.max_length={predictor.meta['max_length']} subwords; explain "
+                        "a shorter passage (entities are explained within one window)")
+    device = predictor.device
+    ids = torch.tensor([enc.input_ids[0]], device=device)
+    types = torch.tensor([enc.token_type_ids[0]], device=device) if enc.token_type_ids is not None else None
+    mask = torch.ones_like(ids)
+    word_of, first = enc.words[0], enc.first[0]
+    baseline = torch.where(torch.tensor(word_of < 0, device=device), ids, torch.full_like(ids, tok.pad_token_id))
+    model.eval()
+    out = []
+    for ent in pred["entities"]:
+        pos = int(np.flatnonzero(first & (word_of == ent["words"][0]))[0])
+        name = f"B-{ent['type']}"
+        index = labels.index(name) if name in labels else int(model(input_ids=ids, attention_mask=mask).logits[0, pos]
+                                                               .argmax())
+
+        def forward(input_ids, attention_mask, token_type_ids, pos=pos):
+            kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+            return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits[:, pos].float()
+
+        with torch.no_grad():
+            diff = float(forward(ids, mask, types)[0, index] - forward(baseline, mask, types)[0, index])
+        lig, n = LayerIntegratedGradients(forward, model.get_input_embeddings()), steps
+        while True:
+            attr, delta = lig.attribute(ids, baselines=baseline, additional_forward_args=(mask, types), target=index,
+                                        n_steps=n, internal_batch_size=internal_batch_size,
+                                        return_convergence_delta=True)
+            delta = float(delta.abs().max())
+            if delta <= tolerance * max(abs(diff), 1e-2) or n * 2 > max_steps:
+                break
+            n *= 2
+        scores = attr.sum(-1)[0].detach().float().cpu().numpy()
+        per_word = [float(scores[word_of == w].sum()) for w in range(len(words))]
+        completeness = {"sum": float(scores.sum()), "logit_diff": diff, "delta": delta, "steps": n,
+                        "within_tolerance": delta <= tolerance * max(abs(diff), 1e-2), "tolerance": tolerance}
+        out.append(Explanation(text, None, f"{name} '{ent['text']}'", ent, [w for w, _, _ in words],
+                               [(s, e) for _, s, e in words], [0] * len(words), per_word, completeness,
+                               whole_words=True))
+    return out
