@@ -327,6 +327,25 @@ def _nest(key: str, value: Any) -> dict:
     return out
 
 
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """The parsed YAML at `path`; a missing file, non-UTF-8 bytes or bad syntax is a ConfigError naming the place."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} not found; check the path")
+    try:
+        mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: byte 0x{e.object[e.start]:02x} at offset {e.start} is not valid UTF-8; save "
+                          "the config as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem}); fix the syntax there (quote values that hold "
+                          "':' or '#', close brackets and quotes)") from None
+    return mapping
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Resolve a config: defaults <- YAML file at `path` <- overrides ('a.b=v' strings or a {'a.b': v} dict)."""
     cfg = Config()
@@ -335,17 +354,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         if not path.is_file():
             raise ConfigError(f"config file {path} not found; check the path (an argument without '=' is read as "
                               "the YAML config; overrides look like key=value)")
-        try:
-            mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: byte 0x{e.object[e.start]:02x} at offset {e.start} is not valid UTF-8; save "
-                              "the config as UTF-8") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"{where}: not valid YAML ({problem}); fix the syntax there (quote values that hold "
-                              "':' or '#', close brackets and quotes)") from None
+        mapping = read_yaml(path)
         if not isinstance(mapping, dict):
             raise ConfigError(f"{path} must hold a mapping of config sections, got {type(mapping).__name__}")
         _apply(cfg, mapping)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from strop.data.conll import CONLL_SUFFIXES, looks_like_conll, read_sentences
+from strop.data.load import read_table
 from strop.data.ner import TokenExamples, check_sentences, to_token_examples
 from strop.data.tags import from_iob2, spans
 from strop.data.tokens import encode_tokens, split_words, word_logits
@@ -135,16 +136,11 @@ class TokenPredictor:
                         ".txt (one text per line)")
 
     def _jsonl_predictions(self, path: Path, batch_size: int) -> tuple[list[dict], list[dict]]:
+        table = read_table(path, "jsonl")  # the shared reader: decoding errors and bad JSON name file:line
         rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
-            key = next((k for k in ("tokens", "words") if isinstance(row, dict) and k in row), None)
-            if not isinstance(row, dict) or (key is None and not isinstance(row.get("text"), str)):
+        for number, row in zip(table.lines, table.rows):
+            key = next((k for k in ("tokens", "words") if k in row), None)
+            if key is None and not isinstance(row.get("text"), str):
                 raise DataError(f"{path}:{number}: expected an object with 'tokens' (a list of words) or 'text' "
                                 "(a string)")
             rows.append((number, row, key))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -267,3 +268,17 @@ def test_explain_entities(ner_run, tmp_path):
     assert main(["explain", str(run_dir), "--text", text, "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert len(data) == len(entities) and all(d["completeness"]["within_tolerance"] for d in data)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"tokens": ["john", "smith"]}\n{"tokens": [\n', r"bad\.jsonl:2:\d+: invalid JSON"),
+    (b'{"text": "caf\xe9 in paris"}\n', r"bad\.jsonl.*not valid utf-8"),
+    (b'{"label": 3}\n', r"bad\.jsonl:1: expected an object with 'tokens'"),
+])
+def test_predict_bad_jsonl_is_a_clear_error(ner_run, tmp_path, capsys, content, message):
+    run_dir, _, _ = ner_run
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    assert main(["predict", str(run_dir), "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err, re.I) and "Traceback" not in err, err

@@ -11,9 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from strop.config import _apply, _nest, doc, parse_override
+from strop.config import _apply, _nest, doc, parse_override, read_yaml
 from strop.errors import ConfigError
 
 
@@ -61,13 +59,7 @@ def load_serve_config(path: str | Path | None = None, overrides: list[str] | dic
     cfg = ServeConfig()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"serve config file {path} not found; check the path")
-        try:
-            mapping = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}); fix the syntax there") from None
-        _apply_serve(cfg, _section(mapping, path))
+        _apply_serve(cfg, _section(read_yaml(path, "serve config file"), path))
     items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
     for key, value in items:
         key = key.removeprefix("serve.")
