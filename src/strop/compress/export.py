@@ -248,8 +248,9 @@ def _int8_variants(report: Report, teacher, tmp: Path, names, train_enc, opts: E
     )
 
     log("quantising: ONNX Runtime dynamic int8 ...")
-    quantize_onnx_dynamic(tmp / "model.onnx", tmp / "model.int8.onnx")
-    report.add("onnx_int8", OnnxModel(tmp / "model.int8.onnx", opts.threads), file_mb(tmp / "model.int8.onnx"))
+    settings = quantize_onnx_dynamic(tmp / "model.onnx", tmp / "model.int8.onnx")
+    report.add("onnx_int8", OnnxModel(tmp / "model.int8.onnx", opts.threads), file_mb(tmp / "model.int8.onnx"),
+               quantization=settings)
     files = {"int8": "model.int8.onnx"}
     if train_enc is not None:
         log(f"quantising: ONNX Runtime static int8 (calibration: {opts.calibration_size} training examples) ...")
