@@ -3,7 +3,8 @@ optional pruned and distilled variants; every artifact is measured against the o
 
 RUN/export/ (a contract with `strop serve`, which loads it with onnxruntime):
   model.onnx        fp32; int64 inputs input_ids, attention_mask (+ token_type_ids when the tokenizer makes them),
-                    axes (batch, sequence); output `logits` (batch, num_labels)
+                    axes (batch, sequence); output `logits` (batch, num_labels), or (batch, sequence,
+                    num_labels) for token classification (parity then compares every real subword's logits)
   model.int8.onnx   ONNX Runtime dynamic int8
   tokenizer files   as saved by the run's tokenizer
   strop.json        the run's meta plus an "onnx" entry: files and input names
