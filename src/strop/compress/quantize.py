@@ -28,7 +28,7 @@ from strop.errors import ExportError
 #   The embedding tables (Gather) stay fp32: int8 embeddings would save disk but no time. reduce_range (7-bit weights,
 #   for CPUs without VNNI) changed nothing on accuracy.
 # - Leaving the FFN down-projections (the matmuls after GELU) or the first and last layers in fp32 raised prediction
-#   agreement slightly (98.6% -> 99.2%) but cost 50-70% latency and did not raise accuracy: not worth it by default.
+#   agreement slightly (98.6% -> 99.2%) but cost 30-70% latency and did not raise accuracy: not worth it by default.
 DYNAMIC_INT8 = {"weight_type": "QInt8", "activation_type": "QUInt8", "per_channel": True, "reduce_range": False,
                 "op_types_to_quantize": ["MatMul"],
                 "kept_fp32": "embeddings (Gather), LayerNorm, attention scores (activation x activation MatMul)"}

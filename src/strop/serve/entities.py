@@ -1,4 +1,5 @@
-"""POST /v1/predict for token-classification (NER) models: raw texts or pre-split words -> entity spans.
+"""POST /v1/predict for token-classification (NER) models: raw texts or pre-split words -> entity spans
+(app.py hands these requests over; this module imports app, app imports it lazily).
 
 Same guard, limits, batcher and metrics as classification (app.py); what differs is the input check. A NER model reads
 any length (sentences longer than max_length are split into overlapping windows), so the length limit is a cost
@@ -12,13 +13,13 @@ from __future__ import annotations
 import asyncio
 
 from strop.data.tokens import split_words
+from strop.serve.app import INLINE_TOKENIZE_CHARS, ApiError, _encodable, clip_words, log
+from strop.serve.guard import mask_pii
 from strop.serve.schema import PredictRequest, PredictResponse, TextInput, TokensInput
 
 
 def _normalise(body: PredictRequest, max_inputs: int) -> list[str | list[str]]:
     """Request inputs -> raw texts (str) and word lists; counts and empty inputs are checked here (413/400/422)."""
-    from strop.serve.app import ApiError, _encodable
-
     n = len(body.inputs)
     if n == 0:
         raise ApiError(400, "empty_input", "inputs is empty; send at least one text, e.g. {\"inputs\": [\"hello\"]}")
@@ -54,8 +55,6 @@ def _normalise(body: PredictRequest, max_inputs: int) -> list[str | list[str]]:
 
 def _fit(tokenizer, items: list, word_split: str, limit: int) -> tuple[list, list[int], set[int]]:
     """(items cut to at most `limit` subword tokens, tokens per item, indices of items that were longer)."""
-    from strop.serve.app import clip_words
-
     words, spans, long_ = [], [], set()
     for i, item in enumerate(items):
         # every word is at least one token: clipping at `limit` words first bounds the tokenizer's work
@@ -94,9 +93,6 @@ def _fit(tokenizer, items: list, word_split: str, limit: int) -> tuple[list, lis
 
 async def predict_entities(state, model, body: PredictRequest) -> PredictResponse:
     """Entities {text, type, start, end, score} per input (and tags per word for {tokens} inputs)."""
-    from strop.serve.app import INLINE_TOKENIZE_CHARS, ApiError, log
-    from strop.serve.guard import mask_pii
-
     cfg, meta = state.cfg, model.predictor.meta
     items = _normalise(body, cfg.max_inputs)
     if cfg.mask_pii:
