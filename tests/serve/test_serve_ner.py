@@ -97,6 +97,9 @@ def test_ner_status_codes_and_truncation(ner_server):
     preds = r.json()["predictions"]
     assert preds[0]["truncated"] is True and preds[1]["truncated"] is True and "truncated" not in preds[2]
     assert 0 < len(preds[1]["tags"]) < 100
+    # truncation cannot help a single word of more subwords (92) than the budget (40)
+    r = httpx.post(url, json={"inputs": ["xqz" * 30], "truncate": True})
+    assert r.status_code == 422 and _err(r) == "input_too_long" and "first word alone" in r.json()["error"]["message"]
     assert all(e["end"] <= len(long_text) and long_text[e["start"]:e["end"]] == e["text"]
                for e in preds[0]["entities"])
     assert httpx.get(f"{ner_server.url}/health/ready").status_code == 200  # alive after all of it
@@ -140,3 +143,31 @@ def test_ner_onnx_export_serves_the_same_entities(ner_run):
         assert r.status_code == 200 and httpx.get(f"{srv.url}/v1/model").json()["source"] == "model.int8.onnx"
     for p, text in zip(r.json()["predictions"], TEXTS):
         assert all(text[e["start"]:e["end"]] == e["text"] for e in p["entities"])
+
+
+def test_ner_pii_masking_offsets_index_the_masked_text(ner_run):
+    from strop.serve.guard import mask_pii
+
+    text = "John Smith wrote to john.smith@example.com from Paris and Berlin"
+    with ThreadServer(ner_run, mask_pii=True) as srv:
+        r = httpx.post(f"{srv.url}/v1/predict", json={"inputs": [text, {"tokens": text.split()}]})
+    assert r.status_code == 200, r.text
+    masked = mask_pii(text)
+    assert masked != text and "example.com" not in masked
+    raw, split = r.json()["predictions"]
+    assert all(masked[e["start"]:e["end"]] == e["text"] for e in raw["entities"])
+    assert len(split["tags"]) == len(text.split())  # masking replaces a word, never removes one
+    assert not any("example.com" in e["text"] for e in raw["entities"] + split["entities"])
+
+
+def test_fit_cuts_to_whole_words_within_the_token_budget(ner_run):
+    from strop.models.backbone import load_tokenizer
+    from strop.serve.entities import _fit
+
+    tok = load_tokenizer(ner_run / "model")
+    items = ["paris " * 30, ["berlin"] * 30, "short one", "xqz" * 30]  # < 100 chars: wordpieces, not [UNK]
+    fitted, counts, long_ = _fit(tok, items, "simple", 12)
+    assert long_ == {0, 1, 3} and counts[2] == len(tok("short one")["input_ids"]) and max(counts) == 12
+    # special tokens ([CLS], [SEP]) plus the leading whole words that fit; texts cut at a word end
+    assert fitted[0] == "paris " * 9 + "paris" and fitted[1] == ["berlin"] * 10 and fitted[2] == "short one"
+    assert fitted[3] == ""  # one word longer than the budget on its own: predict_entities answers 422
