@@ -179,6 +179,16 @@ class TuneConfig:
                       "earlier trials at the same step", ("median", "none"))
     startup_trials: int = doc(3, "trials sampled at random and never pruned before TPE and pruning start")
     seed: int | None = doc(None, "seed of the TPE sampler; empty = train.seed")
+    backend: str = doc("optuna", "optuna = trials in this process, study in SQLite (many machines: a shared "
+                       "tune.storage); ray = trials as Ray Tune trials (TPE through Ray's OptunaSearch, "
+                       "median stopping through Ray's scheduler), on a local Ray instance or a cluster",
+                       ("optuna", "ray"))
+    ray_address: str = doc("", "ray backend: Ray cluster to join (ray://host:10001, host:6379 or auto); empty = the "
+                           "RAY_ADDRESS environment variable, else a new local instance")
+    cpus_per_trial: float = doc(1, "ray backend: CPUs Ray reserves for each trial (each trial is one process)")
+    gpus_per_trial: float = doc(0, "ray backend: GPUs Ray reserves for each trial")
+    concurrent: int = doc(1, "ray backend: trials that run at once (a local instance gets "
+                          "concurrent x cpus_per_trial CPUs)")
 
 
 @dataclass
@@ -443,6 +453,9 @@ def validate_tune(tu: TuneConfig) -> None:
     """tune.space: every key a config field, every value one distribution with valid bounds."""
     if tu.trials <= 0 or tu.startup_trials < 0:
         raise ConfigError(f"tune.trials={tu.trials} must be > 0 and tune.startup_trials={tu.startup_trials} >= 0")
+    if tu.concurrent < 1 or tu.cpus_per_trial <= 0 or tu.gpus_per_trial < 0:
+        raise ConfigError(f"tune.concurrent={tu.concurrent} must be >= 1, tune.cpus_per_trial={tu.cpus_per_trial} "
+                          f"> 0 and tune.gpus_per_trial={tu.gpus_per_trial} >= 0")
     if not isinstance(tu.space, dict):
         raise ConfigError(f"tune.space={tu.space!r} must be a mapping {{config.key: distribution}}")
     keys = all_keys()
