@@ -119,6 +119,12 @@ class TrainConfig:
     auto_batch_size: bool = doc(False, "on out-of-memory, halve the micro-batch (raising accumulation) and retry")
     threads: int = doc(0, "CPU threads for torch; 0 = all cores")
     device: str = doc("auto", "auto = cuda if available, else cpu", ("auto", "cpu", "cuda"))
+    distributed: str = doc("ddp", "with several processes (torchrun / accelerate launch): ddp = each process holds "
+                           "the whole model; fsdp = parameters, gradients and optimizer state sharded over the "
+                           "processes (PyTorch FSDP2, one unit per transformer layer); deepspeed = DeepSpeed ZeRO "
+                           "with the JSON in train.deepspeed", ("ddp", "fsdp", "deepspeed"))
+    deepspeed: str = doc("", "train.distributed=deepspeed: path of a DeepSpeed JSON config (zero_optimization stage "
+                         "0, 1 or 2); batch size, clipping, optimizer and schedule come from this train section")
 
 
 @dataclass
@@ -422,6 +428,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.label_delimiter='' is empty; give the character that separates labels "
                           "(in YAML quote it: label_delimiter: '|')")
     validate_peft(cfg.peft)
+    if t.distributed != "ddp" and cfg.peft.method != "none":
+        # adapters already keep the trainable state small; sharding them was not built or tested
+        raise ConfigError(f"train.distributed={t.distributed} trains all parameters; peft.method="
+                          f"{cfg.peft.method!r} runs with train.distributed=ddp (or set peft.method=none)")
+    if (t.distributed == "deepspeed") != bool(t.deepspeed):
+        raise ConfigError(f"train.distributed={t.distributed} with train.deepspeed={t.deepspeed!r}: DeepSpeed needs "
+                          "both, train.distributed=deepspeed and train.deepspeed=path/to/ds_config.json")
     n = cfg.ner
     if n.stride < 0:  # stride < the window size is checked where the window size is known (data/tokens.py)
         raise ConfigError(f"ner.stride={n.stride} must be >= 0 (subword tokens shared by consecutive windows)")

@@ -18,7 +18,8 @@ from strop.evaluate.metrics import greater_is_better
 from strop.models.classifier import task_loss
 from strop.models.peft import PeftHook
 from strop.training.checkpoint import TrainState, load_checkpoint, load_weights, prune_checkpoints, save_checkpoint
-from strop.training.distributed import Dist, shard, wrap_model
+from strop.training.distributed import (Dist, gather_full_state, is_sharded, load_full_state, shard,
+                                         trainable_snapshot, wrap_model)
 from strop.training.guards import MicroBatchSize, NonFiniteError, StopSignals, TrainingInterrupted, is_finite
 from strop.training.optim import build_optimizer, build_scheduler, warmup_steps
 from strop.training.progress import TrainProgress
@@ -79,14 +80,17 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
     steps_per_epoch, total_steps = count_steps(t, len(train))
     eval_every = t.eval_every or steps_per_epoch
     save_every = eval_every if t.save_every == 0 else t.save_every
-    optimizer = build_optimizer(model, t)
+    model.to(device).train()
+    # DDP: a wrapper that all-reduces gradients, `model` evaluates and saves; FSDP: `model` itself, sharded in place
+    ddp_model = wrap_model(model, dist, device, t.distributed)
+    sharded = is_sharded(model)  # then saving and loading state gathers/splits it over the ranks
+    optimizer = build_optimizer(model, t)  # after wrapping: FSDP replaces the parameters
     scheduler = build_scheduler(optimizer, t.scheduler, warmup_steps(t.warmup, total_steps), total_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     micro = MicroBatchSize(t.micro_batch_size or t.batch_size, t.auto_batch_size)
-    model.to(device).train()
-    ddp_model = wrap_model(model, dist, device)  # trains with all-reduced gradients; `model` evaluates and saves
     torch.manual_seed(t.seed + dist.rank)  # dropout masks (each rank its own)
-    state = load_checkpoint(resume_from, model, optimizer, scheduler) if resume_from else TrainState()
+    state = (load_checkpoint(resume_from, model, optimizer, scheduler, load_full_state if sharded else None)
+             if resume_from else TrainState())
     if resume_from and dist.rank:  # the checkpoint holds rank 0's RNG; the other ranks keep their own masks
         torch.manual_seed(t.seed + dist.rank + state.step)
     result = FitResult(state, steps_per_epoch)
@@ -97,9 +101,10 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
 
     def checkpoint():
         state.window = [float(window_loss), state.window[1], state.window[2]]
+        weights, optimizer_state = gather_full_state(model, optimizer) if sharded else (None, None)  # all ranks
         if not dist.main:
             return
-        save_checkpoint(run_dir, model, optimizer, scheduler, state)
+        save_checkpoint(run_dir, model, optimizer, scheduler, state, weights, optimizer_state)
         prune_checkpoints(run_dir, t.keep_checkpoints, {state.best_step} if state.best_step else set())
 
     with TrainProgress(total_steps, state.step) as progress, StopSignals() as signals:
@@ -113,6 +118,7 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
                 loss = dist.mean(loss)  # the global batch's loss on every rank: same logs, same NaN decision
                 # clip_grad_norm_ returns the total norm: one pass that both clips and checks for NaN/Inf gradients
                 norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+                norm = norm.full_tensor() if sharded else norm  # FSDP: a DTensor, the global norm on every rank
                 if not is_finite(loss, norm):
                     state.skipped_steps += 1
                     optimizer.zero_grad(set_to_none=True)
@@ -152,7 +158,7 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
                     improved = _track_best(state, metrics[metric], greater_is_better(metric))
                     if improved and t.restore_best:
                         # only what training changes: with PEFT a few MB instead of a second copy of the model
-                        best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                        best_state = trainable_snapshot(model)
                     record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
                               "split": "validation", **metrics}
                     tracker.log(record)
@@ -178,7 +184,10 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
     if t.restore_best and state.best_step is not None and state.best_step != state.step:
         if best_state is None:  # the best step came before a resume: its checkpoint is kept for this
             best_state = load_weights(run_dir / "checkpoints" / f"step-{state.best_step}" / "model.safetensors")
-        model.load_state_dict(best_state, strict=False)
+        if sharded:
+            load_full_state(model, optimizer, best_state, None)
+        else:
+            model.load_state_dict(best_state, strict=False)
         progress.note(f"restored the best weights (step {state.best_step}, {metric}={state.best_metric:.4f})")
     return result
 
