@@ -435,6 +435,12 @@ def validate(cfg: Config) -> None:
     if (t.distributed == "deepspeed") != bool(t.deepspeed):
         raise ConfigError(f"train.distributed={t.distributed} with train.deepspeed={t.deepspeed!r}: DeepSpeed needs "
                           "both, train.distributed=deepspeed and train.deepspeed=path/to/ds_config.json")
+    if t.distributed == "deepspeed" and (t.save_every != -1 or t.resume != "never" or t.nonfinite != "stop"):
+        # ZeRO keeps the optimizer state in per-process partitions of its own format; strop's checkpoints hold
+        # one-process state dicts, which FSDP gathers but DeepSpeed's state was not converted to
+        raise ConfigError(f"train.distributed=deepspeed: strop does not checkpoint DeepSpeed's partitioned optimizer "
+                          f"state, so set train.save_every=-1 (got {t.save_every}) and keep train.resume=never and "
+                          "train.nonfinite=stop; for checkpoints that resume, use train.distributed=fsdp or ddp")
     n = cfg.ner
     if n.stride < 0:  # stride < the window size is checked where the window size is known (data/tokens.py)
         raise ConfigError(f"ner.stride={n.stride} must be >= 0 (subword tokens shared by consecutive windows)")

@@ -171,6 +171,10 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     model, peft_hook = apply_peft(model, cfg.peft, count_steps(cfg.train, len(ds.splits["train"]))[1])
 
     check_trackers(cfg.track)
+    if cfg.train.distributed == "deepspeed":
+        from strop.training.ds_engine import read_ds_config
+
+        read_ds_config(cfg.train.deepspeed, cfg.train, dist.world)  # a bad DeepSpeed JSON stops here
     dist.barrier()  # every rank has checked the run folder before rank 0 (re)creates it
     if not dist.main:
         return _train_other_rank(model, ds, tokenizer, cfg, ckpt, run_dir, device, precision, metric, peft_hook,
