@@ -1,5 +1,5 @@
 """`strop tune` with tune.backend=ray: trials run as Ray Tune trials on a local Ray instance (1 CPU, one trial at a
-time), each a normal run folder; best.yaml reproduces the best trial."""
+time), each a normal run folder; best.yaml reproduces the best trial; median stopping ends a worse trial early."""
 
 from __future__ import annotations
 
@@ -59,3 +59,52 @@ def test_ray_backend_runs_trials_as_run_folders_and_best_yaml_reproduces_the_bes
     assert main(["train", str(tune_dir / "best.yaml")]) == 0
     again = json.loads((out / "toy-best" / "results.json").read_text())
     assert again["best_metric"] == best_row["value"]
+
+
+def test_ray_median_stopping_stops_a_worse_trial_and_it_is_reported_pruned(tiny_model, toy_splits, tmp_path):
+    out = tmp_path / "runs"
+    # minimise validation loss. TPE's second proposal lies near the first (one finished trial to learn from), so the
+    # seed is one whose second lr is 2.4x lower (2.15e-2 then 8.8e-3, found by sampling this space with Optuna alone):
+    # on the tiny model the lower lr's loss is higher at every validation, and median stopping must end it early
+    args = tiny_overrides(tiny_model, out, **{
+        "data.train": toy_splits["train"], "data.validation": toy_splits["validation"], "train.epochs": 2,
+        "train.batch_size": 16, "train.eval_every": 3, "train.threads": 1, "track": "none", "name": "toy",
+        "eval.report": False, "tune.backend": "ray", "tune.pruner": "median", "tune.startup_trials": 1,
+        "tune.metric": "loss", "tune.seed": 194, "tune.space": "{train.lr: {log_uniform: [1.0e-6, 3.0e-2]}}"})
+    assert main(["tune", *args, "--trials", "2"]) == 0
+    rows = json.loads((out / "toy-tune" / "trials.json").read_text())
+    assert rows[0]["params"]["train.lr"] == pytest.approx(2.15e-2, rel=1e-2)
+    assert rows[1]["params"]["train.lr"] == pytest.approx(8.8e-3, rel=1e-2)
+    assert [r["state"] for r in rows] == ["COMPLETE", "PRUNED"]
+    good, bad = rows
+    assert sorted(good["intermediate"], key=int) == ["3", "6", "9", "12"]
+    last = max(bad["intermediate"], key=int)
+    assert int(last) < 12 and bad["intermediate"][last] > good["intermediate"][last]  # stopped early, for cause
+    run_dir = out / "toy-trial-1"  # the stopped trial's partial run folder stays, without results
+    assert {str(k): v for k, v in _validation(run_dir, "loss").items()} == pytest.approx(bad["intermediate"])
+    assert not (run_dir / "results.json").exists()
+    best = yaml.safe_load((out / "toy-tune" / "best.yaml").read_text())
+    assert best["train"]["lr"] == good["params"]["train.lr"]
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["tune.backend=hyperopt"], ["tune.backend='hyperopt'", "optuna", "ray"]),
+    (["tune.concurrent=0"], ["tune.concurrent=0", ">= 1"]),
+    (["tune.cpus_per_trial=0"], ["tune.cpus_per_trial=0", "> 0"]),
+])
+def test_bad_ray_settings_name_the_key(overrides, words):
+    from strop.config import load_config
+    from strop.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_ray_backend_with_an_optuna_storage_says_to_drop_it(tmp_path):
+    from strop.errors import ConfigError
+    from strop.tune import tune
+
+    with pytest.raises(ConfigError, match="drop tune.storage"):
+        tune(None, ["data.train=x.csv", f"output_dir={tmp_path}", "tune.backend=ray", "tune.storage=sqlite:///x.db",
+                    "tune.space={train.lr: {log_uniform: [1e-5, 1e-3]}}"], trials=1)

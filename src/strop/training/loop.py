@@ -91,6 +91,7 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
     if t.distributed == "deepspeed" and dist.world > 1:
         engine, optimizer = deepspeed_engine(model, optimizer, t, dist.world)  # ZeRO wraps the AdamW
         ddp_model = engine
+    step = optimizer.step if engine is None else engine.step  # the engine's step also clips (gradient_clipping)
     params = [p for p in model.parameters() if p.requires_grad]
     micro = MicroBatchSize(t.micro_batch_size or t.batch_size, t.auto_batch_size)
     torch.manual_seed(t.seed + dist.rank)  # dropout masks (each rank its own)
@@ -106,10 +107,12 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
 
     def checkpoint():
         state.window = [float(window_loss), state.window[1], state.window[2]]
-        weights, optimizer_state = gather_full_state(model, optimizer) if sharded else (None, None)  # all ranks
+        gathered = {}
+        if sharded:  # every rank takes part; rank 0 gets the full state dicts
+            gathered["weights"], gathered["optimizer_state"] = gather_full_state(model, optimizer)
         if not dist.main:
             return
-        save_checkpoint(run_dir, model, optimizer, scheduler, state, weights, optimizer_state)
+        save_checkpoint(run_dir, model, optimizer, scheduler, state, **gathered)
         prune_checkpoints(run_dir, t.keep_checkpoints, {state.best_step} if state.best_step else set())
 
     with TrainProgress(total_steps, state.step) as progress, StopSignals() as signals:
@@ -143,7 +146,7 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
                     continue
                 lr = scheduler.get_last_lr()[0]  # the lr this step used
                 state.step += 1
-                (engine or optimizer).step(); scheduler.step(); peft_hook(state.step); optimizer.zero_grad(set_to_none=True)  # noqa: E702,E501
+                step(); scheduler.step(); peft_hook(state.step); optimizer.zero_grad(set_to_none=True)  # noqa: E702
                 if engine is not None and not math.isfinite(engine.get_global_grad_norm() or 0.0):
                     raise NonFiniteError(f"non-finite gradient norm at step {state.step} (DeepSpeed applied it); "
                                          "lower train.lr or check the data")
