@@ -4,10 +4,16 @@ distilled — accuracy, size on disk, p50/p95 latency at batch 1 and throughput 
     strop train configs/sst2.yaml name=sst2-export          # the run (about 4-5 min on 2 idle cores)
     flock /tmp/strop-bench.lock python bench/compress.py --run runs/sst2-export
 
+With an existing run that must stay untouched (e.g. a longer-trained teacher), `--copy-run-to DIR` copies its model,
+config and results to DIR and exports there; `--quantisation-only` stops after the ONNX/int8 phase:
+
+    flock /tmp/strop-bench.lock python bench/compress.py --run ../main/runs/seed-1 --copy-run-to /tmp/seed-1 \
+        --quantisation-only --threads 1 --out compress_int8.json
+
 Step 1 is `strop export` itself (ONNX parity-checked, int8, structured pruning + recovery fine-tune, distilled
 student), which writes RUN/export/. Step 2 re-times every variant round-robin (rounds interleave the variants, so a
 burst of load on the machine hits all of them alike) and sweeps pruning strength without recovery for the
-accuracy-vs-sparsity curve. Writes bench/results/compress.json.
+accuracy-vs-sparsity curve. Writes bench/results/compress.json (or --out).
 """
 
 from __future__ import annotations
@@ -75,10 +81,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--latency-examples", type=int, default=100, help="dev examples timed at batch 1 per round")
     ap.add_argument("--skip-export", action="store_true", help="reuse RUN/export from an earlier run of this script")
-    ap.add_argument("--markdown", action="store_true", help="print bench/results/compress.json as a markdown table")
+    ap.add_argument("--copy-run-to", default=None, help="copy RUN's model/, config.yaml and results.json here and "
+                    "export the copy (RUN itself is not written)")
+    ap.add_argument("--quantisation-only", action="store_true", help="only the ONNX fp32/int8 phase (no pruning or "
+                    "distillation, which train)")
+    ap.add_argument("--out", default="compress.json", help="results file name in bench/results/")
+    ap.add_argument("--markdown", action="store_true", help="print bench/results/OUT as a markdown table")
     args = ap.parse_args()
     if args.markdown:
-        print(markdown(json.loads((RESULTS / "compress.json").read_text())))
+        print(markdown(json.loads((RESULTS / args.out).read_text())))
         return
     torch.set_num_threads(args.threads)
     mach = machine()
@@ -93,6 +104,8 @@ def main() -> None:
     from strop.predict import Predictor
 
     run = Path(args.run)
+    if args.copy_run_to:
+        run = _copy_run(run, Path(args.copy_run_to))
     teacher, tokenizer, meta = load_model(run / "model")
     _, dev = Predictor(teacher, tokenizer, meta, torch.device("cpu"))._file_examples(args.data, need_label=True)
     enc = encode(tokenizer, dev, meta["max_length"])
@@ -102,6 +115,8 @@ def main() -> None:
     phases = [("quantisation", ExportOptions(**base_opts)),
               ("all", ExportOptions(prune=parse_prune(args.prune), recover_epochs=args.recover_epochs,
                                     distill=args.distill, distill_epochs=args.distill_epochs, **base_opts))]
+    if args.quantisation_only:
+        phases = phases[:1]
     for phase, opts in phases:
         started = time.time()
         if not args.skip_export:
@@ -119,10 +134,11 @@ def main() -> None:
               f"tokens), {args.threads} threads", flush=True)
         timing = timed_round_robin(models, enc, args.rounds, args.latency_examples, len(enc))
         table = _table(models, parity, timing)
-        report = {"command": command, "machine": mach, "run": str(run), "run_results": json.loads(
+        report = {"command": command, "machine": mach, "run": args.run, "run_results": json.loads(
                   (run / "results.json").read_text()), "dev": args.data, "dev_examples": len(enc),
                   "dev_mean_tokens": float(enc.lengths.mean()), "threads": args.threads, "rounds": args.rounds,
-                  "complete": phase == "all", "onnx_parity": parity["onnx"], "variants": table,
+                  "complete": phase == "all" or args.quantisation_only, "phases": [p for p, _ in phases],
+                  "int8_settings": parity["variants"]["onnx_int8"].get("quantization"), "onnx_parity": parity["onnx"], "variants": table,
                   "export_seconds": round(export_seconds, 1), "targets": _targets(table)}
         if phase == "all":
             print("sparsity sweep (no recovery) ...", flush=True)
@@ -132,8 +148,22 @@ def main() -> None:
         report.update(time=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                       loadavg_at_end=[round(x, 2) for x in os.getloadavg()])
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "compress.json").write_text(json.dumps(report, indent=2))
+        (RESULTS / args.out).write_text(json.dumps(report, indent=2))
         _print(table, report, mach)
+
+
+def _copy_run(run: Path, dst: Path) -> Path:
+    """A copy of the finished run `run` at `dst` (model/, config.yaml, results.json) to export without touching it."""
+    import shutil
+
+    if not (run / "model" / "strop.json").is_file():
+        sys.exit(f"{run} is not a finished strop run (no model/strop.json)")
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(run / "model", dst / "model")
+    for name in ("config.yaml", "results.json"):
+        shutil.copy2(run / name, dst / name)
+    return dst
 
 
 def _table(models: dict, parity: dict, timing: dict) -> dict:

@@ -46,9 +46,9 @@ def overrides(args, variant: str) -> dict:
     over = {"name": f"bench-ner-{variant}", "train.precision": "bf16", "track": ["none"], **VARIANTS[variant]}
     if args.epochs is not None:
         over["train.epochs"] = args.epochs
-    for item in args.set or []:
-        key, value = item.split("=", 1)
-        over[key] = value
+    from strop.config import parse_override
+
+    over.update(dict(map(parse_override, args.set or [])))  # typed as on the command line (1 -> int)
     return over
 
 

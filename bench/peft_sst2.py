@@ -33,6 +33,8 @@ METHODS = {
     "lora-nodrop": {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16, "peft.dropout": 0.0, "train.lr": 5e-4},
     "lora-qv": {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16, "peft.dropout": 0.0,
                 "peft.target_modules": ["query", "value"], "train.lr": 5e-4},
+    "lora-qv-lr1e3": {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16, "peft.dropout": 0.0,
+                      "peft.target_modules": ["query", "value"], "train.lr": 1e-3},
 }
 
 

@@ -319,6 +319,7 @@ def bench(args, command: str) -> dict:
     peaks = {k: max(peaks_start[k], peaks_end[k]) for k in peaks_start}
     for res in out.values():
         res["derived"] = derive(res["raw"], res["work"], res["training_flops"], peaks)
+    out = keep_earlier_variants(out, args.epochs < 1)
     mach["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report = {"command": command, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": mach,
               "threads": threads, "config": str(CONFIG.relative_to(REPO)), "shared_overrides": shared,
@@ -332,6 +333,28 @@ def bench(args, command: str) -> dict:
     print_report(report)
     print(f"wrote {path.relative_to(REPO)}")
     return report
+
+
+def keep_earlier_variants(out: dict, smoke: bool) -> dict:
+    """With --only, the variants not re-run keep their numbers from the previous full run in the results file,
+    each marked with the time and command of the run that measured it (its MFU against that run's own peaks)."""
+    path = RESULTS / "train_speed.json"
+    if smoke or not path.exists():
+        return out
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    if previous.get("smoke"):
+        return out
+    merged = {}
+    for v in VARIANTS:
+        if v in out:
+            merged[v] = out[v]
+        elif v in previous.get("variants", {}):
+            old = previous["variants"][v]
+            merged[v] = {**old, "earlier_run": old.get("earlier_run") or {
+                "time": previous["time"], "command": previous["command"],
+                "loadavg_at_start": previous["machine"].get("loadavg_at_start"),
+                "peak_flops_per_s": previous["peak_flops_per_s"]["used"]}}
+    return merged
 
 
 def print_report(rep: dict) -> None:
@@ -373,6 +396,9 @@ def print_report(rep: dict) -> None:
               f"{ {k: x for k, x in r['overrides'].items() if k not in rep['shared_overrides']} }")
         if r["side"] == "strop" and not r["raw"]["eval_separated"]:
             print(f"  warning: {v}'s in-loop dev evaluation could not be timed; its train seconds include it")
+    for v, r in out.items():
+        if "earlier_run" in r:
+            print(f"{v}: not re-run; numbers from {r['earlier_run']['time']} ({r['earlier_run']['command']})")
     for note in rep["notes"]:
         print(f"note: {note}")
     print(f"shared overrides: { {k: v for k, v in rep['shared_overrides'].items() if k != 'output_dir'} }")

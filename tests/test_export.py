@@ -122,6 +122,36 @@ def test_int8_models_load_and_mostly_agree(exported):
     assert [p["label"] for p in int8] == [p["label"] for p in fp32]
 
 
+def test_int8_graph_quantises_weight_matmuls_per_channel_and_keeps_embeddings_fp32(exported):
+    """The chosen dynamic int8 settings (quantize.DYNAMIC_INT8) are the ones in the written graph."""
+    import onnx
+    from onnx import numpy_helper
+
+    run, _ = exported
+    fp32 = onnx.load(str(run / "export" / "model.onnx"))
+    int8 = onnx.load(str(run / "export" / "model.int8.onnx"))
+    fp32_inits = {i.name for i in fp32.graph.initializer}
+    weight_matmuls = [n for n in fp32.graph.node if n.op_type == "MatMul" and n.input[1] in fp32_inits]
+    gemms = [n for n in fp32.graph.node if n.op_type == "Gemm"]
+    assert len(weight_matmuls) == 2 * 6 and len(gemms) == 2  # 2 layers x (q, k, v, out, ffn up, ffn down); pooler, head
+    ops = [n.op_type for n in int8.graph.node]
+    # every weight MatMul and the pooler/classifier Gemms (ORT rewrites them to MatMul + Add) became integer MatMuls;
+    # only the activation x activation MatMuls of attention stay float
+    assert ops.count("MatMulInteger") == len(weight_matmuls) + len(gemms) and "Gemm" not in ops
+    assert ops.count("MatMul") == 2 * 2
+    inits = {i.name: numpy_helper.to_array(i) for i in int8.graph.initializer}
+    for n in int8.graph.node:
+        if n.op_type == "MatMulInteger":
+            weight, w_zero = inits[n.input[1]], inits[n.input[3]]
+            assert weight.dtype == np.int8  # QInt8 weights (u8s8 with uint8 activations: the VNNI kernels)
+            assert w_zero.shape == (weight.shape[1],)  # per channel: one zero point (and scale) per output column
+    # the embedding tables (word, position, token type) keep float weights
+    gathers = [n for n in int8.graph.node if n.op_type == "Gather" and n.input[0] in inits]
+    assert len(gathers) == 3 and all(inits[n.input[0]].dtype == np.float32 for n in gathers)
+    settings = json.loads((run / "export" / "parity.json").read_text())["variants"]["onnx_int8"]["quantization"]
+    assert settings["per_channel"] is True and settings["op_types_to_quantize"] == ["MatMul"]
+
+
 def test_predict_and_eval_accept_an_export_folder(exported, tmp_path, capsys):
     run, splits = exported
     assert main(["eval", str(run / "export"), "--data", str(splits["test"]), "--out", str(tmp_path / "m.json")]) == 0

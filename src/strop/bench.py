@@ -54,6 +54,7 @@ def training_probe(steps: int = 20, batch_size: int = 32, precision: str = "auto
     from strop.models.backbone import load_tokenizer, resolve_model_path
     from strop.models.classifier import build_model
     from strop.models.peft import apply_peft, count_parameters
+    from strop.training.fast import fast_dropout_in, tune_allocator
     from strop.training.loop import accumulate_gradients
     from strop.training.optim import build_optimizer
 
@@ -73,16 +74,19 @@ def training_probe(steps: int = 20, batch_size: int = 32, precision: str = "auto
                for b in epoch_batches(enc.lengths, batch_size, 0, e)][:steps]
     warm = min(5, steps - 1)
     examples = tokens = 0
-    for i, idx in enumerate(batches):
-        if i == warm:
-            start, cpu_start = time.perf_counter(), time.process_time()
-        accumulate_gradients(model, enc, idx, batch_size, ds.task, device, precision, hook.regularizer)
-        optimizer.step()
-        hook(i + 1)
-        optimizer.zero_grad(set_to_none=True)
-        if i >= warm:
-            examples += len(idx)
-            tokens += int(np.sum(enc.lengths[idx]))
+    if cfg.train.tune_allocator:  # the same speed settings as the training loop (training/fast.py)
+        tune_allocator()
+    with fast_dropout_in(model, cfg.train.fast_dropout):
+        for i, idx in enumerate(batches):
+            if i == warm:
+                start, cpu_start = time.perf_counter(), time.process_time()
+            accumulate_gradients(model, enc, idx, batch_size, ds.task, device, precision, hook.regularizer)
+            optimizer.step()
+            hook(i + 1)
+            optimizer.zero_grad(set_to_none=True)
+            if i >= warm:
+                examples += len(idx)
+                tokens += int(np.sum(enc.lengths[idx]))
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     timed = len(batches) - warm
     return {"samples_per_s": examples / seconds, "tokens_per_s": tokens / seconds, "precision": precision,

@@ -238,6 +238,7 @@ def export(
     """Export a run to ONNX (+ int8, pruned, distilled), each checked against the original; writes RUN/export/.
 
     Example: strop export runs/sst2 --prune heads=0.25,ffn=0.5 --recover-epochs 1 --distill 3
+    Token-classification (NER) runs export ONNX fp32 + int8 with per-token parity (no --prune / --distill).
     """
     from strop.compress.export import ExportOptions, export_run, print_summary
     from strop.compress.prune import parse_prune

@@ -35,8 +35,8 @@ class Predictor:
         onnx_file = export_file_of(path)
         if onnx_file is not None:  # ONNX Runtime behind the same interface (CPU, fp32 graph or int8)
             model, tokenizer, meta = load_export(onnx_file)
-            return cls(model, tokenizer, meta, resolve_device(device), precision)
-        model, tokenizer, meta = load_model(open_run(path))
+        else:
+            model, tokenizer, meta = load_model(open_run(path))
         if meta["task"] == "token_classification":  # entities instead of labels: its own predictor, same verbs
             from strop.predict_tokens import TokenPredictor
 

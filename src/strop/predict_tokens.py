@@ -18,7 +18,7 @@ from strop.data.conll import CONLL_SUFFIXES, looks_like_conll, read_sentences
 from strop.data.load import read_table
 from strop.data.ner import TokenExamples, check_sentences, to_token_examples
 from strop.data.tags import from_iob2, spans
-from strop.data.tokens import encode_tokens, split_words, word_logits
+from strop.data.tokens import TokenEncoded, encode_tokens, split_words, word_logits
 from strop.errors import DataError
 from strop.evaluate.entities import TagDecoder, evaluate_tokens
 from strop.evaluate.evaluator import batched_logits
@@ -92,14 +92,19 @@ class TokenPredictor:
         return SimpleNamespace(token_column=m.get("token_column", 0), tag_column=m.get("tag_column", -1),
                                tokens_key=m.get("tokens_key"), tags_key=m.get("tags_key"))
 
-    def evaluate_file(self, path, batch_size: int = 128, **_) -> dict:
-        """Entity metrics of this model on a labelled CoNLL or JSONL file (tags in the training files' scheme)."""
+    def encode_file(self, path) -> tuple[TokenEncoded, list[str]]:
+        """(subword windows with gold tags, notes on repaired tags) of a labelled CoNLL or JSONL file (tags in the
+        training files' scheme)."""
         sentences = read_sentences(path, "auto", self._ner_cfg(), need_tags=True)
         notes: list[str] = []
         iob2 = check_sentences(sentences, self.meta.get("scheme", "iob2"), "repair", "input", notes)
         ex = to_token_examples(sentences, iob2, {n: i for i, n in enumerate(self.labels)}, "input")
-        metrics, _ = evaluate_tokens(self.model, self._encode(ex), self.labels, batch_size, self.device,
-                                     self.precision)
+        return self._encode(ex), notes
+
+    def evaluate_file(self, path, batch_size: int = 128, **_) -> dict:
+        """Entity metrics of this model on a labelled CoNLL or JSONL file (tags in the training files' scheme)."""
+        enc, notes = self.encode_file(path)
+        metrics, _ = evaluate_tokens(self.model, enc, self.labels, batch_size, self.device, self.precision)
         metrics["repaired_tags"] = notes
         return metrics
 

@@ -80,3 +80,18 @@ def slow_model(tmp_path_factory) -> Path:
     save_model(BertForSequenceClassification(config).eval(), tok, folder, meta)
     (folder / "strop.json").write_text(json.dumps(meta), encoding="utf-8")
     return folder
+
+
+@pytest.fixture(scope="session")
+def ner_run(tiny_model, tmp_path_factory) -> Path:
+    """A tiny NER run (toy CoNLL data of tests/ner/toy_ner.py) with the casing feature, max_length 16 so longer
+    sentences are read in windows."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("toy_ner", Path(__file__).resolve().parents[1] / "ner" / "toy_ner.py")
+    toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+    tmp = tmp_path_factory.mktemp("ner")
+    train = toy.write_conll(tmp / "train.txt", toy.toy_sentences(96, 1))
+    return _train(tiny_model, tmp / "runs", train, name="ner", **{"train.epochs": 3, "model.max_length": 16,
+                                                                  "ner.stride": 4, "ner.casing": "true"})

@@ -3,7 +3,8 @@ optional pruned and distilled variants; every artifact is measured against the o
 
 RUN/export/ (a contract with `strop serve`, which loads it with onnxruntime):
   model.onnx        fp32; int64 inputs input_ids, attention_mask (+ token_type_ids when the tokenizer makes them),
-                    axes (batch, sequence); output `logits` (batch, num_labels)
+                    axes (batch, sequence); output `logits` (batch, num_labels), or (batch, sequence,
+                    num_labels) for token classification (parity then compares every real subword's logits)
   model.int8.onnx   ONNX Runtime dynamic int8
   tokenizer files   as saved by the run's tokenizer
   strop.json        the run's meta plus an "onnx" entry: files and input names
@@ -76,21 +77,21 @@ def run_model_dir(run: str | Path) -> Path:
 
 
 def _data(run: Path, model_dir: Path, meta: dict, tokenizer, opts: ExportOptions, need_train: bool):
-    """(held Encoded, where it came from, train Encoded or None)."""
+    """(held Encoded, where it came from, train Encoded or None); subword windows for token classification."""
     from strop.config import load_config
     from strop.data.prepare import prepare
-    from strop.predict import Predictor
+    from strop.run import encode_split
 
     held = source = None
     if opts.data:
-        _, ex = Predictor(torch.nn.Identity(), tokenizer, meta, CPU)._file_examples(opts.data, need_label=True)
-        held, source = encode(tokenizer, ex, meta["max_length"]), str(opts.data)
+        held, source = _held_file(opts.data, meta, tokenizer), str(opts.data)
     if held is not None and not need_train:
         return held, source, None
     if not (run / "config.yaml").is_file():
         raise RunError(f"{run} has no config.yaml, so its data is unknown; pass --data FILE (labelled held data)")
     try:
-        ds = prepare(load_config(run / "config.yaml"))
+        cfg = load_config(run / "config.yaml")
+        ds = prepare(cfg)
     except StropError as e:
         raise type(e)(f"{e} (reading the data named in {run / 'config.yaml'}: run from the folder the run was "
                       "trained in, or pass --data FILE)") from None
@@ -98,23 +99,38 @@ def _data(run: Path, model_dir: Path, meta: dict, tokenizer, opts: ExportOptions
         split = "validation" if "validation" in ds.splits else "test" if "test" in ds.splits else None
         if split is None:
             raise ExportError(f"{run} has no validation or test split to check the export on; pass --data FILE")
-        held, source = encode(tokenizer, ds.splits[split], meta["max_length"]), f"{split} split of {run}/config.yaml"
-    return held, source, encode(tokenizer, ds.splits["train"], meta["max_length"]) if need_train else None
+        held, source = encode_split(cfg, ds, tokenizer, ds.splits[split]), f"{split} split of {run}/config.yaml"
+    return held, source, encode_split(cfg, ds, tokenizer, ds.splits["train"]) if need_train else None
+
+
+def _held_file(path: str, meta: dict, tokenizer) -> Encoded:
+    """A labelled file encoded as the run's predictor encodes it (classification rows or NER windows)."""
+    from strop.predict import Predictor
+
+    if meta["task"] == "token_classification":
+        from strop.predict_tokens import TokenPredictor
+
+        return TokenPredictor(torch.nn.Identity(), tokenizer, meta, CPU).encode_file(path)[0]
+    _, ex = Predictor(torch.nn.Identity(), tokenizer, meta, CPU)._file_examples(path, need_label=True)
+    return encode(tokenizer, ex, meta["max_length"])
 
 
 def logits_of(model, enc: Encoded, batch_size: int = 64) -> np.ndarray:
-    """(n, num_labels) float32 logits in input order."""
-    out = np.zeros((len(enc), 0), dtype=np.float32)
+    """Logits in input order: (n, num_labels) float32 for classification; for token classification the logits of
+    every real (unpadded) subword of every window, windows in input order: (total tokens, num_labels)."""
+    rows: list = [None] * len(enc)
     for idx, logits, _ in batched_logits(model, enc, batch_size, CPU):
-        if out.shape[1] == 0:
-            out = np.zeros((len(enc), logits.shape[1]), dtype=np.float32)
-        out[idx] = logits.numpy()
-    return out
+        for row, i in enumerate(idx):
+            rows[i] = logits[row, :enc.lengths[i]].numpy() if logits.dim() == 3 else logits[row].numpy()
+    if not rows:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(rows) if rows[0].ndim == 2 else np.stack(rows)
 
 
 def agreement(a: np.ndarray, b: np.ndarray, task: str, threshold: float) -> float | None:
-    """Share of examples whose prediction is the same (all labels the same for multi-label); None for regression."""
-    if task == "single_label":
+    """Share of examples whose prediction is the same (all labels the same for multi-label; for token classification
+    the share of subword tokens with the same most probable tag); None for regression."""
+    if task in ("single_label", "token_classification"):
         return float((a.argmax(1) == b.argmax(1)).mean())
     if task == "multi_label":
         sig = lambda x: 1 / (1 + np.exp(-x))
@@ -181,6 +197,9 @@ def export_run(run: str | Path, opts: ExportOptions | None = None, log=print) ->
     model_dir = run_model_dir(run)
     run_dir = model_dir.parent
     teacher, tokenizer, meta = load_model(model_dir)
+    if meta["task"] == "token_classification" and (opts.prune or opts.distill):
+        raise ExportError(f"{run_dir} is a token-classification run: --prune and --distill support classification "
+                          "runs only so far; export it without them (ONNX fp32 + int8)")
     need_train = opts.static_int8 or opts.distill > 0 or (opts.prune is not None and opts.recover_epochs > 0)
     held, source, train_enc = _data(run_dir, model_dir, meta, tokenizer, opts, need_train)
     log(f"checking on {len(held)} held examples ({source})")
@@ -248,8 +267,9 @@ def _int8_variants(report: Report, teacher, tmp: Path, names, train_enc, opts: E
     )
 
     log("quantising: ONNX Runtime dynamic int8 ...")
-    quantize_onnx_dynamic(tmp / "model.onnx", tmp / "model.int8.onnx")
-    report.add("onnx_int8", OnnxModel(tmp / "model.int8.onnx", opts.threads), file_mb(tmp / "model.int8.onnx"))
+    settings = quantize_onnx_dynamic(tmp / "model.onnx", tmp / "model.int8.onnx")
+    report.add("onnx_int8", OnnxModel(tmp / "model.int8.onnx", opts.threads), file_mb(tmp / "model.int8.onnx"),
+               quantization=settings)
     files = {"int8": "model.int8.onnx"}
     if train_enc is not None:
         log(f"quantising: ONNX Runtime static int8 (calibration: {opts.calibration_size} training examples) ...")

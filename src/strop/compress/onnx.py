@@ -32,7 +32,8 @@ def onnxruntime():
 
 
 class LogitsOnly(nn.Module):
-    """Wraps a classifier so the traced graph takes tensors and returns only logits (batch, num_labels)."""
+    """Wraps a classifier so the traced graph takes tensors and returns only logits: (batch, num_labels), or
+    (batch, sequence, num_labels) for a token classifier."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -90,7 +91,8 @@ def export_onnx(model: nn.Module, tokenizer, path: Path, max_length: int = 512) 
 class OnnxModel:
     """An ONNX Runtime session with the calling convention of strop's PyTorch classifiers.
 
-    model(input_ids=..., attention_mask=..., token_type_ids=...) -> Output with logits (batch, num_labels) float32.
+    model(input_ids=..., attention_mask=..., token_type_ids=...) -> Output with logits (batch, num_labels) float32
+    ((batch, sequence, num_labels) for token classification).
     """
 
     def __init__(self, path: str | Path, threads: int = 0):

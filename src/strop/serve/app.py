@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from strop import __version__
 from strop.errors import StropError
-from strop.serve.backend import LoadedModel, load_model_for_serving
+from strop.serve.backend import LoadedModel, load_model_for_serving, run_batch
 from strop.serve.batcher import Batcher
 from strop.serve.guard import Admission, GuardMiddleware, error_body, mask_pii
 from strop.serve.schema import (
@@ -83,7 +83,7 @@ def _warm_up(model: LoadedModel) -> None:
     p = model.predictor
     pairs = WARMUP_TEXTS if p.meta.get("text_pair_column") else None
     for _ in range(2):
-        p.predict(WARMUP_TEXTS, pairs, batch_size=len(WARMUP_TEXTS))
+        run_batch(p, WARMUP_TEXTS, pairs)
 
 
 async def _load(state: ServerState, path: Path, loaded: LoadedModel | None) -> None:
@@ -96,7 +96,7 @@ async def _load(state: ServerState, path: Path, loaded: LoadedModel | None) -> N
         await asyncio.to_thread(_warm_up, model)
         state.telemetry.model_load.set(time.perf_counter() - start)
         state.model = model
-        state.batcher = Batcher(lambda texts, pairs: model.predictor.predict(texts, pairs, batch_size=len(texts)),
+        state.batcher = Batcher(lambda inputs, pairs: run_batch(model.predictor, inputs, pairs),
                                 cfg.max_batch_tokens, cfg.max_batch_size, cfg.max_wait_ms, cfg.batching,
                                 state.telemetry.on_batch, state.telemetry.queue_depth.set)
         state.batcher.start()
@@ -259,6 +259,10 @@ def _token_counts(model: LoadedModel, texts: list[str], pairs: list[str] | None)
 async def _predict(state: ServerState, body: PredictRequest) -> PredictResponse:
     model = _require_ready(state)
     cfg, meta = state.cfg, model.predictor.meta
+    if meta["task"] == "token_classification":
+        from strop.serve.entities import predict_entities
+
+        return await predict_entities(state, model, body)
     texts, pairs = _normalise(body, bool(meta.get("text_pair_column")), cfg.max_inputs)
     if cfg.mask_pii:
         texts = [mask_pii(t) for t in texts]

@@ -25,7 +25,7 @@ from strop.predict import Predictor
 
 class OnnxLogits(nn.Module):
     """An ONNX Runtime session as a torch module: forward(input_ids, attention_mask[, token_type_ids]) ->
-    Output(logits (batch, num_labels) float32)."""
+    Output(logits float32: (batch, num_labels), or (batch, sequence, num_labels) for token classification)."""
 
     def __init__(self, session):
         super().__init__()
@@ -47,6 +47,23 @@ def find_export(path: Path) -> Path:
             return folder
     raise RunError(f"{path} holds no ONNX export (RUN/export/ with model.onnx and strop.json); run "
                    f"`strop export {path}` first, or serve it with --backend torch")
+
+
+def run_batch(predictor, inputs: list, pairs: list[str] | None) -> list[dict]:
+    """Outputs of one batch, in input order. Classification: `Predictor.predict`. Token classification: a string
+    is a raw text (-> entities with character offsets), a list of words is pre-split input (-> tags and entities)."""
+    if predictor.task != "token_classification":
+        return predictor.predict(inputs, pairs, batch_size=len(inputs))
+    out: list = [None] * len(inputs)
+    raw = [i for i, x in enumerate(inputs) if isinstance(x, str)]
+    split = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
+    if raw:
+        for i, p in zip(raw, predictor.predict([inputs[i] for i in raw], batch_size=len(inputs))):
+            out[i] = p
+    if split:
+        for i, p in zip(split, predictor.predict_tokens([inputs[i] for i in split], batch_size=len(inputs))):
+            out[i] = p
+    return out
 
 
 def onnx_predictor(path: Path, onnx_file: str | None, threads: int) -> tuple[Predictor, Path]:
@@ -73,7 +90,13 @@ def onnx_predictor(path: Path, onnx_file: str | None, threads: int) -> tuple[Pre
     if "logits" not in [o.name for o in session.get_outputs()]:
         raise ModelError(f"{file} has no output named 'logits' (outputs: {[o.name for o in session.get_outputs()]});"
                          " re-export it with `strop export`")
-    return Predictor(OnnxLogits(session), load_tokenizer(folder), read_meta(folder), torch.device("cpu")), file
+    meta = read_meta(folder)
+    kind = Predictor
+    if meta["task"] == "token_classification":  # entities: the NER predictor, same ONNX session underneath
+        from strop.predict_tokens import TokenPredictor
+
+        kind = TokenPredictor
+    return kind(OnnxLogits(session), load_tokenizer(folder), meta, torch.device("cpu")), file
 
 
 @dataclass

@@ -25,18 +25,20 @@ Input = StrictStr | TextInput | TokensInput
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={
         "examples": [{"inputs": ["I was charged twice", {"text": "a man plays", "text_pair": "someone plays"}]}]})
-    inputs: list[Input] = Field(description="one or more inputs: a string, {text, text_pair} or {tokens}; at "
-                                "least 1, at most serve.max_inputs (else 400 / 413)")
+    inputs: list[Input] = Field(description="one or more inputs: a string, {text, text_pair} or {tokens} ({tokens} "
+                                "and no text_pair for token-classification models); at least 1, at most "
+                                "serve.max_inputs (else 400 / 413)")
     truncate: StrictBool = Field(False, description="cut inputs longer than the model's max_length instead of "
                                  "answering 422")
 
 
 class Entity(BaseModel):
-    label: str
-    start: int = Field(description="first token (NER over tokens) or character of the span")
-    end: int = Field(description="one past the last token or character")
-    score: float | None = None
-    text: str | None = None
+    text: str = Field(description="the entity's text: source[start:end]")
+    type: str = Field(description="entity type, e.g. PER (the tag without its B-/I- prefix)")
+    start: int = Field(description="first character of the span in the input text (for {tokens} inputs: in the "
+                       "tokens joined by single spaces)")
+    end: int = Field(description="one past the last character")
+    score: float = Field(description="mean probability of the entity's word tags")
 
 
 class Prediction(BaseModel):
@@ -46,6 +48,8 @@ class Prediction(BaseModel):
     probs: dict[str, float] | None = Field(None, description="probability of every label")
     value: float | None = Field(None, description="regression: the predicted value")
     entities: list[Entity] | None = Field(None, description="token classification: entity spans")
+    tags: list[str] | None = Field(None, description="token classification of {tokens} inputs: one tag per word, in "
+                                   "the training files' scheme")
     truncated: bool | None = Field(None, description="true when the input was cut to max_length")
 
 

@@ -19,8 +19,9 @@ from strop.models.classifier import task_loss
 from strop.models.peft import PeftHook
 from strop.training.checkpoint import TrainState, load_checkpoint, load_weights, prune_checkpoints, save_checkpoint
 from strop.training.distributed import (Dist, gather_full_state, is_sharded, load_full_state, shard,
-                                         trainable_snapshot, wrap_model)
+                                        trainable_snapshot, wrap_model)
 from strop.training.ds_engine import deepspeed_engine
+from strop.training.fast import fast_dropout_in, tune_allocator
 from strop.training.guards import MicroBatchSize, NonFiniteError, StopSignals, TrainingInterrupted, is_finite
 from strop.training.optim import build_optimizer, build_scheduler, warmup_steps
 from strop.training.progress import TrainProgress
@@ -115,7 +116,10 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
         save_checkpoint(run_dir, model, optimizer, scheduler, state, **gathered)
         prune_checkpoints(run_dir, t.keep_checkpoints, {state.best_step} if state.best_step else set())
 
-    with TrainProgress(total_steps, state.step) as progress, StopSignals() as signals:
+    if t.tune_allocator:
+        tune_allocator()
+    with TrainProgress(total_steps, state.step) as progress, StopSignals() as signals, \
+            fast_dropout_in(model, t.fast_dropout):
         while state.step < total_steps and not state.stopped_early:
             batches = epoch_batches(train.lengths, t.batch_size, t.seed, state.epoch, t.batching == "length_grouped")
             for idx in batches[state.batch_in_epoch:]:

@@ -1,0 +1,164 @@
+"""Training speed-ups that keep the math: a cheaper dropout mask and an allocator that stops page-faulting.
+
+Both were found by profiling a CPU training step of the default model (DECISIONS.md, "Faster CPU training steps"):
+- torch's dropout draws one 32-bit number per element (on non-Intel CPUs ATen's bernoulli_ has no vectorised path),
+  about 12% of a step on this machine; `fast_dropout` draws one 64-bit number per three elements instead.
+- glibc serves allocations over its mmap threshold (at most 32 MiB) with fresh pages every step, so the
+  word-embedding gradient (30522 x 384 floats) is page-faulted in on each backward pass; `tune_allocator` keeps
+  such blocks in the heap for reuse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import sys
+
+import torch
+from torch import nn
+
+_LEVELS = 65536  # keep-probability resolution of fast_dropout: p is rounded to a multiple of 1/65536
+
+
+class _MaskedScale(torch.autograd.Function):
+    """x * keep * scale, saving the boolean mask (1 byte per element) rather than a float copy for backward."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x.mul(keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None, None
+
+
+def keep_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
+    """A boolean keep-mask with P(keep) = 1 - q, q = p rounded to a multiple of 1/65536, and the scale 1 / (1 - q).
+
+    Each 64-bit draw of torch's generator (seeded by torch.manual_seed, saved in checkpoints) gives three independent
+    16-bit uniforms (its top 16 bits are not used: int64 random_ leaves the sign bit 0)."""
+    n = 1
+    for d in shape:
+        n *= d
+    drop = round(p * _LEVELS)
+    bits = torch.empty((n + 2) // 3, dtype=torch.int64, device=device).random_()
+    u = bits.view(torch.int16).view(-1, 4)[:, :3]  # little-endian: the low 48 bits, uniform in [-32768, 32767]
+    keep = (u >= drop - _LEVELS // 2).reshape(-1)[:n].view(shape)
+    return keep, _LEVELS / (_LEVELS - drop)
+
+
+def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Inverted dropout like torch.nn.functional.dropout, with the mask from keep_mask."""
+    if not training or p <= 0:
+        return x
+    if p >= 1:
+        return x * 0
+    if sys.byteorder != "little":  # the int16 view of the 64-bit draws assumes it
+        return nn.functional.dropout(x, p, True)
+    keep, scale = keep_mask(x.shape, p, x.device)
+    return _MaskedScale.apply(x, keep, scale)
+
+
+class FastDropout(nn.Dropout):
+    """nn.Dropout with fast_dropout's mask (same p, same place in the model; no parameters or state)."""
+
+    def forward(self, x):
+        return fast_dropout(x, self.p, self.training)
+
+
+def attention_with_fast_dropout(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function (AttentionInterface): with dropout in training, softmax(QK^T * s + mask),
+    fast_dropout, times V (the eager formula); otherwise torch's scaled_dot_product_attention as `sdpa` does."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not module.training or not dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling,
+                                      **kwargs)
+    scaling = query.size(-1) ** -0.5 if scaling is None else scaling
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
+        else:
+            weights = weights + attention_mask
+    weights = fast_dropout(nn.functional.softmax(weights, dim=-1), dropout, True)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
+
+
+ATTENTION_NAME = "strop_fast_dropout"
+
+
+def _register_attention() -> bool:
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:
+        return False
+    AttentionInterface.register(ATTENTION_NAME, attention_with_fast_dropout)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # the masks `sdpa` gets (boolean, or None)
+    return True
+
+
+def _attention_configs(model: nn.Module) -> list:
+    """The transformers configs inside `model` that run the `sdpa` attention (those fast dropout can take over)."""
+    found, seen = [], set()
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if config is not None and id(config) not in seen and getattr(config, "_attn_implementation", None) == "sdpa":
+            seen.add(id(config))
+            found.append(config)
+    return found
+
+
+@contextlib.contextmanager
+def fast_dropout_in(model: nn.Module, enabled: bool = True):
+    """Within the block, every nn.Dropout in `model` draws fast_dropout's masks, and transformers models that use
+    `sdpa` attention run attention_with_fast_dropout; both are put back afterwards (saved models are unchanged)."""
+    if not enabled:
+        yield
+        return
+    swapped = []
+    for m in model.modules():
+        for name, child in m.named_children():
+            if type(child) is nn.Dropout:
+                fast = FastDropout(child.p, child.inplace)
+                fast.train(child.training)
+                setattr(m, name, fast)
+                swapped.append((m, name, child))
+    configs = _attention_configs(model) if _register_attention() else []
+    for config in configs:
+        config._attn_implementation = ATTENTION_NAME
+    try:
+        yield
+    finally:
+        for config in configs:
+            config._attn_implementation = "sdpa"
+        for m, name, child in swapped:
+            child.train(getattr(m, name).training)
+            setattr(m, name, child)
+
+
+_TUNED = False
+
+
+def tune_allocator() -> bool:
+    """Keep large freed blocks in glibc's heap (mmap threshold 1 GiB, trim threshold 2 GiB) so that per-step
+    buffers such as the embedding gradient are reused instead of page-faulted in again. Process-wide; glibc only
+    (a no-op elsewhere). Returns whether the settings were applied."""
+    global _TUNED
+    if _TUNED:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    _TUNED = bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 31))
+    return _TUNED
