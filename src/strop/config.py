@@ -123,6 +123,12 @@ class TrainConfig:
                                "every step (Linux; process-wide)")
     threads: int = doc(0, "CPU threads for torch; 0 = all cores")
     device: str = doc("auto", "auto = cuda if available, else cpu", ("auto", "cpu", "cuda"))
+    distributed: str = doc("ddp", "with several processes (torchrun / accelerate launch): ddp = each process holds "
+                           "the whole model; fsdp = parameters, gradients and optimizer state sharded over the "
+                           "processes (PyTorch FSDP2, one unit per transformer layer); deepspeed = DeepSpeed ZeRO "
+                           "with the JSON in train.deepspeed", ("ddp", "fsdp", "deepspeed"))
+    deepspeed: str = doc("", "train.distributed=deepspeed: path of a DeepSpeed JSON config (zero_optimization stage "
+                         "0, 1 or 2); batch size, clipping, optimizer and schedule come from this train section")
 
 
 @dataclass
@@ -183,6 +189,16 @@ class TuneConfig:
                       "earlier trials at the same step", ("median", "none"))
     startup_trials: int = doc(3, "trials sampled at random and never pruned before TPE and pruning start")
     seed: int | None = doc(None, "seed of the TPE sampler; empty = train.seed")
+    backend: str = doc("optuna", "optuna = trials in this process, study in SQLite (many machines: a shared "
+                       "tune.storage); ray = trials as Ray Tune trials (TPE through Ray's OptunaSearch, "
+                       "median stopping through Ray's scheduler), on a local Ray instance or a cluster",
+                       ("optuna", "ray"))
+    ray_address: str = doc("", "ray backend: Ray cluster to join (ray://host:10001, host:6379 or auto); empty = the "
+                           "RAY_ADDRESS environment variable, else a new local instance")
+    cpus_per_trial: float = doc(1, "ray backend: CPUs Ray reserves for each trial (each trial is one process)")
+    gpus_per_trial: float = doc(0, "ray backend: GPUs Ray reserves for each trial")
+    concurrent: int = doc(1, "ray backend: trials that run at once (a local instance gets "
+                          "concurrent x cpus_per_trial CPUs)")
 
 
 @dataclass
@@ -416,6 +432,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.label_delimiter='' is empty; give the character that separates labels "
                           "(in YAML quote it: label_delimiter: '|')")
     validate_peft(cfg.peft)
+    if t.distributed != "ddp" and cfg.peft.method != "none":
+        # adapters already keep the trainable state small; sharding them was not built or tested
+        raise ConfigError(f"train.distributed={t.distributed} trains all parameters; peft.method="
+                          f"{cfg.peft.method!r} runs with train.distributed=ddp (or set peft.method=none)")
+    if (t.distributed == "deepspeed") != bool(t.deepspeed):
+        raise ConfigError(f"train.distributed={t.distributed} with train.deepspeed={t.deepspeed!r}: DeepSpeed needs "
+                          "both, train.distributed=deepspeed and train.deepspeed=path/to/ds_config.json")
+    if t.distributed == "deepspeed" and (t.save_every != -1 or t.resume != "never" or t.nonfinite != "stop"):
+        # ZeRO keeps the optimizer state in per-process partitions of its own format; strop's checkpoints hold
+        # one-process state dicts, which FSDP gathers but DeepSpeed's state was not converted to
+        raise ConfigError(f"train.distributed=deepspeed: strop does not checkpoint DeepSpeed's partitioned optimizer "
+                          f"state, so set train.save_every=-1 (got {t.save_every}) and keep train.resume=never and "
+                          "train.nonfinite=stop; for checkpoints that resume, use train.distributed=fsdp or ddp")
     n = cfg.ner
     if n.stride < 0:  # stride < the window size is checked where the window size is known (data/tokens.py)
         raise ConfigError(f"ner.stride={n.stride} must be >= 0 (subword tokens shared by consecutive windows)")
@@ -447,6 +476,9 @@ def validate_tune(tu: TuneConfig) -> None:
     """tune.space: every key a config field, every value one distribution with valid bounds."""
     if tu.trials <= 0 or tu.startup_trials < 0:
         raise ConfigError(f"tune.trials={tu.trials} must be > 0 and tune.startup_trials={tu.startup_trials} >= 0")
+    if tu.concurrent < 1 or tu.cpus_per_trial <= 0 or tu.gpus_per_trial < 0:
+        raise ConfigError(f"tune.concurrent={tu.concurrent} must be >= 1, tune.cpus_per_trial={tu.cpus_per_trial} "
+                          f"> 0 and tune.gpus_per_trial={tu.gpus_per_trial} >= 0")
     if not isinstance(tu.space, dict):
         raise ConfigError(f"tune.space={tu.space!r} must be a mapping {{config.key: distribution}}")
     keys = all_keys()

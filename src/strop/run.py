@@ -25,7 +25,7 @@ from strop.models.classifier import build_model
 from strop.models.peft import apply_peft, count_parameters, save_trained
 from strop.track import NoTracker, Trackers, check_trackers
 from strop.training.checkpoint import latest_checkpoint
-from strop.training.distributed import init_distributed
+from strop.training.distributed import init_distributed, is_sharded, unshard
 from strop.training.loop import count_steps, fit
 from strop.training.progress import console
 
@@ -171,6 +171,10 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     model, peft_hook = apply_peft(model, cfg.peft, count_steps(cfg.train, len(ds.splits["train"]))[1])
 
     check_trackers(cfg.track)
+    if cfg.train.distributed == "deepspeed":
+        from strop.training.ds_engine import read_ds_config
+
+        read_ds_config(cfg.train.deepspeed, cfg.train, dist.world)  # a bad DeepSpeed JSON stops here
     dist.barrier()  # every rank has checked the run folder before rank 0 (re)creates it
     if not dist.main:
         return _train_other_rank(model, ds, tokenizer, cfg, ckpt, run_dir, device, precision, metric, peft_hook,
@@ -198,6 +202,8 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
             console.print("[yellow]no validation split: no evaluation during training[/yellow]")
         fitted = fit(model, encoded["train"], encoded.get("validation"), cfg, ds.task, ds.labels, device, precision,
                      tracker, metric, run_dir, resume_from=ckpt, peft_hook=peft_hook, on_eval=on_eval, dist=dist)
+        if is_sharded(model):  # FSDP: the full weights into a plain model for the final evaluation and model/
+            model = unshard(model, dist, lambda: build_model(cfg.model, ds.task, ds.labels, cfg.ner).to(device))
         threshold, final = final_evaluation(model, encoded, ds, cfg, device, precision)
         for split, metrics in final.items():
             tracker.log({"step": fitted.state.step, "split": f"final_{split}", **metrics})
@@ -233,6 +239,8 @@ def _train_other_rank(model, ds: Dataset, tokenizer, cfg: Config, ckpt, run_dir:
     encoded = {split: encode_split(cfg, ds, tokenizer, ex) for split, ex in ds.splits.items()}
     fit(model, encoded["train"], encoded.get("validation"), cfg, ds.task, ds.labels, device, precision, NoTracker(),
         metric, run_dir, resume_from=ckpt, peft_hook=peft_hook, dist=dist)
+    if is_sharded(model):
+        unshard(model, dist, rebuild=None)  # collective: rank 0 gathers the full weights
     return RunResult(run_dir, {"rank": dist.rank})
 
 

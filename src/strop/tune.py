@@ -61,6 +61,22 @@ def _overrides_dict(overrides) -> dict:
     return dict(parse_override(o) for o in overrides or [])
 
 
+def trial_overrides(cfg: Config, base: dict, values: dict, run_name: str) -> dict:
+    """The overrides of one trial's run: the command line's, the sampled values, the trial's run name."""
+    run_overrides = {**base, **values, "name": run_name}
+    if cfg.tune.metric != "auto":
+        run_overrides["train.metric"] = cfg.tune.metric
+    return run_overrides
+
+
+def trial_value(results: dict) -> float:
+    """A finished trial's objective: the best validation metric of its run (the weights it keeps)."""
+    if results["best_metric"] is None:
+        raise ConfigError("tuning needs a validation split to score trials; give data.validation or keep "
+                          "data.validation_ratio > 0")
+    return results["best_metric"]
+
+
 def study_settings(cfg: Config) -> tuple[str, str, str, str]:
     """(base name, storage URL, study name, direction) of the search the config describes."""
     if not cfg.tune.space:
@@ -87,6 +103,10 @@ def tune(config=None, overrides=None, trials: int | None = None) -> TuneResult:
     cfg = load_config(config, base)
     name, storage, study_name, direction = study_settings(cfg)
     n_trials = trials or cfg.tune.trials
+    if cfg.tune.backend == "ray":
+        from strop.tune_ray import tune_with_ray
+
+        return tune_with_ray(config, base, cfg, n_trials)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     seed = cfg.train.seed if cfg.tune.seed is None else cfg.tune.seed
     startup = cfg.tune.startup_trials
@@ -114,19 +134,13 @@ def tune(config=None, overrides=None, trials: int | None = None) -> TuneResult:
                               "earlier trials at this step)")
                 raise optuna.TrialPruned(f"step {step}")
 
-        run_overrides = {**base, **values, "name": run_name}
-        if cfg.tune.metric != "auto":
-            run_overrides["train.metric"] = cfg.tune.metric
-        result = train(config, run_overrides, overwrite=True, on_eval=report).results
-        if result["best_metric"] is None:
-            raise ConfigError("tuning needs a validation split to score trials; give data.validation or keep "
-                              "data.validation_ratio > 0")
-        return result["best_metric"]
+        return trial_value(train(config, trial_overrides(cfg, base, values, run_name), overwrite=True,
+                                 on_eval=report).results)
 
     remaining = max(0, n_trials - finished)
     if remaining:
         study.optimize(objective, n_trials=remaining)
-    return write_outputs(study, Path(cfg.output_dir), name)
+    return write_outputs(study_rows(study), study_name, direction, Path(cfg.output_dir), name)
 
 
 def _finished(study) -> int:
@@ -144,77 +158,86 @@ def _fail_stale(study) -> None:
         console.print(f"[yellow]trial {t.number} was left running by an interrupted search: marked failed[/yellow]")
 
 
-def write_outputs(study, output_dir: Path, name: str) -> TuneResult:
-    """runs/<name>-tune/: trials.json, best.yaml (ready to run), trials.png and report.html."""
-    from optuna.trial import TrialState
-
-    tune_dir = output_dir / f"{name}-tune"
-    tune_dir.mkdir(parents=True, exist_ok=True)
-    rows = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+def study_rows(study) -> list[dict]:
+    """One row per Optuna trial: number, state (COMPLETE/PRUNED/FAIL/RUNNING), value, params, run_dir, intermediate."""
+    return [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
              "run_dir": t.user_attrs.get("run_dir"), "intermediate": {str(k): v for k, v in
                                                                        sorted(t.intermediate_values.items())}}
             for t in study.trials]
+
+
+def write_outputs(rows: list[dict], study_name: str, direction: str, output_dir: Path, name: str) -> TuneResult:
+    """runs/<name>-tune/: trials.json, best.yaml (ready to run), trials.png and report.html.
+
+    rows: study_rows() or the Ray backend's equivalent; direction: 'maximize' or 'minimize'."""
+    tune_dir = output_dir / f"{name}-tune"
+    tune_dir.mkdir(parents=True, exist_ok=True)
     (tune_dir / "trials.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
-    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    best = study.best_trial if complete else None
-    best_run = Path(best.user_attrs["run_dir"]) if best else None
+    complete = [r for r in rows if r["state"] == "COMPLETE"]
+    better = max if direction == "maximize" else min
+    # the first of equal values wins, as in Optuna's best_trial
+    best = better(complete, key=lambda r: r["value"]) if complete else None
+    best_run = Path(best["run_dir"]) if best else None
     if best is not None:
         cfg = yaml.safe_load((best_run / "config.yaml").read_text(encoding="utf-8"))
         cfg["name"] = f"{name}-best"
-        header = (f"# best of {len(complete)} finished trials of study {study.study_name!r}: value {best.value:.6g} "
-                  f"(trial {best.number}, {best_run})\n# params: {json.dumps(best.params)}\n"
+        header = (f"# best of {len(complete)} finished trials of study {study_name!r}: value {best['value']:.6g} "
+                  f"(trial {best['number']}, {best_run})\n# params: {json.dumps(best['params'])}\n"
                   f"# run it: strop train {tune_dir / 'best.yaml'}\n")
         (tune_dir / "best.yaml").write_text(header + yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-        console.print(f"best trial {best.number}: {best.value:.4f} with {best.params}; config: {tune_dir / 'best.yaml'}")
-    plot_trials(study, tune_dir / "trials.png")
-    _report_html(rows, study, tune_dir)
-    return TuneResult(tune_dir, best.value if best else None, best.params if best else {}, best_run, rows)
+        console.print(f"best trial {best['number']}: {best['value']:.4f} with {best['params']}; config: "
+                      f"{tune_dir / 'best.yaml'}")
+    plot_trials(rows, study_name, direction, tune_dir / "trials.png")
+    _report_html(rows, study_name, direction, tune_dir)
+    return TuneResult(tune_dir, best["value"] if best else None, best["params"] if best else {}, best_run, rows)
 
 
-def plot_trials(study, path: Path) -> None:
+def plot_trials(rows: list[dict], study_name: str, direction: str, path: Path) -> None:
     """Left: each trial's value (pruned trials at their last report) and the best so far; right: the curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from optuna.trial import TrialState
+
+    def curve(r: dict) -> tuple[list[int], list[float]]:
+        steps = sorted(r["intermediate"], key=int)
+        return [int(s) for s in steps], [r["intermediate"][s] for s in steps]
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    pruned = [t for t in study.trials if t.state == TrialState.PRUNED and t.intermediate_values]
-    left.scatter([t.number for t in done], [t.value for t in done], label="finished", color="tab:blue")
-    left.scatter([t.number for t in pruned], [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
+    done = [r for r in rows if r["state"] == "COMPLETE"]
+    pruned = [r for r in rows if r["state"] == "PRUNED" and r["intermediate"]]
+    left.scatter([r["number"] for r in done], [r["value"] for r in done], label="finished", color="tab:blue")
+    left.scatter([r["number"] for r in pruned], [curve(r)[1][-1] for r in pruned],
                  marker="x", label="pruned (last report)", color="tab:red")
-    better = max if study.direction.name == "MAXIMIZE" else min
+    better = max if direction == "maximize" else min
     best, xs, ys = None, [], []
-    for t in sorted(done, key=lambda t: t.number):
-        best = t.value if best is None else better(best, t.value)
-        xs.append(t.number)
+    for r in sorted(done, key=lambda r: r["number"]):
+        best = r["value"] if best is None else better(best, r["value"])
+        xs.append(r["number"])
         ys.append(best)
     left.step(xs, ys, where="post", color="tab:green", label="best so far")
-    left.set(xlabel="trial", ylabel="objective", title=f"{study.study_name}: {study.direction.name.lower()}")
+    left.set(xlabel="trial", ylabel="objective", title=f"{study_name}: {direction}")
     left.legend()
-    for t in study.trials:
-        if t.intermediate_values:
-            steps = sorted(t.intermediate_values)
-            right.plot(steps, [t.intermediate_values[s] for s in steps], marker=".",
-                       linestyle="--" if t.state == TrialState.PRUNED else "-", label=f"trial {t.number}")
+    for r in rows:
+        if r["intermediate"]:
+            right.plot(*curve(r), marker=".", linestyle="--" if r["state"] == "PRUNED" else "-",
+                       label=f"trial {r['number']}")
     right.set(xlabel="step", ylabel="validation metric", title="intermediate values (dashed: pruned)")
-    if len(study.trials) <= 12:
+    if len(rows) <= 12:
         right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def _report_html(rows: list[dict], study, tune_dir: Path) -> None:
+def _report_html(rows: list[dict], study_name: str, direction: str, tune_dir: Path) -> None:
     def row(r: dict) -> str:
         value = "" if r["value"] is None else f"{r['value']:.5g}"
         return (f"<tr><td>{r['number']}</td><td>{r['state']}</td><td>{value}</td>"
                 f"<td>{html.escape(json.dumps(r['params']))}</td><td>{html.escape(str(r['run_dir']))}</td></tr>")
 
-    page = (f"<!doctype html><meta charset='utf-8'><title>{html.escape(study.study_name)}</title>"
-            f"<h1>Search {html.escape(study.study_name)} ({study.direction.name.lower()})</h1>"
+    page = (f"<!doctype html><meta charset='utf-8'><title>{html.escape(study_name)}</title>"
+            f"<h1>Search {html.escape(study_name)} ({direction})</h1>"
             "<img src='trials.png' alt='trials'><table border='1' cellpadding='4'>"
             "<tr><th>trial</th><th>state</th><th>value</th><th>params</th><th>run</th></tr>"
             f"{''.join(map(row, rows))}</table>")

@@ -64,9 +64,13 @@ def _torch_save(obj, path: Path) -> None:
 
 
 def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return _unalias(model.state_dict())
+
+
+def _unalias(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # clone shared storage apart (safetensors refuses aliased tensors, e.g. tied embeddings)
     seen, out = set(), {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in weights.items():
         t = tensor.detach().cpu()
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         out[name] = t.clone() if key in seen else t.contiguous()
@@ -88,17 +92,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainState) -> Path:
-    """Write checkpoints/step-<state.step>/ atomically; returns its path."""
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainState, weights: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
+    """Write checkpoints/step-<state.step>/ atomically; returns its path.
+    weights / optimizer_state: the state dicts to write instead of model's and optimizer's own (FSDP gathers them)."""
     root = run_dir / "checkpoints"
     root.mkdir(exist_ok=True)
     final = root / f"{PREFIX}{state.step}"
     tmp = root / f".tmp-{PREFIX}{state.step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_weights(model), str(tmp / "model.safetensors"))
+    save_file(_weights(model) if weights is None else _unalias(weights), str(tmp / "model.safetensors"))
     _fsync_file(tmp / "model.safetensors")
-    _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _torch_save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
     _torch_save({"scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "rng.pt")
     with open(tmp / "state.json", "w", encoding="utf-8") as f:
         json.dump(asdict(state), f)
@@ -179,10 +185,16 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
                        ) from None
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore model, optimizer, scheduler and RNG in place; returns the TrainState to continue from."""
-    model.load_state_dict(load_weights(path / "model.safetensors"))
-    optimizer.load_state_dict(_load(path / "optimizer.pt"))
+def load_checkpoint(path: Path, model, optimizer, scheduler, load_state=None) -> TrainState:
+    """Restore model, optimizer, scheduler and RNG in place; returns the TrainState to continue from.
+    load_state(model, optimizer, weights, optimizer_state): loads the two state dicts instead of their own
+    load_state_dict (FSDP splits them over the ranks)."""
+    weights, optimizer_state = load_weights(path / "model.safetensors"), _load(path / "optimizer.pt")
+    if load_state is None:
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(optimizer_state)
+    else:
+        load_state(model, optimizer, weights, optimizer_state)
     extra = _load(path / "rng.pt")
     scheduler.load_state_dict(extra["scheduler"])
     set_rng_state(extra["rng"])

@@ -18,7 +18,9 @@ from strop.evaluate.metrics import greater_is_better
 from strop.models.classifier import task_loss
 from strop.models.peft import PeftHook
 from strop.training.checkpoint import TrainState, load_checkpoint, load_weights, prune_checkpoints, save_checkpoint
-from strop.training.distributed import Dist, shard, wrap_model
+from strop.training.distributed import (Dist, gather_full_state, is_sharded, load_full_state, shard,
+                                        trainable_snapshot, wrap_model)
+from strop.training.ds_engine import deepspeed_engine
 from strop.training.fast import fast_dropout_in, tune_allocator
 from strop.training.guards import MicroBatchSize, NonFiniteError, StopSignals, TrainingInterrupted, is_finite
 from strop.training.optim import build_optimizer, build_scheduler, warmup_steps
@@ -41,7 +43,7 @@ def count_steps(t, n_train: int) -> tuple[int, int]:
 
 def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_batch_size: int, task: str,
                          device: torch.device, precision: str, regularizer=None, loss_fn=None,
-                         batch_examples: float | None = None) -> torch.Tensor:
+                         batch_examples: float | None = None, backward=None) -> torch.Tensor:
     """Forward + backward over the examples `idx` in micro-batches; returns the batch's mean loss (detached).
 
     Each micro-batch loss is weighted by its share of the batch, so the summed gradients equal those of one
@@ -49,7 +51,7 @@ def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_
     AdaLoRA's orthogonality penalty) returns a term added once per batch, or None.
     loss_fn(logits, batch) -> mean loss replaces the task loss (distillation uses it); None = task_loss.
     `batch_examples`: what the loss is averaged over, len(idx) by default; with several processes
-    len(global batch) / world (distributed.shard).
+    len(global batch) / world (distributed.shard). `backward(loss)`: DeepSpeed's engine.backward; None = loss.backward.
     """
     total = torch.zeros((), device=device)
     for start in range(0, len(idx), micro_batch_size):
@@ -60,7 +62,7 @@ def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_
         loss = loss_fn(logits, batch) if loss_fn else task_loss(logits, batch["labels"], task)
         penalty = regularizer() if regularizer else None
         loss = (loss if penalty is None else loss + penalty) * (len(part) / (batch_examples or len(idx)))
-        loss.backward()
+        loss.backward() if backward is None else backward(loss)
         total += loss.detach()
     return total
 
@@ -80,14 +82,22 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
     steps_per_epoch, total_steps = count_steps(t, len(train))
     eval_every = t.eval_every or steps_per_epoch
     save_every = eval_every if t.save_every == 0 else t.save_every
-    optimizer = build_optimizer(model, t)
+    model.to(device).train()
+    # DDP: a wrapper that all-reduces gradients, `model` evaluates and saves; FSDP: `model` itself, sharded in place
+    ddp_model = wrap_model(model, dist, device, t.distributed)
+    sharded = is_sharded(model)  # then saving and loading state gathers/splits it over the ranks
+    optimizer = build_optimizer(model, t)  # after wrapping: FSDP replaces the parameters
     scheduler = build_scheduler(optimizer, t.scheduler, warmup_steps(t.warmup, total_steps), total_steps)
+    engine = None  # DeepSpeed's engine: reduces gradients in its backward, clips in its step
+    if t.distributed == "deepspeed" and dist.world > 1:
+        engine, optimizer = deepspeed_engine(model, optimizer, t, dist.world)  # ZeRO wraps the AdamW
+        ddp_model = engine
+    step = optimizer.step if engine is None else engine.step  # the engine's step also clips (gradient_clipping)
     params = [p for p in model.parameters() if p.requires_grad]
     micro = MicroBatchSize(t.micro_batch_size or t.batch_size, t.auto_batch_size)
-    model.to(device).train()
-    ddp_model = wrap_model(model, dist, device)  # trains with all-reduced gradients; `model` evaluates and saves
     torch.manual_seed(t.seed + dist.rank)  # dropout masks (each rank its own)
-    state = load_checkpoint(resume_from, model, optimizer, scheduler) if resume_from else TrainState()
+    state = (load_checkpoint(resume_from, model, optimizer, scheduler, load_full_state if sharded else None)
+             if resume_from else TrainState())
     if resume_from and dist.rank:  # the checkpoint holds rank 0's RNG; the other ranks keep their own masks
         torch.manual_seed(t.seed + dist.rank + state.step)
     result = FitResult(state, steps_per_epoch)
@@ -98,9 +108,12 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
 
     def checkpoint():
         state.window = [float(window_loss), state.window[1], state.window[2]]
+        gathered = {}
+        if sharded:  # every rank takes part; rank 0 gets the full state dicts
+            gathered["weights"], gathered["optimizer_state"] = gather_full_state(model, optimizer)
         if not dist.main:
             return
-        save_checkpoint(run_dir, model, optimizer, scheduler, state)
+        save_checkpoint(run_dir, model, optimizer, scheduler, state, **gathered)
         prune_checkpoints(run_dir, t.keep_checkpoints, {state.best_step} if state.best_step else set())
 
     if t.tune_allocator:
@@ -112,11 +125,16 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
             for idx in batches[state.batch_in_epoch:]:
                 part, share = shard(idx, dist)  # this process's slice of the global batch (all of it with one)
                 loss = micro.run(lambda m: accumulate_gradients(ddp_model, train, part, m, task, device, precision,
-                                                                  peft_hook.regularizer, loss_fn, share),
+                                                                  peft_hook.regularizer, loss_fn, share,
+                                                                  engine.backward if engine else None),
                                  model, progress.note)
                 loss = dist.mean(loss)  # the global batch's loss on every rank: same logs, same NaN decision
                 # clip_grad_norm_ returns the total norm: one pass that both clips and checks for NaN/Inf gradients
-                norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+                if engine is None:
+                    norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+                    norm = norm.full_tensor() if sharded else norm  # FSDP: a DTensor, the global norm on every rank
+                else:  # ZeRO holds the reduced gradients in its partitions: it clips in its step, checked after it
+                    norm = torch.zeros(())
                 if not is_finite(loss, norm):
                     state.skipped_steps += 1
                     optimizer.zero_grad(set_to_none=True)
@@ -132,7 +150,10 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
                     continue
                 lr = scheduler.get_last_lr()[0]  # the lr this step used
                 state.step += 1
-                optimizer.step(); scheduler.step(); peft_hook(state.step); optimizer.zero_grad(set_to_none=True)  # noqa: E702
+                step(); scheduler.step(); peft_hook(state.step); optimizer.zero_grad(set_to_none=True)  # noqa: E702
+                if engine is not None and not math.isfinite(engine.get_global_grad_norm() or 0.0):
+                    raise NonFiniteError(f"non-finite gradient norm at step {state.step} (DeepSpeed applied it); "
+                                         "lower train.lr or check the data")
                 state.batch_in_epoch += 1
                 state.train_tokens += int(train.lengths[idx].sum())
                 window_loss += loss
@@ -156,7 +177,7 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
                     improved = _track_best(state, metrics[metric], greater_is_better(metric))
                     if improved and t.restore_best:
                         # only what training changes: with PEFT a few MB instead of a second copy of the model
-                        best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                        best_state = trainable_snapshot(model)
                     record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4),
                               "split": "validation", **metrics}
                     tracker.log(record)
@@ -182,7 +203,10 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
     if t.restore_best and state.best_step is not None and state.best_step != state.step:
         if best_state is None:  # the best step came before a resume: its checkpoint is kept for this
             best_state = load_weights(run_dir / "checkpoints" / f"step-{state.best_step}" / "model.safetensors")
-        model.load_state_dict(best_state, strict=False)
+        if sharded:
+            load_full_state(model, optimizer, best_state, None)
+        else:
+            model.load_state_dict(best_state, strict=False)
         progress.note(f"restored the best weights (step {state.best_step}, {metric}={state.best_metric:.4f})")
     return result
 
