@@ -205,11 +205,21 @@ def spawn(method: str, dataset: str, shots: int, seed: int, test_limit: int, ove
         return json.loads(out.read_text())
 
 
+def complete_seeds(records: list[dict]) -> list[int]:
+    """Seeds on which every (dataset, method) that ran has a result: the seeds a fair comparison averages over."""
+    ok = [r for r in records if "error" not in r]
+    cells = {(r["dataset"], r["method"]) for r in ok}
+    have = {(r["dataset"], r["method"], r["seed"]) for r in ok}
+    return sorted(s for s in {r["seed"] for r in ok} if all((d, m, s) in have for d, m in cells))
+
+
 def summarize(records: list[dict]) -> dict:
-    """{shots: {dataset: {method: {accuracy_mean, accuracy_std, macro_f1_mean, ..., train_wall_s, n}}}, averages}."""
+    """{shots: {per_dataset: {dataset: {method: {accuracy_mean, accuracy_std, ..., train_wall_s, seeds}}}, average}},
+    over the seeds every dataset and method finished (complete_seeds)."""
     out: dict = {}
+    seeds = set(complete_seeds(records))
     for r in records:
-        if "error" in r:
+        if "error" in r or r["seed"] not in seeds:
             continue
         cell = out.setdefault(str(r["shots"]), {}).setdefault(r["dataset"], {}).setdefault(r["method"], [])
         cell.append(r)
@@ -310,8 +320,8 @@ def main() -> None:
            "strop_overrides": overrides, "naive_overrides": NAIVE_OVERRIDES, "model_path": model_path, "runs": []}
     print(f"shots={args.shots} seeds={seeds} datasets={datasets} methods={methods} test_limit={args.test_limit}",
           flush=True)
-    for ds in datasets:
-        for seed in seeds:
+    for seed in seeds:  # seed by seed: a run stopped early still has every dataset and method on its first seeds
+        for ds in datasets:
             for method in methods:
                 t0 = time.perf_counter()
                 r = spawn(method, ds, args.shots, seed, args.test_limit, overrides, model_path)

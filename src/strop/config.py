@@ -128,8 +128,8 @@ class TrainConfig:
 @dataclass
 class FewshotConfig:
     epochs: float = doc(16, "contrastive passes over the training examples (every in-batch pair counts each pass)")
-    batch_size: int = doc(64, "examples per contrastive step; all pairs inside a batch are scored")
-    lr: float = doc(2e-5, "peak learning rate of the encoder during the contrastive phase")
+    batch_size: int = doc(16, "examples per contrastive step; all pairs inside a batch are scored")
+    lr: float = doc(1e-4, "peak learning rate of the encoder during the contrastive phase")
     loss: str = doc("cosine", "cosine = SetFit's cosine-similarity regression (1 same class, 0 different) over "
                     "every in-batch pair, positives and negatives weighted equally; supcon = supervised "
                     "contrastive loss", ("cosine", "supcon"))
