@@ -66,6 +66,21 @@ def test_fewshot_writes_a_normal_run_folder_and_predict_matches(tiny_model, tmp_
     assert np.trace(confusion) / 30 == pytest.approx(results["test"]["accuracy"])
 
 
+def test_fewshot_run_exports_to_onnx_with_parity(tiny_model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    files = _files(tmp_path)
+    assert main(["train", *tiny_overrides(tiny_model, tmp_path / "runs", **files, **FEWSHOT)]) == 0
+    run_dir = tmp_path / "runs" / "run"
+    assert main(["export", str(run_dir), "--no-int8", "--no-timing", "--threads", "1",
+                 "--data", files["data.test"]]) == 0
+    parity = json.loads((run_dir / "export" / "parity.json").read_text())
+    # the normalisation in front of the head is traced into the graph: same logits, same predictions
+    assert parity["onnx"]["passed"] and parity["onnx"]["max_abs_logit_diff"] <= 1e-5
+    assert parity["onnx"]["prediction_agreement"] == 1.0
+    assert json.loads((run_dir / "export" / "strop.json").read_text())["normalize"] is True
+
+
 def _fewshot_model(tiny_model, tmp_path, seed=7, **extra):
     tmp_path.mkdir(exist_ok=True)
     """(model after train_fewshot, train Encoded, cfg) without the run machinery around it."""
