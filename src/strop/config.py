@@ -129,6 +129,26 @@ class TrainConfig:
                            "with the JSON in train.deepspeed", ("ddp", "fsdp", "deepspeed"))
     deepspeed: str = doc("", "train.distributed=deepspeed: path of a DeepSpeed JSON config (zero_optimization stage "
                          "0, 1 or 2); batch size, clipping, optimizer and schedule come from this train section")
+    mode: str = doc("standard", "standard = fine-tune with the task loss; fewshot = contrastive fine-tuning of the "
+                    "sentence encoder, then a logistic-regression head (4-64 examples per class, single-label); auto "
+                    "= fewshot when every class has <= fewshot.auto_max_per_class training examples",
+                    ("standard", "fewshot", "auto"))
+
+
+@dataclass
+class FewshotConfig:
+    epochs: float = doc(16, "contrastive passes over the training examples (every in-batch pair counts each pass)")
+    batch_size: int = doc(16, "examples per contrastive step; all pairs inside a batch are scored")
+    lr: float = doc(1e-4, "peak learning rate of the encoder during the contrastive phase")
+    loss: str = doc("cosine", "cosine = SetFit's cosine-similarity regression (1 same class, 0 different) over "
+                    "every in-batch pair, positives and negatives weighted equally; supcon = supervised "
+                    "contrastive loss", ("cosine", "supcon"))
+    temperature: float = doc(0.1, "supcon: softmax temperature of the cosine similarities")
+    head: str = doc("logistic", "head on the normalised embeddings: logistic = L2-regularised logistic "
+                    "regression; prototype = nearest class mean (cosine)", ("logistic", "prototype"))
+    head_c: float = doc(1.0, "logistic head: inverse L2 strength, as scikit-learn's C")
+    auto_max_per_class: int = doc(64, "train.mode=auto switches to fewshot when the largest class has at most "
+                                  "this many training examples")
 
 
 @dataclass
@@ -215,6 +235,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ner: NerConfig = field(default_factory=NerConfig)
+    fewshot: FewshotConfig = field(default_factory=FewshotConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -457,6 +478,18 @@ def validate(cfg: Config) -> None:
     if cfg.wandb.mode not in ("", "offline", "online", "disabled"):
         raise ConfigError(f"wandb.mode={cfg.wandb.mode!r} is not one of ['offline', 'online', 'disabled'] (or empty)")
     validate_tune(cfg.tune)
+    f = cfg.fewshot
+    for key, value in {"fewshot.epochs": f.epochs, "fewshot.batch_size": f.batch_size, "fewshot.lr": f.lr,
+                       "fewshot.temperature": f.temperature, "fewshot.head_c": f.head_c,
+                       "fewshot.auto_max_per_class": f.auto_max_per_class}.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0")
+    if t.mode != "standard" and cfg.task in ("multi_label", "regression", "token_classification"):
+        raise ConfigError(f"train.mode={t.mode!r} does not support task={cfg.task!r}: few-shot training is for "
+                          "single-label classification (texts or text pairs); use train.mode=standard")
+    if t.mode == "fewshot" and t.resume == "auto":
+        raise ConfigError("train.resume='auto' is not supported with train.mode='fewshot' (a few-shot run has no "
+                          "checkpoints; it takes minutes): set train.resume=never")
 
 
 TRACKERS = ("tensorboard", "mlflow", "wandb", "none")

@@ -26,6 +26,7 @@ from strop.models.peft import apply_peft, count_parameters, save_trained
 from strop.track import NoTracker, Trackers, check_trackers
 from strop.training.checkpoint import latest_checkpoint
 from strop.training.distributed import init_distributed, is_sharded, unshard
+from strop.training.fewshot import check_fewshot, resolve_mode, train_fewshot
 from strop.training.loop import count_steps, fit
 from strop.training.progress import console
 
@@ -165,9 +166,18 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     if metric not in TASK_METRICS[ds.task]:
         raise ConfigError(f"train.metric={metric!r} is not a {ds.task} metric; choose from {TASK_METRICS[ds.task]}")
 
+    mode = resolve_mode(cfg, ds.task, ds.splits["train"].labels, ds.labels)
+    if mode == "fewshot":
+        check_fewshot(cfg, ds.task, ds.splits["train"].labels, ds.labels, dist.world)
+        if cfg.model.pooling != "mean":
+            console.print("[dim]train.mode=fewshot: model.pooling=mean (the sentence encoder's own pooling)[/dim]")
+            cfg.model.pooling = "mean"
+
     torch.manual_seed(cfg.train.seed)  # the new head's initial weights (and the adapters')
     model = build_model(cfg.model, ds.task, ds.labels,  # before the run folder: broken weights leave nothing behind
                         cfg.ner)
+    if mode == "fewshot":
+        model.normalize = True  # the head reads the unit-length embeddings that contrastive training shapes
     model, peft_hook = apply_peft(model, cfg.peft, count_steps(cfg.train, len(ds.splits["train"]))[1])
 
     check_trackers(cfg.track)
@@ -200,8 +210,12 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     try:
         if "validation" not in encoded:
             console.print("[yellow]no validation split: no evaluation during training[/yellow]")
-        fitted = fit(model, encoded["train"], encoded.get("validation"), cfg, ds.task, ds.labels, device, precision,
-                     tracker, metric, run_dir, resume_from=ckpt, peft_hook=peft_hook, on_eval=on_eval, dist=dist)
+        if mode == "fewshot":
+            fitted = train_fewshot(model, encoded["train"], cfg, ds.labels, device, precision, tracker, run_dir)
+        else:
+            fitted = fit(model, encoded["train"], encoded.get("validation"), cfg, ds.task, ds.labels, device,
+                         precision, tracker, metric, run_dir, resume_from=ckpt, peft_hook=peft_hook, on_eval=on_eval,
+                         dist=dist)
         if is_sharded(model):  # FSDP: the full weights into a plain model for the final evaluation and model/
             model = unshard(model, dist, lambda: build_model(cfg.model, ds.task, ds.labels, cfg.ner).to(device))
         threshold, final = final_evaluation(model, encoded, ds, cfg, device, precision)
@@ -214,7 +228,9 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     meta = {"strop_version": __version__, "task": ds.task, "labels": ds.labels, "pooling": cfg.model.pooling,
             "max_length": cfg.model.max_length, "text_column": ds.columns.text, "text_pair_column": ds.columns.pair,
             "label_column": ds.columns.label, "label_delimiter": cfg.data.label_delimiter, "threshold": threshold,
-            "base_model": str(cfg.model.path)}
+            "base_model": str(cfg.model.path), "train_mode": mode}
+    if mode == "fewshot":
+        meta["normalize"] = True
     if ds.task == "token_classification":
         meta.update(ner_meta(cfg, ds))
     probe = next(iter(encoded.values()))  # a few real examples check that merging adapters changes no logits
@@ -222,7 +238,7 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
                     if k in MODEL_INPUTS}
     meta = save_trained(model, tokenizer, run_dir, meta, cfg.peft, probe_inputs, str(model_folder))
     results = run_results(fitted, len(encoded["train"]), metric, precision, threshold, final, start_step)
-    results["trainable_params"], results["total_params"] = trainable, total
+    results["trainable_params"], results["total_params"], results["train_mode"] = trainable, total, mode
     write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
     if cfg.eval.report:
         from strop.evaluate.report import build_report
@@ -286,6 +302,7 @@ def run_results(fitted, n_train: int, metric: str, precision: str, threshold: fl
     return {"metric": metric, "best_metric": s.best_metric, "best_step": s.best_step, "steps": s.step,
             "epochs": round(s.step / fitted.steps_per_epoch, 4), "resumed_from_step": start_step or None,
             "skipped_steps": s.skipped_steps, "stopped_early": s.stopped_early, "train_seconds": secs,
+            "train_cpu_seconds": fitted.train_cpu_seconds,
             "train_samples_per_s": steps_here * n_train / fitted.steps_per_epoch / secs if secs else 0.0,
             "train_tokens": s.train_tokens, "precision": precision, "threshold": threshold, **final}
 

@@ -176,7 +176,7 @@ def load_head_pruned(folder, meta: dict) -> nn.Module:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-    from strop.models.classifier import MeanPoolClassifier
+    from strop.models.classifier import mean_pool_classifier
 
     folder = Path(folder)
     config = AutoConfig.from_pretrained(str(folder))
@@ -184,8 +184,7 @@ def load_head_pruned(folder, meta: dict) -> nn.Module:
     for path in sorted(folder.glob("model*.safetensors")):
         weights.update(load_file(str(path)))
     if meta.get("pooling") == "mean":
-        model = MeanPoolClassifier(AutoModel.from_config(config), 1 if meta["task"] == "regression"
-                                   else len(meta["labels"]), 0.0)
+        model = mean_pool_classifier(AutoModel.from_config(config), meta)
         shrink_heads_for_loading(model, meta["attention_heads_kept"])
         model.backbone.load_state_dict(weights)
         model.classifier.load_state_dict(load_file(str(folder / "head.safetensors")))

@@ -31,12 +31,14 @@ class Output:
 
 
 class MeanPoolClassifier(nn.Module):
-    """Mean of the backbone's token states over real tokens, dropout, then a linear layer."""
+    """Mean of the backbone's token states over real tokens (L2-normalised if `normalize`: the sentence-embedding
+    space few-shot training shapes), dropout, then a linear layer."""
 
-    def __init__(self, backbone: nn.Module, num_labels: int, dropout: float):
+    def __init__(self, backbone: nn.Module, num_labels: int, dropout: float, normalize: bool = False):
         super().__init__()
         self.backbone = backbone
         self.config = backbone.config
+        self.normalize = normalize
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(backbone.config.hidden_size, num_labels)
         nn.init.normal_(self.classifier.weight, std=getattr(backbone.config, "initializer_range", 0.02))
@@ -45,13 +47,23 @@ class MeanPoolClassifier(nn.Module):
     def get_input_embeddings(self) -> nn.Module:
         return self.backbone.get_input_embeddings()
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> Output:
-        """input_ids, attention_mask (LongTensor): (batch, seq_len) -> Output with logits (batch, num_labels)."""
+    def embed(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """input_ids, attention_mask (LongTensor): (batch, seq_len) -> pooled embeddings (batch, hidden)."""
         kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return Output(self.classifier(self.dropout(pooled)))
+        return F.normalize(pooled.float(), dim=-1) if self.normalize else pooled
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> Output:
+        """input_ids, attention_mask (LongTensor): (batch, seq_len) -> Output with logits (batch, num_labels)."""
+        return Output(self.classifier(self.dropout(self.embed(input_ids, attention_mask, token_type_ids))))
+
+
+def mean_pool_classifier(backbone: nn.Module, meta: dict) -> MeanPoolClassifier:
+    """The pooling=mean classifier a saved model's strop.json describes (head weights not loaded)."""
+    return MeanPoolClassifier(backbone, 1 if meta["task"] == "regression" else len(meta["labels"]), 0.0,
+                              normalize=bool(meta.get("normalize")))
 
 
 def _quiet_transformers():
@@ -185,7 +197,7 @@ def load_model(folder: Path) -> tuple[nn.Module, object, dict]:
         model = load_pretrained(AutoModelForTokenClassification, folder)
     elif meta.get("pooling") == "mean":
         backbone = load_pretrained(AutoModel, folder)
-        model = MeanPoolClassifier(backbone, 1 if meta["task"] == "regression" else len(meta["labels"]), 0.0)
+        model = mean_pool_classifier(backbone, meta)
         model.classifier.load_state_dict(load_file(str(folder / "head.safetensors")))
     else:
         model = load_pretrained(AutoModelForSequenceClassification, folder)

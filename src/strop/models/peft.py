@@ -310,7 +310,7 @@ def load_adapter(folder: Path, meta: dict) -> nn.Module:
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     from strop.models.backbone import load_pretrained, resolve_model_path
-    from strop.models.classifier import PROBLEM_TYPES, MeanPoolClassifier
+    from strop.models.classifier import PROBLEM_TYPES, mean_pool_classifier
 
     config = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
     base_path = config.get("base_model_name_or_path")
@@ -327,7 +327,7 @@ def load_adapter(folder: Path, meta: dict) -> nn.Module:
         if meta.get("casing"):
             add_shape_embeddings(model)
     elif meta.get("pooling") == "mean":
-        model = MeanPoolClassifier(load_pretrained(AutoModel, base), num_labels, 0.0)
+        model = mean_pool_classifier(load_pretrained(AutoModel, base), meta)
     else:
         model = load_pretrained(AutoModelForSequenceClassification, base, num_labels=num_labels,
                                 problem_type=PROBLEM_TYPES.get(meta["task"]),

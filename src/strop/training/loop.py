@@ -33,6 +33,7 @@ class FitResult:
     steps_per_epoch: int
     history: list[dict] = field(default_factory=list)  # validation records
     train_seconds: float = 0.0  # this process's share of the run (a resumed run counts from the resume)
+    train_cpu_seconds: float = 0.0  # CPU time of this process (all its threads) over the same span
 
 
 def count_steps(t, n_train: int) -> tuple[int, int]:
@@ -104,7 +105,7 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
     best_state = None
     window_loss = torch.tensor(state.window[0], device=device)  # summed on-device; read once per log line
     window_start = time.perf_counter()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
 
     def checkpoint():
         state.window = [float(window_loss), state.window[1], state.window[2]]
@@ -199,7 +200,7 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
                     break
             else:
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-    result.train_seconds = time.perf_counter() - start
+    result.train_seconds, result.train_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     if t.restore_best and state.best_step is not None and state.best_step != state.step:
         if best_state is None:  # the best step came before a resume: its checkpoint is kept for this
             best_state = load_weights(run_dir / "checkpoints" / f"step-{state.best_step}" / "model.safetensors")
