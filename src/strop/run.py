@@ -166,9 +166,10 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     if metric not in TASK_METRICS[ds.task]:
         raise ConfigError(f"train.metric={metric!r} is not a {ds.task} metric; choose from {TASK_METRICS[ds.task]}")
 
-    mode = resolve_mode(cfg, ds.task, ds.splits["train"].labels, ds.labels)
+    train_labels = getattr(ds.splits["train"], "labels", None)  # token classification keeps tags per sentence
+    mode = resolve_mode(cfg, ds.task, train_labels, ds.labels)
     if mode == "fewshot":
-        check_fewshot(cfg, ds.task, ds.splits["train"].labels, ds.labels, dist.world)
+        check_fewshot(cfg, ds.task, train_labels, ds.labels, dist.world)
         if cfg.model.pooling != "mean":
             console.print("[dim]train.mode=fewshot: model.pooling=mean (the sentence encoder's own pooling)[/dim]")
             cfg.model.pooling = "mean"
