@@ -141,8 +141,8 @@ def test_training_with_fast_dropout_is_reproducible_and_saves_a_plain_model(tiny
                   if json.loads(line).get("split") == "train"]
         return r, losses
 
-    a, la = run("a")
-    b, lb = run("b")
+    a, la = run("a", **{"train.fast_dropout": True})
+    b, lb = run("b", **{"train.fast_dropout": True})
     c, lc = run("c", **{"train.fast_dropout": False})
     assert la == lb  # same seed, same masks
     assert la != lc  # the masks come from a different generator use than torch's dropout

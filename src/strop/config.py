@@ -117,8 +117,8 @@ class TrainConfig:
                          ("stop", "skip"))
     max_skipped_steps: int = doc(10, "with nonfinite=skip, stop after this many skipped steps")
     auto_batch_size: bool = doc(False, "on out-of-memory, halve the micro-batch (raising accumulation) and retry")
-    fast_dropout: bool = doc(True, "draw dropout masks 3 elements per 64-bit random number (same distribution, p "
-                             "rounded to 1/65536; about 10% of a CPU step saved); false = torch's dropout")
+    fast_dropout: bool = doc(False, "draw dropout masks 3 elements per 64-bit random number (same distribution, p "
+                             "rounded to 1/65536; 4-6% of a CPU step saved); false = torch's dropout")
     tune_allocator: bool = doc(True, "keep large freed buffers in glibc's heap instead of page-faulting them in "
                                "every step (Linux; process-wide)")
     threads: int = doc(0, "CPU threads for torch; 0 = all cores")
