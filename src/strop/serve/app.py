@@ -200,14 +200,19 @@ def _require_ready(state: ServerState) -> LoadedModel:
     return state.model
 
 
-def _normalise(body: PredictRequest, pair_model: bool, max_inputs: int) -> tuple[list[str], list[str] | None]:
-    """Request inputs -> (texts, pairs or None); counts and empty texts are checked here (413 / 400 / 422)."""
+def check_input_count(body: PredictRequest, max_inputs: int) -> None:
+    """An empty request is a 400, more than serve.max_inputs inputs a 413 (every task's request)."""
     n = len(body.inputs)
     if n == 0:
         raise ApiError(400, "empty_input", "inputs is empty; send at least one text, e.g. {\"inputs\": [\"hello\"]}")
     if n > max_inputs:
         raise ApiError(413, "too_many_inputs", f"{n} inputs in one request; the limit is {max_inputs} "
                        "(serve.max_inputs): split them over several requests")
+
+
+def _normalise(body: PredictRequest, pair_model: bool, max_inputs: int) -> tuple[list[str], list[str] | None]:
+    """Request inputs -> (texts, pairs or None); counts and empty texts are checked here (413 / 400 / 422)."""
+    check_input_count(body, max_inputs)
     texts, pairs = [], []
     for i, item in enumerate(body.inputs):
         if isinstance(item, TokensInput):

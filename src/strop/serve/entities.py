@@ -13,19 +13,14 @@ from __future__ import annotations
 import asyncio
 
 from strop.data.tokens import split_words
-from strop.serve.app import INLINE_TOKENIZE_CHARS, ApiError, _encodable, clip_words, log
+from strop.serve.app import INLINE_TOKENIZE_CHARS, ApiError, _encodable, check_input_count, clip_words, log
 from strop.serve.guard import mask_pii
 from strop.serve.schema import PredictRequest, PredictResponse, TextInput, TokensInput
 
 
 def _normalise(body: PredictRequest, max_inputs: int) -> list[str | list[str]]:
     """Request inputs -> raw texts (str) and word lists; counts and empty inputs are checked here (413/400/422)."""
-    n = len(body.inputs)
-    if n == 0:
-        raise ApiError(400, "empty_input", "inputs is empty; send at least one text, e.g. {\"inputs\": [\"hello\"]}")
-    if n > max_inputs:
-        raise ApiError(413, "too_many_inputs", f"{n} inputs in one request; the limit is {max_inputs} "
-                       "(serve.max_inputs): split them over several requests")
+    check_input_count(body, max_inputs)
     out: list[str | list[str]] = []
     for i, item in enumerate(body.inputs):
         if isinstance(item, TextInput) and item.text_pair is not None:
