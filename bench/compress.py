@@ -77,6 +77,9 @@ def main() -> None:
     ap.add_argument("--recover-epochs", type=float, default=1.0)
     ap.add_argument("--distill", type=int, default=3)
     ap.add_argument("--distill-epochs", type=float, default=2.0)
+    ap.add_argument("--distill-augment", type=int, default=0, help="augmented copies per training example that the "
+                    "teacher labels for the student (strop export --distill-augment)")
+    ap.add_argument("--distill-lr", type=float, default=None, help="learning rate of recovery and distillation")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--latency-examples", type=int, default=100, help="dev examples timed at batch 1 per round")
@@ -114,7 +117,8 @@ def main() -> None:
     # phase 2: pruning with recovery and the distilled student (training), everything timed again together
     phases = [("quantisation", ExportOptions(**base_opts)),
               ("all", ExportOptions(prune=parse_prune(args.prune), recover_epochs=args.recover_epochs,
-                                    distill=args.distill, distill_epochs=args.distill_epochs, **base_opts))]
+                                    distill=args.distill, distill_epochs=args.distill_epochs,
+                                    distill_augment=args.distill_augment, lr=args.distill_lr, **base_opts))]
     if args.quantisation_only:
         phases = phases[:1]
     for phase, opts in phases:

@@ -20,7 +20,7 @@ from strop.data.batching import encode
 from strop.data.examples import Examples
 from strop.errors import ExportError, RunError
 from strop.models.backbone import load_tokenizer
-from strop.models.classifier import build_model, load_model, save_model
+from strop.models.classifier import build_model, load_model, save_model, task_loss
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -59,7 +59,7 @@ def test_onnx_matches_pytorch_per_task(tiny_model, tmp_path, task, pooling, pair
 @pytest.fixture(scope="module")
 def exported(tiny_model, tmp_path_factory):
     """A trained tiny run exported once with every option: static int8, heads+FFN pruning with recovery, a 1-layer
-    student."""
+    student distilled on the training set plus one augmented copy of each example."""
     tmp = tmp_path_factory.mktemp("export")
     splits = {s: write_csv(tmp / f"{s}.csv", toy_rows(n, seed)) for s, n, seed in
               (("train", 90, 1), ("validation", 30, 2), ("test", 30, 3))}
@@ -69,7 +69,8 @@ def exported(tiny_model, tmp_path_factory):
     assert main(["train", *args]) == 0
     run = tmp / "runs" / "run"
     assert main(["export", str(run), "--static-int8", "--prune", "heads=0.5,ffn=0.5", "--recover-epochs", "1",
-                 "--distill", "1", "--distill-epochs", "2", "--lr", "1e-2", "--threads", "2"]) == 0
+                 "--distill", "1", "--distill-epochs", "2", "--distill-augment", "1", "--lr", "1e-2",
+                 "--threads", "2"]) == 0
     return run, splits
 
 
@@ -264,11 +265,12 @@ def test_exported_student_is_shallower(exported):
     v = json.loads((run / "export" / "parity.json").read_text())["variants"]["student"]
     d = v["distillation"]
     assert d["layers"] == 1 and d["teacher_layers"] == 2 and d["kept"] == [1]
-    assert d["parameters"] < d["teacher_parameters"] and d["steps"] == 24  # 90 / 8 -> 12 steps x 2 epochs
+    assert d["parameters"] < d["teacher_parameters"]
+    assert d["augment_copies"] == 1 and d["train_rows"] == 180 and d["steps"] == 46  # 180 / 8 -> 23 steps x 2 epochs
     config = json.loads((run / "export" / "student" / "config.json").read_text())
     assert config["num_hidden_layers"] == 1
     records = [json.loads(x) for x in (run / "export" / "student-train" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["split"] == "validation"] == [12, 24]
+    assert [r["step"] for r in records if r["split"] == "validation"] == [23, 46]
 
 
 def test_tolerance_breach_fails_loudly_and_exports_nothing(exported, monkeypatch):
@@ -339,3 +341,50 @@ def test_default_model_exports_with_parity(tmp_path):
     quantize_onnx_dynamic(tmp_path / "model.onnx", tmp_path / "model.int8.onnx")
     int8 = logits_of(OnnxModel(tmp_path / "model.int8.onnx", 2), enc)
     assert (int8.argmax(1) == ours.argmax(1)).mean() >= 0.9
+
+
+def test_augmented_copies_are_unlabelled_perturbations():
+    from strop.compress.distill import augment, concat
+
+    ex = Examples(["the film is a joy to watch", "dull and far too long", "fine"], None,
+                  np.array([1, 0, 1]), [0, 1, 2])
+    aug = augment(ex, 4, seed=0, mask_token="[MASK]")
+    assert len(aug) == 12 and aug.rows == [0] * 4 + [1] * 4 + [2] * 4
+    assert (aug.labels == -1).all() and aug.labels.dtype == ex.labels.dtype
+    assert aug.texts == augment(ex, 4, seed=0, mask_token="[MASK]").texts  # deterministic
+    assert aug.texts != augment(ex, 4, seed=1, mask_token="[MASK]").texts
+    assert sum(t != ex.texts[r] for t, r in zip(aug.texts, aug.rows)) >= 10  # perturbed (one-word texts may not be)
+    vocab = {w for t in ex.texts for w in t.split()} | {"[MASK]"}
+    assert all(set(t.split()) <= vocab for t in aug.texts)
+    both = concat(ex, aug)
+    assert len(both) == 15 and both.labels.tolist() == [1, 0, 1] + [-1] * 12
+    # text pairs: both sides kept whole (no n-grams); float labels (regression / multi-label) become NaN
+    pairs = Examples(["a b c d e f"] * 2, ["g h i j k l"] * 2, np.array([[1.0, 0.0], [0.0, 1.0]], np.float32), [0, 1])
+    aug = augment(pairs, 3, seed=0, mask_token=None)
+    assert all(len(t.split()) <= 6 for t in aug.texts) and len(aug.pairs) == 6
+    assert np.isnan(aug.labels).all() and aug.labels.shape == (6, 2)
+    with pytest.raises(ExportError, match="at least 1 copy"):
+        augment(ex, 0, seed=0, mask_token=None)
+
+
+@pytest.mark.parametrize("task", ["single_label", "regression"])
+def test_distillation_loss_uses_gold_labels_only_where_they_exist(tiny_model, task):
+    from strop.compress.distill import distillation_loss
+    from strop.data.batching import collate
+
+    teacher, tok = _model(tiny_model, task), load_tokenizer(tiny_model)
+    enc = encode(tok, _examples(6), 64)
+    batch = collate(enc, np.arange(6))
+    gold = torch.tensor([2, 0, 1, 1, 0, 2]) if task == "single_label" else torch.rand(6)
+    missing = torch.tensor([-1] * 6) if task == "single_label" else torch.full((6,), float("nan"))
+    logits = torch.randn(6, 3 if task == "single_label" else 1)
+    fn = distillation_loss(teacher, task, 2.0, 0.3, torch.device("cpu"), "fp32")
+    soft_only = distillation_loss(teacher, task, 2.0, 1.0, torch.device("cpu"), "fp32")
+    full = fn(logits, {**batch, "labels": gold})
+    none = fn(logits, {**batch, "labels": missing})
+    torch.testing.assert_close(none, 0.7 * 0 + 0.3 * soft_only(logits, {**batch, "labels": missing}))
+    half = torch.cat([gold[:3], missing[3:]])
+    # the hard loss of the gold rows, averaged over the whole batch (rows without gold count 0)
+    expected_hard = task_loss(logits[:3], gold[:3], task) * 0.5
+    torch.testing.assert_close(fn(logits, {**batch, "labels": half}), none + 0.7 * expected_hard)
+    assert torch.isfinite(full) and torch.isfinite(none)

@@ -228,6 +228,8 @@ def export(
     distill_epochs: float = typer.Option(3.0, min=0, help="student training epochs"),
     temperature: float = typer.Option(2.0, help="distillation temperature"),
     alpha: float = typer.Option(0.5, help="weight of the teacher's soft labels (1 - alpha: gold labels)"),
+    distill_augment: int = typer.Option(0, min=0, help="perturbed copies of each training example (masked or "
+                                        "swapped words, n-grams) that the teacher labels for the student; 0 = none"),
     lr: Optional[float] = typer.Option(None, help="learning rate for recovery/distillation; default: the run's"),
     tolerance: float = typer.Option(1e-3, help="max |logit difference| allowed between ONNX and PyTorch"),
     data: Optional[Path] = typer.Option(None, "--data", help="labelled held-out file for parity and quality; "
@@ -245,7 +247,8 @@ def export(
 
     opts = ExportOptions(int8=int8, static_int8=static_int8, prune=parse_prune(prune) if prune else None,
                          recover_epochs=recover_epochs, distill=distill, distill_epochs=distill_epochs,
-                         temperature=temperature, alpha=alpha, lr=lr, tolerance=tolerance,
+                         temperature=temperature, alpha=alpha, distill_augment=distill_augment, lr=lr,
+                         tolerance=tolerance,
                          data=str(data) if data else None, timing=timing, threads=threads)
     parity = export_run(run, opts, log=err.print)
     print_summary(parity)

@@ -3,17 +3,25 @@
 The student is the teacher with evenly spaced layers kept (every other layer for half the depth, last layer
 included), initialised from the teacher's weights (embeddings, kept layers, pooler and head), so it starts close to
 the teacher. Training reuses strop's loop (`training.loop.fit`) with a distillation loss instead of the task loss.
+
+A small training set teaches a student little beyond what the gold labels say; the teacher can label more text. With
+`augment=n`, every training example gets n perturbed copies (Tang et al. 2019, "Distilling task-specific knowledge from
+BERT into simple neural networks": per word, mask it or swap in a word drawn from the training corpus, and sometimes
+keep only a random n-gram); those rows carry no gold label and train on the teacher's soft labels alone.
 """
 
 from __future__ import annotations
 
 import copy
+import random
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from strop.compress.prune import base_of, encoder_layers
+from strop.data.examples import Examples
 from strop.device import autocast
 from strop.errors import ExportError
 from strop.evaluate.evaluator import MODEL_INPUTS
@@ -70,6 +78,87 @@ def distillation_loss(teacher: nn.Module, task: str, temperature: float, alpha: 
             soft = F.binary_cross_entropy_with_logits(student / t, torch.sigmoid(target / t)) * t * t
         else:
             soft = F.mse_loss(student, target)
-        return alpha * soft + (1 - alpha) * task_loss(student, batch["labels"], task)
+        labels = batch["labels"]
+        gold = gold_rows(labels, task)  # augmented rows have no gold label: the soft loss alone trains them
+        if bool(gold.all()):
+            hard = task_loss(student, labels, task)
+        elif bool(gold.any()):  # mean over the batch, with the rows that lack a gold label counted as 0
+            hard = task_loss(student[gold], labels[gold], task) * gold.float().mean()
+        else:
+            hard = student.new_zeros(())
+        return alpha * soft + (1 - alpha) * hard
 
     return loss_fn
+
+
+def gold_rows(labels: torch.Tensor, task: str) -> torch.Tensor:
+    """(batch,) bool: rows with a gold label (augmented rows hold -1 for single_label, NaN otherwise)."""
+    if task == "single_label":
+        return labels >= 0
+    missing = torch.isnan(labels.float())
+    return ~(missing.flatten(1).any(1) if missing.dim() > 1 else missing)
+
+
+def augment(examples: Examples, copies: int, seed: int, mask_token: str | None, p_mask: float = 0.1,
+            p_swap: float = 0.1, p_ngram: float = 0.25, max_ngram: int = 5) -> Examples:
+    """`copies` perturbed versions of every example, without gold labels (-1 / NaN), for the teacher to label.
+
+    Per word (whitespace split): with p_mask replace it by `mask_token` (dropped when the tokenizer has none), with
+    p_swap by a word drawn from the training texts (by frequency). Then, with p_ngram, keep only a random n-gram
+    (n = 1..max_ngram) of a single text; text pairs keep both sides whole. Exact duplicates of the original are
+    redrawn (up to 5 tries). Deterministic for a given seed.
+    """
+    if copies < 1:
+        raise ExportError(f"distillation augmentation needs at least 1 copy per example (got {copies})")
+    rng = random.Random(seed)
+    corpus = [w for t in examples.texts for w in t.split()]
+    if examples.pairs is not None:
+        corpus += [w for t in examples.pairs for w in t.split()]
+    if not corpus:
+        raise ExportError("distillation augmentation found no words in the training texts")
+
+    def perturb(text: str, ngram: bool) -> str:
+        words = []
+        for w in text.split():
+            r = rng.random()
+            if r < p_mask:
+                if mask_token:
+                    words.append(mask_token)
+            elif r < p_mask + p_swap:
+                words.append(rng.choice(corpus))
+            else:
+                words.append(w)
+        if ngram and len(words) > 1 and rng.random() < p_ngram:
+            n = rng.randint(1, min(max_ngram, len(words)))
+            start = rng.randint(0, len(words) - n)
+            words = words[start:start + n]
+        return " ".join(words) or text
+
+    texts, pairs, rows = [], [] if examples.pairs is not None else None, []
+    for i, text in enumerate(examples.texts):
+        pair = examples.pairs[i] if pairs is not None else None
+        for _ in range(copies):
+            for _try in range(5):
+                new = perturb(text, pair is None)
+                new_pair = perturb(pair, False) if pair is not None else None
+                if new != text or new_pair != pair:
+                    break
+            texts.append(new)
+            if pairs is not None:
+                pairs.append(new_pair)
+            rows.append(examples.rows[i])
+    labels = examples.labels
+    if labels is None:
+        none = None
+    elif labels.dtype.kind in "iu":
+        none = np.full((len(texts),), -1, dtype=labels.dtype)
+    else:
+        none = np.full((len(texts), *labels.shape[1:]), np.nan, dtype=labels.dtype)
+    return Examples(texts, pairs, none, rows)
+
+
+def concat(a: Examples, b: Examples) -> Examples:
+    """The rows of a, then those of b (labels stacked; both labelled or both not)."""
+    labels = None if a.labels is None else np.concatenate([a.labels, b.labels])
+    pairs = None if a.pairs is None else a.pairs + b.pairs
+    return Examples(a.texts + b.texts, pairs, labels, a.rows + b.rows)

@@ -49,6 +49,7 @@ class ExportOptions:
     distill_epochs: float = 3.0  # student training epochs
     temperature: float = 2.0  # distillation temperature
     alpha: float = 0.5  # weight of the soft (teacher) loss; 1 - alpha goes to the gold labels
+    distill_augment: int = 0  # perturbed copies of each training example, labelled by the teacher alone
     lr: float | None = None  # learning rate of recovery / distillation; empty = the run's train.lr
     tolerance: float = 1e-3  # max |logit difference| allowed between ONNX fp32 and PyTorch on held data
     data: str | None = None  # labelled file for parity and quality; empty = the run's validation (or test) split
@@ -77,7 +78,8 @@ def run_model_dir(run: str | Path) -> Path:
 
 
 def _data(run: Path, model_dir: Path, meta: dict, tokenizer, opts: ExportOptions, need_train: bool):
-    """(held Encoded, where it came from, train Encoded or None); subword windows for token classification."""
+    """(held Encoded, where it came from, train Encoded or None, train Examples or None); subword windows for
+    token classification."""
     from strop.config import load_config
     from strop.data.prepare import prepare
     from strop.run import encode_split
@@ -86,7 +88,7 @@ def _data(run: Path, model_dir: Path, meta: dict, tokenizer, opts: ExportOptions
     if opts.data:
         held, source = _held_file(opts.data, meta, tokenizer), str(opts.data)
     if held is not None and not need_train:
-        return held, source, None
+        return held, source, None, None
     if not (run / "config.yaml").is_file():
         raise RunError(f"{run} has no config.yaml, so its data is unknown; pass --data FILE (labelled held data)")
     try:
@@ -100,7 +102,9 @@ def _data(run: Path, model_dir: Path, meta: dict, tokenizer, opts: ExportOptions
         if split is None:
             raise ExportError(f"{run} has no validation or test split to check the export on; pass --data FILE")
         held, source = encode_split(cfg, ds, tokenizer, ds.splits[split]), f"{split} split of {run}/config.yaml"
-    return held, source, encode_split(cfg, ds, tokenizer, ds.splits["train"]) if need_train else None
+    if not need_train:
+        return held, source, None, None
+    return held, source, encode_split(cfg, ds, tokenizer, ds.splits["train"]), ds.splits["train"]
 
 
 def _held_file(path: str, meta: dict, tokenizer) -> Encoded:
@@ -201,7 +205,7 @@ def export_run(run: str | Path, opts: ExportOptions | None = None, log=print) ->
         raise ExportError(f"{run_dir} is a token-classification run: --prune and --distill support classification "
                           "runs only so far; export it without them (ONNX fp32 + int8)")
     need_train = opts.static_int8 or opts.distill > 0 or (opts.prune is not None and opts.recover_epochs > 0)
-    held, source, train_enc = _data(run_dir, model_dir, meta, tokenizer, opts, need_train)
+    held, source, train_enc, train_examples = _data(run_dir, model_dir, meta, tokenizer, opts, need_train)
     log(f"checking on {len(held)} held examples ({source})")
 
     tmp, final, failed = run_dir / "export.tmp", run_dir / "export", run_dir / "export.failed"
@@ -241,6 +245,13 @@ def export_run(run: str | Path, opts: ExportOptions | None = None, log=print) ->
     if opts.prune:
         _pruned_variant(report, teacher, tokenizer, meta, tmp, train_enc, run_dir, opts, log)
     if opts.distill:
+        if opts.distill_augment:
+            from strop.compress.distill import augment, concat
+
+            extra = augment(train_examples, opts.distill_augment, 0, tokenizer.mask_token)
+            log(f"distillation data: {len(train_examples)} training examples + {len(extra)} augmented copies "
+                "(teacher labels only)")
+            train_enc = encode(tokenizer, concat(train_examples, extra), meta["max_length"])
         _student_variant(report, teacher, tokenizer, meta, tmp, train_enc, run_dir, opts, log)
     report.ratios()
     parity["variants"] = report.variants
@@ -382,7 +393,8 @@ def _student_variant(report: Report, teacher, tokenizer, meta, tmp: Path, train_
     loss_fn = distillation_loss(teacher, meta["task"], opts.temperature, opts.alpha, CPU, precision)
     info = _train_variant(student, train_enc, report.held, meta, cfg, tmp / "student-train", loss_fn)
     info.update(layers=opts.distill, teacher_layers=n_teacher, kept=kept_layers(n_teacher, opts.distill),
-                temperature=opts.temperature, alpha=opts.alpha, parameters=parameter_count(student),
+                temperature=opts.temperature, alpha=opts.alpha, augment_copies=opts.distill_augment,
+                train_rows=len(train_enc), parameters=parameter_count(student),
                 teacher_parameters=parameter_count(teacher))
     folder = tmp / "student"
     save_model(student, tokenizer, folder, {**meta, "distilled_from": str(run_dir), "student_layers": opts.distill})
