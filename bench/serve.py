@@ -42,7 +42,8 @@ def texts() -> list[str]:
     return rows
 
 
-def start(kind: str, run: Path, port: int, max_length: int, log) -> tuple[subprocess.Popen, str, callable]:
+def start(kind: str, run: Path, port: int, max_length: int, log, extra: list[str] = ()) -> tuple[subprocess.Popen,
+                                                                                               str, callable]:
     """A server process and how to build one request body for it."""
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     if kind == "baseline":
@@ -55,7 +56,7 @@ def start(kind: str, run: Path, port: int, max_length: int, log) -> tuple[subpro
     if kind.endswith("nobatch"):
         args += ["serve.batching=false"]
     cmd = [sys.executable, "-c", "import sys; from strop.cli import main; sys.exit(main())", *args,
-           "serve.max_concurrency=256"]
+           "serve.max_concurrency=256", *extra]
     return (subprocess.Popen(cmd, stdout=log, stderr=log, env=env), "/v1/predict",
             lambda t: {"inputs": [t], "truncate": True})
 
@@ -111,7 +112,7 @@ def bench_server(kind: str, run: Path, max_length: int, sentences: list[str], ar
     url = f"http://127.0.0.1:{port}"
     log_path = RESULTS / f"serve-{kind}.log"
     with open(log_path, "wb") as log:
-        proc, path, body = start(kind, run, port, max_length, log)
+        proc, path, body = start(kind, run, port, max_length, log, args.set)
         try:
             wait_ready(url, proc, "/health" if kind == "baseline" else "/health/ready")
             points = []
@@ -168,9 +169,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring, per point")
     ap.add_argument("--servers", default="baseline,strop-torch,strop-onnx-int8,strop-torch-nobatch,"
                     "strop-onnx-int8-nobatch")
+    ap.add_argument("--set", action="append", default=[], help="a serve setting for every strop server, e.g. "
+                    "--set serve.max_wait_ms=2 (repeatable)")
+    ap.add_argument("--out", default="serve.json", help="results file name in bench/results/")
     args = ap.parse_args()
     if args.table:
-        print(table(json.loads((RESULTS / "serve.json").read_text())))
+        print(table(json.loads((RESULTS / args.out).read_text())))
         return
     if args.run is None:
         ap.error("--run RUN is required")
@@ -185,10 +189,10 @@ def main() -> None:
     for kind in args.servers.split(","):
         results[kind] = bench_server(kind, args.run, meta["max_length"], sentences, args)
     report = {"machine": mach, "command": "python bench/serve.py " + " ".join(sys.argv[1:]),
-              "run": str(args.run), "max_length": meta["max_length"], "requests": "one SST-2 dev sentence each",
+              "run": str(args.run), "max_length": meta["max_length"], "strop_settings": args.set, "requests": "one SST-2 dev sentence each",
               "servers": results, "ratios": ratios(results), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "serve.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / args.out).write_text(json.dumps(report, indent=2))
     print(table(report))
     print(json.dumps(report["ratios"], indent=2))
 

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_overrides, toy_rows, write_csv
 
 from strop.config import load_config
-from strop.data.batching import collate, encode, epoch_batches
+from strop.data.batching import collate, encode, epoch_batches, eval_batches
 from strop.data.prepare import prepare
 from strop.models.backbone import load_tokenizer
 from strop.models.classifier import build_model, load_model
@@ -147,6 +147,25 @@ def test_epoch_batches_are_deterministic_complete_and_less_padded():
     random_order = epoch_batches(lengths, 32, seed=1, epoch=0, grouped=False)
     assert sorted(np.concatenate(random_order).tolist()) == list(range(1000))
     assert padding(a) < 0.2 * padding(random_order)
+
+
+def test_eval_batches_cover_everything_once_and_bound_padding():
+    rng = np.random.default_rng(0)
+    mixed = rng.integers(3, 61, size=32)  # one serving batch of sentences of mixed length
+    batches = eval_batches(mixed, 64)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(32))
+    assert len(batches) > 1  # one batch padded to the longest would be mostly padding
+    for b in batches:
+        real = int(mixed[b].sum())
+        assert int(mixed[b].max()) * len(b) <= 1.25 * real or len(b) == 1
+        assert list(mixed[b]) == sorted(mixed[b], reverse=True)
+    # a large set: neighbours in length order are alike, so batches stay full
+    many = rng.integers(3, 61, size=5000)
+    big = eval_batches(many, 64)
+    assert sorted(np.concatenate(big).tolist()) == list(range(5000))
+    assert max(len(b) for b in big) == 64 and sum(len(b) == 64 for b in big) >= len(big) - 8
+    # equal lengths: plain chunks of batch_size
+    assert [len(b) for b in eval_batches(np.full(10, 7), 4)] == [4, 4, 2]
 
 
 def test_collate_pads_to_longest(setup):

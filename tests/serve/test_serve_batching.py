@@ -148,3 +148,25 @@ def test_backpressure_gives_fast_429s_and_recovers(slow_model, tmp_path):
         assert httpx.post(url, json={"inputs": ["after the burst"]}).status_code == 200
     finally:
         srv.stop()
+
+
+def test_a_lone_client_stops_paying_the_batching_wait():
+    calls: list = []
+
+    async def scenario():
+        b = Batcher(_echo_model(calls), max_batch_tokens=1000, max_batch_size=64, max_wait_ms=200)
+        b.start()
+        waits = []
+        for i in range(8):  # one request at a time, each after the last returned
+            t0 = time.perf_counter()
+            await b.submit([f"x{i}"], None, [3])
+            waits.append(time.perf_counter() - t0)
+        # then a burst: requests overlap again, so batches form
+        await asyncio.gather(*(b.submit([f"y{i}"], None, [3]) for i in range(10)))
+        await b.stop()
+        return waits
+
+    waits = asyncio.run(scenario())
+    assert all(w > 0.2 for w in waits[:3])  # at first the batcher assumes company and waits for batch-mates
+    assert all(w < 0.1 for w in waits[4:])  # after a few lone requests it runs them at once
+    assert len(calls[-1]) > 1 or len(calls) < 18  # the burst still shared forward passes

@@ -123,3 +123,14 @@ def test_shipped_serve_yaml_loads(tmp_path):
     bad.write_text("serve:\n  max_batch_tokens: 0\n")
     with pytest.raises(ConfigError, match=r"serve.max_batch_tokens=0 must be > 0"):
         load_serve_config(bad)
+
+
+def test_inference_threads_leave_each_event_loop_a_core():
+    from strop.serve.server import resolved_threads
+    from strop.serve.settings import load_serve_config
+
+    cfg = load_serve_config(None)
+    assert resolved_threads(cfg, cores=2) == 1 and resolved_threads(cfg, cores=16) == 15
+    assert resolved_threads(load_serve_config(None, ["serve.workers=4"]), cores=16) == 3
+    assert resolved_threads(load_serve_config(None, ["serve.workers=2"]), cores=2) == 1  # never below 1
+    assert resolved_threads(load_serve_config(None, ["serve.threads=2"]), cores=2) == 2  # as set

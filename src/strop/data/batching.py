@@ -67,10 +67,26 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, g
     return batches
 
 
-def eval_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Batches for inference, sorted by length for little padding; callers scatter results back to input order."""
+def eval_batches(lengths: np.ndarray, batch_size: int, max_padding: float = 0.25) -> list[np.ndarray]:
+    """Batches for inference, longest first; callers scatter results back to input order.
+
+    Sorted by length, each batch takes at most `batch_size` examples and is cut early when padding would exceed
+    `max_padding` of its real tokens. In a large set neighbours in length order are nearly equal, so this rarely
+    cuts; in a small mixed one (a serving batch of 32 sentences of 3 to 60 tokens) it makes a few batches of similar
+    length instead of one padded to the longest, which is about half padding.
+    """
     order = np.argsort(-lengths, kind="stable")
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches, start = [], 0
+    while start < len(order):
+        longest, real, end = int(lengths[order[start]]), 0, start
+        while end < len(order) and end - start < batch_size:
+            n = int(lengths[order[end]])
+            if end > start and longest * (end - start + 1) > (1 + max_padding) * (real + n):
+                break
+            real, end = real + n, end + 1
+        batches.append(order[start:end])
+        start = end
+    return batches
 
 
 def collate(enc: Encoded, idx: np.ndarray) -> dict[str, torch.Tensor]:

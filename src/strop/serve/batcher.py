@@ -2,9 +2,10 @@
 
 Requests put their inputs on one FIFO queue and await a future. A single worker task takes the longest queue prefix
 whose padded size (inputs x longest input) fits `max_batch_tokens` (and `max_batch_size`), waiting at most
-`max_wait_ms` after the first input for batch-mates, runs it on one inference thread (the event loop stays free for
-health checks and 429s) and routes each output back to its request. A batch that raises is re-run request by request,
-so one bad request fails alone.
+`max_wait_ms` after the first input for batch-mates (only while recent batches held several requests), runs it on one
+inference thread (the event loop stays free for health checks and 429s) and routes each output back to its request;
+the predictor splits it into length-sorted sub-batches of little padding (data.batching.eval_batches). A batch that
+raises is re-run request by request, so one bad request fails alone.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class _Item:
 RunBatch = Callable[[list[str], "list[str] | None"], list[dict]]
 
 
+WAIT_WHEN_REQUESTS = 1.5  # wait for batch-mates while batches average at least this many requests
+
+
 class Batcher:
     """Groups inputs into batches and runs them with `run_batch(texts, pairs) -> outputs` on one thread.
 
@@ -54,6 +58,9 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="strop-infer")
         self._worker: asyncio.Task | None = None
+        # requests per batch, moving average: waiting for batch-mates only pays while requests overlap; a lone
+        # client would pay max_wait on every call for nothing (starts above the threshold: assume company)
+        self._mean_requests = 2.0
 
     @property
     def depth(self) -> int:
@@ -117,8 +124,9 @@ class Batcher:
             if not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
-            # wait for batch-mates, at most max_wait after the oldest input arrived
-            while self.enabled and not self._full():
+            # wait for batch-mates, at most max_wait after the oldest input arrived, and only while recent batches
+            # held several requests (under load, inputs that queued during the last pass have waited long enough)
+            while self.enabled and self._mean_requests >= WAIT_WHEN_REQUESTS and not self._full():
                 left = self._queue[0].arrived + self.max_wait - time.monotonic()
                 if left <= 0:
                     break
@@ -131,6 +139,8 @@ class Batcher:
             self.on_depth(len(self._queue))
             start = time.perf_counter()
             await self._compute(loop, batch)
+            requests = len({id(it.request) for it in batch})
+            self._mean_requests = 0.8 * self._mean_requests + 0.2 * requests
             longest = max(it.request.tokens[it.index] for it in batch)
             self.on_batch(len(batch), longest * len(batch), time.perf_counter() - start)
 

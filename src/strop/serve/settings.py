@@ -24,7 +24,8 @@ class ServeConfig:
                        "Runtime", ("torch", "onnx"))
     onnx_file: str | None = doc(None, "ONNX file inside the export folder; empty = model.int8.onnx if present, "
                                 "else model.onnx")
-    threads: int = doc(0, "intra-op threads per worker for inference; 0 = cores / workers")
+    threads: int = doc(0, "intra-op threads per worker for inference; 0 = cores / workers - 1 (one core per "
+                           "worker stays with its event loop), at least 1")
     api_key_file: str | None = doc(None, "file holding the API key (first line); clients send "
                                    "'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
     max_body_bytes: int = doc(1_048_576, "largest request body; larger ones get 413 before they are read in full")
@@ -32,7 +33,8 @@ class ServeConfig:
     batching: bool = doc(True, "group concurrent requests into batches (false = one request per forward pass)")
     max_batch_tokens: int = doc(8192, "token budget of one batch: inputs x longest input (padded tokens)")
     max_batch_size: int = doc(64, "most inputs in one batch")
-    max_wait_ms: float = doc(5.0, "how long the first input of a batch waits for batch-mates")
+    max_wait_ms: float = doc(5.0, "how long the first input of a batch may wait for batch-mates (only while "
+                             "recent batches held several requests: a lone client is not delayed)")
     max_concurrency: int = doc(64, "requests admitted at once (queued or running); more get 429 at once")
     retry_after_s: int = doc(1, "Retry-After seconds sent with 429")
     mask_pii: bool = doc(False, "mask emails, phone, card, IBAN and IP numbers in model inputs (logs: always)")
