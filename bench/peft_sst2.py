@@ -35,6 +35,11 @@ METHODS = {
                 "peft.target_modules": ["query", "value"], "train.lr": 5e-4},
     "lora-qv-lr1e3": {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16, "peft.dropout": 0.0,
                       "peft.target_modules": ["query", "value"], "train.lr": 1e-3},
+    # session 4: learning rates closer to the PEFT papers' for small encoders (AdaLoRA: lr 8e-4, orth. reg. 0.1 on
+    # SST-2 in Zhang et al. 2023)
+    "lora-lr1e3": {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16, "peft.dropout": 0.0, "train.lr": 1e-3},
+    "adalora-lr1e3": {"peft.method": "adalora", "peft.init_r": 12, "peft.r": 8, "peft.orth_reg_weight": 0.1,
+                      "train.lr": 1e-3},
 }
 
 
