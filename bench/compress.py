@@ -121,6 +121,8 @@ def main() -> None:
                                     distill_augment=args.distill_augment, lr=args.distill_lr, **base_opts))]
     if args.quantisation_only:
         phases = phases[:1]
+    elif args.skip_export:  # RUN/export already holds every variant: time them once, together
+        phases = phases[1:]
     for phase, opts in phases:
         started = time.time()
         if not args.skip_export:
