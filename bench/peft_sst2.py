@@ -43,6 +43,11 @@ METHODS = {
 }
 
 
+def _order(key: str) -> tuple[int, str]:
+    """Table order: METHODS order, then seed."""
+    return list(METHODS).index(key.split("@")[0]), key
+
+
 def run_one(method: str, over: dict) -> dict:
     """One method in this (child) process."""
     import resource
@@ -89,6 +94,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads per run; 0 = all cores")
     p.add_argument("--probe", type=int, default=0, metavar="STEPS",
                    help="instead of full runs: time STEPS training steps per method (speed and memory only)")
+    p.add_argument("--seed", type=int, help="train.seed for every method; results are keyed METHOD@seedN "
+                   "(default: the config's seed, keyed METHOD)")
     p.add_argument("--fresh", action="store_true", help="start a new results file instead of merging into it")
     p.add_argument("--method", help=argparse.SUPPRESS)  # internal: one method, in a child
     p.add_argument("--overrides", help=argparse.SUPPRESS)
@@ -110,8 +117,11 @@ def main() -> None:
     report = {"task": "sst2", "config": "configs/sst2.yaml", "machine": machine(), "command": command,
               "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "methods": previous.get("methods", {}),
               "commands": previous.get("commands", []) + [command]}
-    for method in args.methods.split(","):
-        over = {"name": f"bench-peft-{method}", "track": ["none"], "train.threads": args.threads, **METHODS[method]}
+    for base in args.methods.split(","):
+        method = base if args.seed is None else f"{base}@seed{args.seed}"
+        over = {"name": f"bench-peft-{method}", "track": ["none"], "train.threads": args.threads, **METHODS[base]}
+        if args.seed is not None:
+            over["train.seed"] = args.seed
         if args.epochs is not None:
             over["train.epochs"] = args.epochs
         child = ["--method", method, "--overrides", json.dumps(over), "--probe", str(args.probe)]
@@ -165,7 +175,7 @@ def print_table(report: dict) -> None:
         print(f"\nspeed/memory probe (SST-2 train batches of 16, max length 128):")
         print(f"{'method':10}{'trainable':>12}{'cpu s/step':>12}{'wall s/step':>12}{'peak MiB':>10}{'cpu ×':>8}"
               f"{'rss ×':>8}{'load avg':>20}")
-        for name, r in sorted(report["probe"].items(), key=lambda kv: list(METHODS).index(kv[0])):
+        for name, r in sorted(report["probe"].items(), key=lambda kv: _order(kv[0])):
             v = r.get("vs_full", {})
             print(f"{name:10}{r['trainable_params']:12,}{r['cpu_s_per_step']:12.3f}{r['wall_s_per_step']:12.3f}"
                   f"{r['peak_rss_mb']['vmhwm']:10.0f}{v.get('cpu_s_per_step ratio', 1):8.2f}"
@@ -174,7 +184,7 @@ def print_table(report: dict) -> None:
           f"load average {m['loadavg_at_start']} -> {report['loadavg_at_end']}")
     print(f"{'method':10}{'dev acc':>9}{'test acc':>9}{'trainable':>12}{'%':>7}{'epochs':>8}{'s/epoch':>9}"
           f"{'cpu s/ep':>10}{'peak MiB':>10}{'Δdev':>7}{'s/ep ×':>8}{'cpu ×':>7}{'rss ×':>7}")
-    for name, r in sorted(report["methods"].items(), key=lambda kv: list(METHODS).index(kv[0])):
+    for name, r in sorted(report["methods"].items(), key=lambda kv: _order(kv[0])):
         v = r.get("vs_full", {})
         if "validation" not in r:
             continue
