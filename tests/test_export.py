@@ -308,6 +308,8 @@ def test_export_errors_name_the_problem(tmp_path, tiny_model, capsys):
         export_run(half)
     with pytest.raises(ExportError, match="tolerance"):
         export_run(tmp_path, ExportOptions(tolerance=-1))
+    with pytest.raises(ExportError, match="--distill-augment 2 needs a student.*--distill N"):
+        export_run(tmp_path, ExportOptions(distill_augment=2))
     for spec, msg in (("heads=1.5", "fraction"), ("layers=0.5", "heads=F"), ("ffn=x", "not a number"), ("", "value")):
         with pytest.raises(ExportError, match=msg):
             parse_prune(spec)

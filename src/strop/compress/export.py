@@ -196,6 +196,9 @@ def export_run(run: str | Path, opts: ExportOptions | None = None, log=print) ->
     opts = opts or ExportOptions()
     if not opts.tolerance >= 0:
         raise ExportError(f"--tolerance {opts.tolerance}: must be a number >= 0 (max |logit difference|), e.g. 1e-3")
+    if opts.distill_augment and not opts.distill:
+        raise ExportError(f"--distill-augment {opts.distill_augment} needs a student to train: add --distill N "
+                          "(the student's number of layers), or drop --distill-augment")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     model_dir = run_model_dir(run)
