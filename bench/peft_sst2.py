@@ -40,6 +40,14 @@ METHODS = {
     "lora-lr1e3": {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16, "peft.dropout": 0.0, "train.lr": 1e-3},
     "adalora-lr1e3": {"peft.method": "adalora", "peft.init_r": 12, "peft.r": 8, "peft.orth_reg_weight": 0.1,
                       "train.lr": 1e-3},
+    # session 5: closing the gap to full fine-tuning at the same 3 epochs: LoRA+ (B learns faster), LayerNorms and
+    # biases trained too (frozen ones keep the pretrained activation statistics), and a higher lr
+    "lora-plus": {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16, "peft.lr_ratio": 16, "train.lr": 2.5e-4},
+    "lora-norms": {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16, "peft.train_norms": True,
+                   "train.lr": 5e-4},
+    "lora-norms-plus": {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16, "peft.train_norms": True,
+                        "peft.lr_ratio": 16, "train.lr": 2.5e-4},
+    "lora-lr2e3": {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16, "train.lr": 2e-3},
 }
 
 

@@ -248,3 +248,54 @@ def test_adapter_run_saves_base_and_adapters(tiny_model, tmp_path):
     assert all(v.shape[0] == 4 or v.shape[-1] == 4 for k, v in state.items() if k.endswith("weight"))
     # the base part is a plain HF folder (adapters re-applied by strop.load; non-linear, so they cannot be merged)
     AutoModelForSequenceClassification.from_pretrained(str(run.model_dir))
+
+
+def test_lora_plus_gives_the_b_matrices_their_own_learning_rate(tiny_model, tmp_path):
+    cfg, model = _model(tiny_model, tmp_path, **{"peft.method": "lora", "peft.lr_ratio": 16, "train.lr": 1e-3})
+    peft_model, hook = apply_peft(model, cfg.peft, 10)
+    optimizer = build_optimizer(peft_model, cfg.train, hook.lr_scales)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    for name, p in peft_model.named_parameters():
+        if p.requires_grad:
+            assert lr_of[id(p)] == pytest.approx(1.6e-2 if "lora_B" in name else 1e-3), name
+    # the plain default: one learning rate for all
+    cfg, model = _model(tiny_model, tmp_path, **{"peft.method": "lora", "train.lr": 1e-3})
+    peft_model, hook = apply_peft(model, cfg.peft, 10)
+    assert {g["lr"] for g in build_optimizer(peft_model, cfg.train, hook.lr_scales).param_groups} == {1e-3}
+
+
+def test_lora_train_norms_trains_and_saves_norms_and_biases(tiny_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    cfg, model = _model(tiny_model, tmp_path, **{"peft.method": "lora", "peft.train_norms": True})
+    peft_model, _ = apply_peft(model, cfg.peft, 10)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert any("LayerNorm.modules_to_save" in n for n in trainable)
+    assert any(n.endswith("attention.self.query.base_layer.bias") for n in trainable)
+    assert not any(n.endswith("query.base_layer.weight") for n in trainable)  # the weights stay frozen
+
+    run = _train(tiny_model, tmp_path, "lora", **{"peft.train_norms": True, "train.lr": 5e-2})
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model))
+    trained = AutoModelForSequenceClassification.from_pretrained(str(run.model_dir))
+    moved = [n for n, p in trained.named_parameters() if ("LayerNorm" in n or n.endswith(".bias")) and
+             "classifier" not in n and not torch.equal(p, base.get_parameter(n))]
+    assert any("LayerNorm" in n for n in moved) and any(n.endswith("query.bias") for n in moved)
+    # the small adapter/ folder holds them too: base + adapter predicts what the merged model/ predicts
+    meta = json.loads((run.model_dir / "strop.json").read_text())
+    assert meta["peft"]["train_norms"] is True
+    unmerged = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
+        str(tiny_model), num_labels=len(meta["labels"])), str(run.run_dir / "adapter")).eval()
+    inputs = {"input_ids": torch.tensor([[2, 7, 9, 11, 3]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    with torch.no_grad():
+        torch.testing.assert_close(unmerged(**inputs).logits, trained.eval()(**inputs).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"peft.method": "adapter", "peft.lr_ratio": 16}, "peft.lr_ratio=16.0 has no effect with peft.method='adapter'"),
+    ({"peft.method": "none", "peft.train_norms": True}, "peft.train_norms=True has no effect"),
+    ({"peft.method": "lora", "peft.lr_ratio": 0}, "peft.lr_ratio=0.0 must be > 0"),
+])
+def test_lora_plus_and_train_norms_misuse_is_refused(over, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, over)

@@ -69,7 +69,7 @@ def training_probe(steps: int = 20, batch_size: int = 32, precision: str = "auto
     torch.manual_seed(0)
     model, hook = apply_peft(build_model(cfg.model, ds.task, ds.labels), cfg.peft, max(steps, 100))
     model = model.to(device).train()
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.train, hook.lr_scales)
     batches = [b for e in range(math.ceil(steps * batch_size / len(enc)) + 1)
                for b in epoch_batches(enc.lengths, batch_size, 0, e)][:steps]
     warm = min(5, steps - 1)

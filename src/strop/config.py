@@ -82,6 +82,10 @@ class PeftConfig:
     orth_reg_weight: float = doc(0.5, "AdaLoRA: weight of the orthogonality regulariser added to the loss")
     adapter_size: int = doc(64, "adapter: bottleneck width of each adapter")
     unfrozen_layers: int = doc(2, "freeze: number of top transformer layers trained besides the head")
+    lr_ratio: float = doc(1.0, "lora/adalora: the B matrices learn at train.lr x lr_ratio (LoRA+, Hayou et al. 2024, "
+                          "who use 16); 1 = plain LoRA")
+    train_norms: bool = doc(False, "lora/adalora: also train every LayerNorm and bias (about 0.2% more parameters), "
+                            "saved with the adapter")
 
 
 @dataclass
@@ -539,16 +543,20 @@ def validate_tune(tu: TuneConfig) -> None:
 
 def validate_peft(p: PeftConfig) -> None:
     """Checks of the peft section that need no model; the ones that do (targets, layers) run when it is applied."""
-    used = {"lora": ("r", "alpha", "dropout", "target_modules"),
+    used = {"lora": ("r", "alpha", "dropout", "target_modules", "lr_ratio", "train_norms"),
             "adalora": ("r", "alpha", "dropout", "target_modules", "init_r", "tinit", "tfinal", "delta_t",
-                        "orth_reg_weight"),
+                        "orth_reg_weight", "lr_ratio", "train_norms"),
             "adapter": ("dropout", "target_modules", "adapter_size"),
             "freeze": ("unfrozen_layers",), "none": ()}[p.method]
     if p.target_modules and "target_modules" not in used:
         raise ConfigError(f"peft.target_modules={p.target_modules} has no effect with peft.method={p.method!r}; "
                           "use peft.method=lora, adalora or adapter, or drop peft.target_modules")
+    for key, value, default in (("lr_ratio", p.lr_ratio, 1.0), ("train_norms", p.train_norms, False)):
+        if value != default and key not in used:
+            raise ConfigError(f"peft.{key}={value} has no effect with peft.method={p.method!r}; it applies to "
+                              "peft.method=lora or adalora")
     positive = {"peft.r": p.r, "peft.alpha": p.alpha, "peft.init_r": p.init_r, "peft.delta_t": p.delta_t,
-                "peft.adapter_size": p.adapter_size}
+                "peft.adapter_size": p.adapter_size, "peft.lr_ratio": p.lr_ratio}
     for key, value in positive.items():
         if key.split(".")[1] in used and value <= 0:
             raise ConfigError(f"{key}={value} must be > 0")

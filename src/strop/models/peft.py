@@ -161,8 +161,11 @@ class PeftHook:
     """What the loop calls for PEFT: `regularizer()` is added to each batch's loss, `hook(step)` runs after
     optimizer.step() and before zero_grad() (AdaLoRA's rank budget update needs the gradients). No-ops otherwise."""
 
-    def __init__(self, model: nn.Module | None = None, orth_reg_weight: float = 0.0):
+    def __init__(self, model: nn.Module | None = None, orth_reg_weight: float = 0.0,
+                 lr_scales: dict[str, float] | None = None):
         self.model, self.orth_reg_weight = model, orth_reg_weight  # model set only for AdaLoRA
+        # learning-rate multipliers by parameter-name part, for the optimizer (LoRA+: {"lora_B": ratio})
+        self.lr_scales = lr_scales or {}
 
     def __call__(self, step: int) -> None:
         if self.model is not None:
@@ -198,7 +201,7 @@ def apply_peft(model: nn.Module, p, total_steps: int) -> tuple[nn.Module, PeftHo
             param.requires_grad_(False)
         add_adapters(model, targets, p.adapter_size, p.dropout)
         for name, m in model.named_modules():  # Houlsby also trains the layer norms (a few thousand numbers)
-            if "norm" in type(m).__name__.lower() or is_head(name):
+            if _is_norm(m) or is_head(name):
                 for param in m.parameters(recurse=False):
                     param.requires_grad_(True)
         for name in head_modules(model):
@@ -221,10 +224,15 @@ def _apply_lora(model: nn.Module, p, total_steps: int) -> tuple[nn.Module, PeftH
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     targets = resolve_targets(model, p.target_modules, None)
-    common = dict(target_modules=targets, modules_to_save=head_modules(model), lora_alpha=p.alpha,
-                  lora_dropout=p.dropout)
+    to_save = head_modules(model)
+    if p.train_norms:  # norms via modules_to_save and biases via bias="all", so adapter/ saves them too
+        to_save += [n for n, m in model.named_modules() if _is_norm(m) and not any(
+            n == h or n.startswith(h + ".") for h in to_save)]
+    common = dict(target_modules=targets, modules_to_save=to_save, lora_alpha=p.alpha, lora_dropout=p.dropout,
+                  bias="all" if p.train_norms else "none")
+    scales = {"lora_B": p.lr_ratio} if p.lr_ratio != 1 else {}
     if p.method == "lora":
-        return get_peft_model(model, LoraConfig(r=p.r, **common)), PeftHook()
+        return get_peft_model(model, LoraConfig(r=p.r, **common)), PeftHook(lr_scales=scales)
     tinit, tfinal = _steps(p.tinit, total_steps), _steps(p.tfinal, total_steps)
     if tinit + tfinal >= total_steps:
         raise ConfigError(f"AdaLoRA needs steps to prune ranks in: peft.tinit ({tinit} steps) + peft.tfinal "
@@ -233,7 +241,12 @@ def _apply_lora(model: nn.Module, p, total_steps: int) -> tuple[nn.Module, PeftH
     config = AdaLoraConfig(init_r=p.init_r, target_r=p.r, tinit=tinit, tfinal=tfinal, deltaT=p.delta_t,
                            orth_reg_weight=p.orth_reg_weight, total_step=total_steps, **common)
     peft_model = get_peft_model(model, config)
-    return peft_model, PeftHook(peft_model, p.orth_reg_weight)
+    return peft_model, PeftHook(peft_model, p.orth_reg_weight, scales)
+
+
+def _is_norm(m: nn.Module) -> bool:
+    """LayerNorm, RMSNorm and the like (by class name: architectures define their own)."""
+    return "norm" in type(m).__name__.lower() and any(True for _ in m.parameters(recurse=False))
 
 
 def layer_list(model: nn.Module) -> nn.ModuleList:
@@ -351,7 +364,8 @@ def describe(model: nn.Module, p) -> dict:
     out = {"method": p.method, "trainable_params": trainable, "total_params": total}
     if p.method in ("lora", "adalora"):
         cfg = model.peft_config["default"]
-        out.update(r=p.r, alpha=p.alpha, targets=sorted(cfg.target_modules), merged=True)
+        out.update(r=p.r, alpha=p.alpha, targets=sorted(cfg.target_modules), merged=True, lr_ratio=p.lr_ratio,
+                   train_norms=p.train_norms)
         if p.method == "adalora":
             out.update(init_r=p.init_r)
     elif p.method == "adapter":

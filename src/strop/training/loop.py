@@ -87,7 +87,7 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
     # DDP: a wrapper that all-reduces gradients, `model` evaluates and saves; FSDP: `model` itself, sharded in place
     ddp_model = wrap_model(model, dist, device, t.distributed)
     sharded = is_sharded(model)  # then saving and loading state gathers/splits it over the ranks
-    optimizer = build_optimizer(model, t)  # after wrapping: FSDP replaces the parameters
+    optimizer = build_optimizer(model, t, peft_hook.lr_scales)  # after wrapping: FSDP replaces the parameters
     scheduler = build_scheduler(optimizer, t.scheduler, warmup_steps(t.warmup, total_steps), total_steps)
     engine = None  # DeepSpeed's engine: reduces gradients in its backward, clips in its step
     if t.distributed == "deepspeed" and dist.world > 1:

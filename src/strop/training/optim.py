@@ -10,10 +10,12 @@ from torch import nn
 from strop.models.peft import is_head
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr: float | None = None) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr: float | None = None,
+                 lr_scales: dict[str, float] | None = None) -> list[dict]:
     """Split trainable parameters into decay / no-decay groups (biases and LayerNorm weights get no decay),
-    and give the task head its own learning rate when `head_lr` is set."""
-    groups: dict[tuple[bool, bool], list] = {}
+    give the task head its own learning rate when `head_lr` is set, and multiply the learning rate of parameters
+    whose dotted name has a part in `lr_scales` (LoRA+: {"lora_B": 16})."""
+    groups: dict[tuple[bool, bool, float], list] = {}
     # any normalisation layer (LayerNorm, RMSNorm, ...) keeps its scale free of decay
     norm_params = {id(p) for m in model.modules() if "norm" in type(m).__name__.lower()
                    for p in m.parameters(recurse=False)}
@@ -22,14 +24,15 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr: floa
             continue
         no_decay = p.ndim < 2 or id(p) in norm_params or name.endswith(".bias")
         head = head_lr is not None and is_head(name)  # also under PEFT's wrappers (base_model.model.classifier...)
-        groups.setdefault((no_decay, head), []).append(p)
+        scale = next((v for k, v in (lr_scales or {}).items() if k in name.split(".")), 1.0)
+        groups.setdefault((no_decay, head, scale), []).append(p)
     return [{"params": ps, "weight_decay": 0.0 if no_decay else weight_decay,
-             "lr": head_lr if head else lr} for (no_decay, head), ps in sorted(groups.items())]
+             "lr": (head_lr if head else lr) * scale} for (no_decay, head, scale), ps in sorted(groups.items())]
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg, lr_scales: dict[str, float] | None = None) -> torch.optim.Optimizer:
     """AdamW over trainable parameters only; fused kernels where this torch offers them on the device."""
-    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.head_lr)
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.head_lr, lr_scales)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     try:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
