@@ -212,3 +212,41 @@ def test_real_default_model_trains_a_few_steps(pooling, tmp_path):
     losses = [r["loss"] for r in records if r["split"] == "train"]
     assert len(losses) == 6 and np.mean(losses[-2:]) < np.mean(losses[:2])
     assert run.results["validation"]["n"] == 40
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_frozen_layers_stop_backprop_above_them(setup, pooling):
+    cfg, ds, enc = setup
+    cfg.model.pooling, cfg.model.frozen_layers = pooling, 1
+    torch.manual_seed(0)
+    model = build_model(cfg.model, ds.task, ds.labels)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert any("embeddings.position_embeddings" in n for n in frozen)
+    assert any("embeddings.LayerNorm" in n for n in frozen)
+    assert any(".layer.0." in n for n in frozen) and not any(".layer.1." in n for n in frozen)
+    accumulate_gradients(model, enc, np.arange(8), 8, ds.task, torch.device("cpu"), "fp32")
+    grads = _grads(model)
+    assert grads and not any(n in grads for n in frozen)
+    assert any(".layer.1." in n for n in grads) and any("classifier" in n for n in grads)
+    # no graph was built below layer 1: the first trainable layer's input needs no gradient
+    layer1_in = {}
+    handle = model.get_submodule(next(n for n, _ in model.named_modules() if n.endswith("layer.1"))
+                                 ).register_forward_pre_hook(lambda m, args: layer1_in.update(x=args[0]))
+    batch = collate(enc, np.arange(4))
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    handle.remove()
+    assert not layer1_in["x"].requires_grad
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"model.frozen_layers": 2}, "model.frozen_layers=2 but the model has 2 layers"),
+    ({"model.frozen_layers": -1}, "model.frozen_layers=-1 must be >= 0"),
+    ({"model.frozen_layers": 1, "peft.method": "lora"}, "applies to full fine-tuning"),
+])
+def test_frozen_layers_misuse_is_refused(setup, over, message):
+    from strop.errors import ConfigError
+
+    cfg, ds, _ = setup
+    with pytest.raises(ConfigError, match=message):
+        c = load_config(None, {"data.train": cfg.data.train, "model.path": cfg.model.path, **over})
+        build_model(c.model, ds.task, ds.labels)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from strop.errors import ModelError
+from strop.errors import ConfigError, ModelError
 from strop.models.backbone import load_pretrained, load_tokenizer, resolve_model_path
 
 META_FILE = "strop.json"
@@ -111,7 +111,30 @@ def build_model(model_cfg, task: str, label_names: list[str], ner_cfg=None) -> n
         model = _build(model_cfg, task, label_names)
     if model_cfg.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
+    if model_cfg.frozen_layers:
+        freeze_bottom(model, model_cfg.frozen_layers)
     return model
+
+
+def freeze_bottom(model: nn.Module, n: int) -> None:
+    """Fix the embedding layer (word, position, type embeddings and their norm) and the bottom `n` transformer
+    layers, so autograd builds no backward graph below layer n. Modules strop adds (`_strop_always_train`) stay
+    trainable."""
+    from strop.models.peft import layer_list
+
+    layers = layer_list(model)
+    if n >= len(layers):
+        raise ConfigError(f"model.frozen_layers={n} but the model has {len(layers)} layers; freeze fewer (at most "
+                          f"{len(layers) - 1}) or use peft.method=freeze to train only the head")
+    words = model.get_input_embeddings()
+    embeddings = next((m for m in model.modules() if any(c is words for c in m.children()) and m is not model),
+                      words)
+    embeddings.requires_grad_(False)
+    for layer in list(layers)[:n]:
+        layer.requires_grad_(False)
+    for m in model.modules():
+        if getattr(m, "_strop_always_train", False):
+            m.requires_grad_(True)
 
 
 def _build(model_cfg, task: str, label_names: list[str]) -> nn.Module:
