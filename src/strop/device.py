@@ -42,3 +42,16 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def bf16_linear_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """Store every nn.Linear's weight and bias in bf16, in place, for inference under `autocast(.., "bf16")` only.
+
+    Autocast casts fp32 weights to bf16 on every call (round to nearest even, as `.to` does), so the outputs are the
+    same; storing them once saves that cast (a third of a lone short input's forward time here). Embeddings and
+    norms stay fp32, as autocast computes them."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.to(torch.bfloat16)
+    return model
+

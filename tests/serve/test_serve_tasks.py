@@ -48,6 +48,22 @@ def test_multi_label_and_regression(multi_run, regression_run):
     np.testing.assert_allclose([g["value"] for g in got], [w["value"] for w in want], atol=1e-5)
 
 
+def test_bf16_precision_serves_what_a_bf16_predictor_predicts(single_run):
+    """serve.precision=bf16 stores the Linear weights in bf16 and runs under autocast: the same numbers as autocast
+    over fp32 weights (Predictor(precision='bf16'), as training evaluates), close to fp32."""
+    want = Predictor.load(single_run, precision="bf16").predict(TEXTS, batch_size=1)
+    fp32 = Predictor.load(single_run).predict(TEXTS)
+    with ThreadServer(single_run, precision="bf16", batching=False) as srv:
+        got = [_predict(srv.url, [t])[0] for t in TEXTS]
+        info = httpx.get(f"{srv.url}/v1/model").json()
+    assert info["backend"] == "torch" and info["precision"] == "bf16"
+    assert [g["label"] for g in got] == [w["label"] for w in want]
+    np.testing.assert_allclose([g["score"] for g in got], [w["score"] for w in want], atol=1e-6)
+    np.testing.assert_allclose([g["score"] for g in got], [w["score"] for w in fp32], atol=2e-2)
+    with ThreadServer(single_run) as srv:  # the default stays fp32: the same numbers as `strop predict`
+        assert httpx.get(f"{srv.url}/v1/model").json()["precision"] == "fp32"
+
+
 def test_onnx_backend_matches_torch(single_run, single_export):
     want = Predictor.load(single_run).predict(TEXTS)
     with ThreadServer(single_run, backend="onnx", onnx_file="model.onnx") as srv:
@@ -123,6 +139,8 @@ def test_shipped_serve_yaml_loads(tmp_path):
     bad.write_text("serve:\n  max_batch_tokens: 0\n")
     with pytest.raises(ConfigError, match=r"serve.max_batch_tokens=0 must be > 0"):
         load_serve_config(bad)
+    with pytest.raises(ConfigError, match=r"serve.precision=bf16 applies to the torch backend"):
+        load_serve_config(None, ["serve.backend=onnx", "serve.precision=bf16"])
 
 
 def test_inference_threads_leave_each_event_loop_a_core():

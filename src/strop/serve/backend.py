@@ -109,6 +109,7 @@ class LoadedModel:
     version: str  # run name plus a short hash of the weights' identity
     config_hash: str  # sha256 of the run's config.yaml (or of strop.json when there is no config.yaml)
     load_seconds: float
+    precision: str = "fp32"  # torch: fp32 or bf16; onnx: fp32 or int8 (by file)
 
 
 def _config_hash(path: Path, model_folder: Path) -> str:
@@ -134,8 +135,10 @@ def check_target(path: str | Path, backend: str, onnx_file: str | None = None) -
 
 
 def load_model_for_serving(path: str | Path, backend: str = "torch", onnx_file: str | None = None,
-                           threads: int = 0) -> LoadedModel:
-    """Load a run folder (or its model/ folder, or an export folder) for serving; only safetensors/ONNX load."""
+                           threads: int = 0, precision: str = "fp32") -> LoadedModel:
+    """Load a run folder (or its model/ folder, or an export folder) for serving; only safetensors/ONNX load.
+    precision (torch backend): fp32, bf16 (autocast with the Linear weights stored in bf16) or auto."""
+    from strop.device import bf16_linear_weights, resolve_precision
     from strop.run import open_run
 
     path = Path(path)
@@ -144,15 +147,19 @@ def load_model_for_serving(path: str | Path, backend: str = "torch", onnx_file: 
         predictor, source = onnx_predictor(path, onnx_file, threads)
         identity = f"{source.name}:{source.stat().st_size}:{source.stat().st_mtime_ns}"
         folder = source.parent
+        precision = "int8" if "int8" in source.name else "fp32"
     else:
         if threads:
             torch.set_num_threads(threads)
         folder = open_run(path)
-        predictor = Predictor.load(folder)
+        precision = resolve_precision(precision, torch.device("cpu"))
+        predictor = Predictor.load(folder, precision=precision)
+        if precision == "bf16":
+            bf16_linear_weights(predictor.model)
         source = folder
         weights = sorted(folder.glob("*.safetensors"))
         identity = json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights])
     run_name = (folder.parent if folder.name in ("model", "export") else folder).name
     version = f"{run_name}@{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
     return LoadedModel(predictor, backend, source, version, _config_hash(path, folder),
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, precision)
