@@ -4,6 +4,7 @@ Servers (one at a time, each in its own process, same model, same machine, one r
   baseline          bench/serve_baseline.py: FastAPI endpoint calling a transformers pipeline per request
   strop-torch       strop serve RUN (dynamic batching)
   strop-onnx-int8   strop serve RUN --backend onnx (model.int8.onnx; dynamic batching)
+  strop-torch-bf16  strop serve RUN serve.precision=bf16 (not in the default list: --servers)
   *-nobatch         the same strop servers with serve.batching=false (one request per forward pass)
 Each is driven by closed-loop clients (1, 8, 32 at a time), each request one SST-2 dev sentence, for --seconds after
 a warm-up; requests/s and p50/p95/p99 latency are recorded. Results: bench/results/serve.json.
@@ -53,6 +54,8 @@ def start(kind: str, run: Path, port: int, max_length: int, log, extra: list[str
     args = ["serve", str(run), "--port", str(port)]
     if "onnx" in kind:
         args += ["--backend", "onnx"]
+    if "bf16" in kind:
+        args += ["serve.precision=bf16"]
     if kind.endswith("nobatch"):
         args += ["serve.batching=false"]
     cmd = [sys.executable, "-c", "import sys; from strop.cli import main; sys.exit(main())", *args,
@@ -134,14 +137,14 @@ def ratios(results: dict) -> dict:
     def at(kind, clients):
         return next(p for p in results[kind]["points"] if p["clients"] == clients)
     out = {}
-    top = max(p["clients"] for p in results["baseline"]["points"]) if "baseline" in results else None
+    top = max(p["clients"] for r in results.values() for p in r["points"])
     for kind in results:
-        if kind == "baseline" or top is None:
+        if kind == "baseline" or "baseline" not in results:
             continue
         s, b = at(kind, top), at("baseline", top)
         out[f"{kind}_vs_baseline_at_{top}"] = {"throughput_x": round(s["throughput_rps"] / b["throughput_rps"], 2),
                                               "p99_ms": [s["p99_ms"], b["p99_ms"]]}
-    for kind in ("strop-torch", "strop-onnx-int8"):
+    for kind in ("strop-torch", "strop-torch-bf16", "strop-onnx-int8"):
         if kind in results and f"{kind}-nobatch" in results:
             s, n = at(kind, top), at(f"{kind}-nobatch", top)
             out[f"{kind}_batching_on_vs_off_at_{top}"] = {

@@ -3,6 +3,8 @@
     python bench/step_ab.py fast_dropout          # strop's fast dropout masks vs torch's dropout
     python bench/step_ab.py freeze_embeddings     # frozen word embeddings vs trained
     python bench/step_ab.py attention_dropout_0   # no attention dropout (sdpa's fused kernel) vs 0.1
+    python bench/step_ab.py fused_lora            # LoRA through strop's fused linear vs PEFT's forward
+    python bench/step_ab.py lora_vs_full          # a LoRA step (strop's default settings) vs a full fine-tuning step
     python bench/step_ab.py compile               # torch.compile(dynamic=True) vs eager (both with fast dropout)
     python bench/step_ab.py fast_dropout --steps 40 --threads 1
 
@@ -16,6 +18,7 @@ not counted. Results are appended to bench/results/step_ab.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -24,6 +27,8 @@ from common import REPO, RESULTS, machine
 
 CHANGES = {  # name: (overrides of side A, overrides of side B); "compile": that side runs torch.compile(model)
     "fast_dropout": ({"train.fast_dropout": False}, {"train.fast_dropout": True}),
+    "lora_vs_full": ({}, {"peft.method": "lora"}),  # LoRA's step (fused, the default) against full fine-tuning's
+    "fused_lora": ({"peft.method": "lora", "train.fused_lora": False}, {"peft.method": "lora", "train.fused_lora": True}),
     "freeze_embeddings": ({}, {"model.freeze_embeddings": True}),
     "attention_dropout_0": ({}, {"model.attention_dropout": 0.0}),
     "compile": ({}, {"compile": True}),
@@ -47,7 +52,9 @@ def main() -> None:
     from strop.device import resolve_precision
     from strop.models.backbone import load_tokenizer, resolve_model_path
     from strop.models.classifier import build_model
+    from strop.models.peft import apply_peft
     from strop.training.fast import fast_dropout_in, tune_allocator
+    from strop.training.fast_lora import fused_lora_in
     from strop.training.loop import accumulate_gradients
     from strop.training.optim import build_optimizer
 
@@ -67,13 +74,15 @@ def main() -> None:
         compiled = over.pop("compile", False)
         cfg = load_config(config, {"train.batch_size": 32, **over})
         torch.manual_seed(0)
-        model = build_model(cfg.model, ds.task, ds.labels).train()
-        ctx = fast_dropout_in(model, cfg.train.fast_dropout)
-        ctx.__enter__()
+        model, hook = apply_peft(build_model(cfg.model, ds.task, ds.labels), cfg.peft, 1000)
+        model.train()
+        ctx = contextlib.ExitStack()
+        ctx.enter_context(fast_dropout_in(model, cfg.train.fast_dropout))
+        ctx.enter_context(fused_lora_in(model, cfg.train.fused_lora))
         contexts.append(ctx)
         params = [q for q in model.parameters() if q.requires_grad]
-        sides[side] = (torch.compile(model, dynamic=True) if compiled else model, build_optimizer(model, cfg.train),
-                       params, cfg)
+        sides[side] = (torch.compile(model, dynamic=True) if compiled else model,
+                       build_optimizer(model, cfg.train, hook.lr_scales), params, cfg)
 
     def step(side: str, i: int) -> None:
         model, optimizer, params, cfg = sides[side]

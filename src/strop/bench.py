@@ -76,7 +76,9 @@ def training_probe(steps: int = 20, batch_size: int = 32, precision: str = "auto
     examples = tokens = 0
     if cfg.train.tune_allocator:  # the same speed settings as the training loop (training/fast.py)
         tune_allocator()
-    with fast_dropout_in(model, cfg.train.fast_dropout):
+    from strop.training.fast_lora import fused_lora_in
+
+    with fast_dropout_in(model, cfg.train.fast_dropout), fused_lora_in(model, cfg.train.fused_lora):
         for i, idx in enumerate(batches):
             if i == warm:
                 start, cpu_start = time.perf_counter(), time.process_time()

@@ -126,6 +126,9 @@ class TrainConfig:
     auto_batch_size: bool = doc(False, "on out-of-memory, halve the micro-batch (raising accumulation) and retry")
     fast_dropout: bool = doc(False, "draw dropout masks 3 elements per 64-bit random number (same distribution, p "
                              "rounded to 1/65536; 4-6% of a CPU step saved); false = torch's dropout")
+    fused_lora: bool = doc(True, "peft.method=lora: train the LoRA layers through one fused autograd function (the "
+                           "same math as PEFT's forward in fewer kernels, frozen weights cast once); false = PEFT's "
+                           "forward")
     tune_allocator: bool = doc(True, "keep large freed buffers in glibc's heap instead of page-faulting them in "
                                "every step (Linux; process-wide)")
     threads: int = doc(0, "CPU threads for torch; 0 = all cores")

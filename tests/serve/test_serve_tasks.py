@@ -60,8 +60,10 @@ def test_bf16_precision_serves_what_a_bf16_predictor_predicts(single_run):
     assert [g["label"] for g in got] == [w["label"] for w in want]
     np.testing.assert_allclose([g["score"] for g in got], [w["score"] for w in want], atol=1e-6)
     np.testing.assert_allclose([g["score"] for g in got], [w["score"] for w in fp32], atol=2e-2)
-    with ThreadServer(single_run) as srv:  # the default stays fp32: the same numbers as `strop predict`
-        assert httpx.get(f"{srv.url}/v1/model").json()["precision"] == "fp32"
+    from strop.device import cpu_has_bf16
+
+    with ThreadServer(single_run, precision="auto") as srv:  # the default: bf16 where the CPU has it
+        assert httpx.get(f"{srv.url}/v1/model").json()["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
 
 
 def test_onnx_backend_matches_torch(single_run, single_export):

@@ -22,6 +22,7 @@ from strop.training.distributed import (Dist, gather_full_state, is_sharded, loa
                                         trainable_snapshot, wrap_model)
 from strop.training.ds_engine import deepspeed_engine
 from strop.training.fast import fast_dropout_in, tune_allocator
+from strop.training.fast_lora import fused_lora_in
 from strop.training.guards import MicroBatchSize, NonFiniteError, StopSignals, TrainingInterrupted, is_finite
 from strop.training.optim import build_optimizer, build_scheduler, warmup_steps
 from strop.training.progress import TrainProgress
@@ -120,7 +121,7 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
     if t.tune_allocator:
         tune_allocator()
     with TrainProgress(total_steps, state.step) as progress, StopSignals() as signals, \
-            fast_dropout_in(model, t.fast_dropout):
+            fast_dropout_in(model, t.fast_dropout), fused_lora_in(model, t.fused_lora):
         while state.step < total_steps and not state.stopped_early:
             batches = epoch_batches(train.lengths, t.batch_size, t.seed, state.epoch, t.batching == "length_grouped")
             for idx in batches[state.batch_in_epoch:]:
