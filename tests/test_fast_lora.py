@@ -65,3 +65,24 @@ def test_fused_lora_leaves_other_setups_to_peft(tiny_model, tmp_path):
         assert n == 0  # LoRA dropout draws a mask over the input: PEFT's path
     with fused_lora_in(_lora_model(tiny_model, tmp_path), enabled=False) as n:
         assert n == 0
+
+
+def test_training_with_the_fused_linear_equals_peft_training(tiny_model, tmp_path):
+    """Same seed, fp32: the loop with train.fused_lora on and off ends at the same weights (within float rounding)."""
+    import strop
+    from conftest import tiny_overrides
+
+    src = write_csv(tmp_path / "train.csv", toy_rows(40, seed=2))
+    runs = {}
+    for fused in (True, False):
+        over = {"data.train": src, "peft.method": "lora", "train.epochs": 2, "train.precision": "fp32",
+                "train.lr": 5e-3, "train.fused_lora": fused, "name": f"fused-{fused}"}
+        runs[fused] = strop.train(None, tiny_overrides(tiny_model, tmp_path / "runs", **over))
+    a, b = (r.results["validation"] for r in (runs[True], runs[False]))
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-4) and a["accuracy"] == b["accuracy"]
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(str(r.model_dir / "model.safetensors")) for r in (runs[True], runs[False]))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5, msg=k)
