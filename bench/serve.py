@@ -2,9 +2,9 @@
 
 Servers (one at a time, each in its own process, same model, same machine, one run):
   baseline          bench/serve_baseline.py: FastAPI endpoint calling a transformers pipeline per request
-  strop-torch       strop serve RUN (dynamic batching)
+  strop-torch       strop serve RUN (dynamic batching; serve.precision=auto: bf16 where the CPU has it)
+  strop-torch-fp32  strop serve RUN serve.precision=fp32 (and -bf16: serve.precision=bf16)
   strop-onnx-int8   strop serve RUN --backend onnx (model.int8.onnx; dynamic batching)
-  strop-torch-bf16  strop serve RUN serve.precision=bf16 (not in the default list: --servers)
   *-nobatch         the same strop servers with serve.batching=false (one request per forward pass)
 Each is driven by closed-loop clients (1, 8, 32 at a time), each request one SST-2 dev sentence, for --seconds after
 a warm-up; requests/s and p50/p95/p99 latency are recorded. Results: bench/results/serve.json.
@@ -54,8 +54,9 @@ def start(kind: str, run: Path, port: int, max_length: int, log, extra: list[str
     args = ["serve", str(run), "--port", str(port)]
     if "onnx" in kind:
         args += ["--backend", "onnx"]
-    if "bf16" in kind:
-        args += ["serve.precision=bf16"]
+    for precision in ("bf16", "fp32"):
+        if precision in kind:
+            args += [f"serve.precision={precision}"]
     if kind.endswith("nobatch"):
         args += ["serve.batching=false"]
     cmd = [sys.executable, "-c", "import sys; from strop.cli import main; sys.exit(main())", *args,
@@ -144,7 +145,7 @@ def ratios(results: dict) -> dict:
         s, b = at(kind, top), at("baseline", top)
         out[f"{kind}_vs_baseline_at_{top}"] = {"throughput_x": round(s["throughput_rps"] / b["throughput_rps"], 2),
                                               "p99_ms": [s["p99_ms"], b["p99_ms"]]}
-    for kind in ("strop-torch", "strop-torch-bf16", "strop-onnx-int8"):
+    for kind in ("strop-torch", "strop-torch-fp32", "strop-torch-bf16", "strop-onnx-int8"):
         if kind in results and f"{kind}-nobatch" in results:
             s, n = at(kind, top), at(f"{kind}-nobatch", top)
             out[f"{kind}_batching_on_vs_off_at_{top}"] = {
@@ -171,7 +172,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0, help="measured seconds per point")
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring, per point")
     ap.add_argument("--servers", default="baseline,strop-torch,strop-onnx-int8,strop-torch-nobatch,"
-                    "strop-onnx-int8-nobatch")
+                    "strop-onnx-int8-nobatch,strop-torch-fp32,strop-torch-fp32-nobatch")
     ap.add_argument("--set", action="append", default=[], help="a serve setting for every strop server, e.g. "
                     "--set serve.max_wait_ms=2 (repeatable)")
     ap.add_argument("--out", default="serve.json", help="results file name in bench/results/")
