@@ -134,6 +134,40 @@ def bench_server(kind: str, run: Path, max_length: int, sentences: list[str], ar
     return {"server": kind, "points": points}
 
 
+def ceiling(run: Path, sentences: list[str], n: int = 256, batch: int = 32) -> dict:
+    """The most batching can give, without a server: texts/s of the served model through strop's Predictor on one
+    thread (the inference threads `strop serve` uses on 2 cores), one text per call vs `batch` texts per call (each
+    call cut into length-sorted sub-batches as the server does), for each backend/precision served here."""
+    import torch
+
+    from strop.device import bf16_linear_weights
+    from strop.predict import Predictor
+    from strop.serve.backend import onnx_predictor
+
+    torch.set_num_threads(1)
+    texts = sentences[:n]
+    out = {}
+    for name in ("torch-fp32", "torch-bf16", "onnx-int8"):
+        if name == "onnx-int8":
+            predictor = onnx_predictor(run, "model.int8.onnx", 1)[0]
+        else:
+            predictor = Predictor.load(run, precision=name.split("-")[1])
+            if name == "torch-bf16":
+                bf16_linear_weights(predictor.model)
+        rates = {}
+        for size in (1, batch):
+            predictor.predict(texts[:batch], batch_size=size)  # warm-up
+            start = time.perf_counter()
+            for i in range(0, len(texts), size):
+                predictor.predict(texts[i:i + size], batch_size=size)
+            rates[size] = len(texts) / (time.perf_counter() - start)
+        out[name] = {"texts_per_s_batch_1": round(rates[1], 1), f"texts_per_s_batch_{batch}": round(rates[batch], 1),
+                     "ratio": round(rates[batch] / rates[1], 2)}
+        print(f"ceiling {name:>10}: batch 1 {rates[1]:7.1f} texts/s, batch {batch} {rates[batch]:7.1f} texts/s, "
+              f"{rates[batch] / rates[1]:.2f}x", flush=True)
+    return out
+
+
 def ratios(results: dict) -> dict:
     def at(kind, clients):
         return next(p for p in results[kind]["points"] if p["clients"] == clients)
@@ -176,6 +210,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="a serve setting for every strop server, e.g. "
                     "--set serve.max_wait_ms=2 (repeatable)")
     ap.add_argument("--out", default="serve.json", help="results file name in bench/results/")
+    ap.add_argument("--ceiling", action="store_true", help="only measure the model's own batch-1 vs batch-32 "
+                    "throughput on one thread (what batching can give at most), into bench/results/serve_ceiling.json")
     args = ap.parse_args()
     if args.table:
         print(table(json.loads((RESULTS / args.out).read_text())))
@@ -189,6 +225,11 @@ def main() -> None:
         print(f"no {export}/model.int8.onnx: exporting with the test suite's stand-in exporter", flush=True)
         export_onnx(args.run)
     sentences = texts()
+    if args.ceiling:
+        report = {"machine": mach, "command": "python bench/serve.py " + " ".join(sys.argv[1:]), "run": str(args.run),
+                  "ceiling": ceiling(args.run, sentences), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
+        (RESULTS / "serve_ceiling.json").write_text(json.dumps(report, indent=2))
+        return
     results = {}
     for kind in args.servers.split(","):
         results[kind] = bench_server(kind, args.run, meta["max_length"], sentences, args)
