@@ -4,6 +4,7 @@
     python bench/fewshot.py --shots 64 --seeds 0,1 --datasets sst2,trec
     python bench/fewshot.py --test-limit 1000                 # evaluate on a fixed random 1,000 test texts per set
     python bench/fewshot.py --summarize bench/results/fewshot_8shot.json   # tables for BENCHMARKS.md
+    python bench/fewshot.py --shots 64 --resume               # continue a stopped run: only the missing runs
 
 For every (dataset, seed) the same k examples per class are drawn from the training set (numpy default_rng([seed,
 k]) per class, seeds printed) and each method trains on exactly those and is scored on the same test texts:
@@ -288,6 +289,8 @@ def main() -> None:
     p.add_argument("--test-limit", type=int, default=0, help="0 = full test sets")
     p.add_argument("--set", nargs="*", default=[], help="strop overrides for the fewshot side, e.g. fewshot.epochs=8")
     p.add_argument("--results", default=None, help="JSON file; default bench/results/fewshot_<shots>shot.json")
+    p.add_argument("--resume", action="store_true", help="keep the finished runs of an existing results file (same "
+                   "shots, test limit and overrides) and run only the missing ones")
     p.add_argument("--summarize", default=None, help="print the tables of an existing results file and exit")
     # child-process arguments
     p.add_argument("--child", choices=METHODS)
@@ -318,11 +321,23 @@ def main() -> None:
     doc = {"benchmark": "fewshot", "command": " ".join(sys.argv), "machine": machine(), "shots": args.shots,
            "seeds": seeds, "datasets": datasets, "methods": methods, "test_limit": args.test_limit,
            "strop_overrides": overrides, "naive_overrides": NAIVE_OVERRIDES, "model_path": model_path, "runs": []}
+    done = set()
+    if args.resume and results.is_file():  # long runs (64 shots) span sessions: keep what an earlier run finished
+        old = json.loads(results.read_text(encoding="utf-8"))
+        for key in ("shots", "test_limit", "strop_overrides", "naive_overrides"):
+            if old.get(key) != doc[key]:
+                raise SystemExit(f"--resume: {results} has {key}={old.get(key)!r}, this run {doc[key]!r}")
+        doc["runs"] = [r for r in old["runs"] if "error" not in r]
+        doc["commands"] = old.get("commands", [old.get("command")]) + [doc["command"]]
+        done = {(r["dataset"], r["seed"], r["method"]) for r in doc["runs"]}
+        print(f"--resume: {len(done)} finished runs kept from {results}", flush=True)
     print(f"shots={args.shots} seeds={seeds} datasets={datasets} methods={methods} test_limit={args.test_limit}",
           flush=True)
     for seed in seeds:  # seed by seed: a run stopped early still has every dataset and method on its first seeds
         for ds in datasets:
             for method in methods:
+                if (ds, seed, method) in done:
+                    continue
                 t0 = time.perf_counter()
                 r = spawn(method, ds, args.shots, seed, args.test_limit, overrides, model_path)
                 r.update(dataset=ds, seed=seed, method=method, shots=args.shots,
