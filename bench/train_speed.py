@@ -35,6 +35,7 @@ Training FLOPs (useful work only: padding, softmax, layer norms and the optimize
   6 = 2 FLOPs per multiply-add x (1 forward + 2 backward: gradients of activations and of weights);
   12 * L * H * s^2 = attention scores QK^T and the weighted sum AV: each 2 * s^2 * H FLOPs per layer forward (summed
             over heads), so 4 * s^2 * H forward + 8 * s^2 * H backward = 12 * s^2 * H per layer.
+  A variant with model.frozen_layers = F counts its F frozen layers forward only (2 instead of 6, 4 instead of 12).
 Peak matmul FLOP/s: best of several (4096 x 4096) @ (4096 x 4096) matmuls (2 * n^3 FLOPs each) in fp32 and in bf16 on
 the same thread count as training; the larger of the two measurements (start, end) is used.
 
@@ -56,7 +57,8 @@ from common import (HF_ARGS_SHOWN, REPO, RESULTS, hf_trainer, machine, measure_p
                     total_steps)
 
 # strop's fastest setting (variant D): overrides on top of variant C's config
-FASTEST = {"train.precision": "bf16", "model.freeze_embeddings": True, "train.fast_dropout": True}
+FASTEST = {"train.precision": "bf16", "model.freeze_embeddings": True, "train.fast_dropout": True,
+           "model.frozen_layers": 2}  # session 5: backprop stops above layer 2 (SST-2, 3 seeds: BENCHMARKS.md)
 
 CONFIG = REPO / "configs" / "sst2.yaml"
 VARIANTS = {
@@ -231,10 +233,15 @@ def flop_counts(model_folder: str, num_labels: int) -> dict:
     return {**counts, "layers": config.num_hidden_layers, "hidden": config.hidden_size}
 
 
-def training_flops(p: dict, data: dict) -> float:
-    """Useful training FLOPs of the whole run (see the module docstring for the formula)."""
-    per_epoch = (6 * p["per_token"] * data["tokens_per_epoch"] + 6 * p["per_example"] * data["train_examples"]
-                 + 12 * p["layers"] * p["hidden"] * data["sq_tokens_per_epoch"])
+def training_flops(p: dict, data: dict, frozen: int = 0) -> float:
+    """Useful training FLOPs of the whole run (see the module docstring for the formula). `frozen` bottom layers
+    (model.frozen_layers) run forward only: they count 2 x their parameters per token (and a third of the attention
+    term) instead of 6 x, so a variant that freezes layers is not credited with work it skips."""
+    layers = p["layers"]
+    per_layer_factor = (6 * (layers - frozen) + 2 * frozen) / layers
+    per_epoch = (per_layer_factor * p["per_token"] * data["tokens_per_epoch"]
+                 + 6 * p["per_example"] * data["train_examples"]
+                 + (12 * (layers - frozen) + 4 * frozen) * p["hidden"] * data["sq_tokens_per_epoch"])
     return per_epoch * data["epochs_run"]
 
 
@@ -313,7 +320,7 @@ def bench(args, command: str) -> dict:
             raw["loadavg_1min_before_after"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
             check_run(v, raw, v_work, base)
             out[v] = {"side": side, "label": label, "overrides": v_over, "raw": raw, "work": v_work,
-                      "training_flops": training_flops(params, v_work),
+                      "training_flops": training_flops(params, v_work, v_over.get("model.frozen_layers", 0)),
                       "resolved_config": to_dict(load_config(CONFIG, v_over))}
         peaks_end = measure_peaks(threads, "end")
     peaks = {k: max(peaks_start[k], peaks_end[k]) for k in peaks_start}
