@@ -48,6 +48,9 @@ METHODS = {
     "lora-norms-plus": {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16, "peft.train_norms": True,
                         "peft.lr_ratio": 16, "train.lr": 2.5e-4},
     "lora-lr2e3": {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16, "train.lr": 2e-3},
+    # what limits LoRA at 3 epochs: the same LoRA given twice the steps (not the same-epochs comparison)
+    "lora-norms-6ep": {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16, "peft.train_norms": True,
+                       "train.lr": 5e-4, "train.epochs": 6},
 }
 
 
