@@ -73,11 +73,9 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     weight = self._strop_weights.get(dtype)
     if weight is None:  # frozen: cast once per dtype for the whole block
         weight = self._strop_weights[dtype] = self.base_layer.weight.detach().to(dtype)
-    base = self.base_layer
-    with torch.autocast(x.device.type, enabled=False):
-        y = _LoraLinearFn.apply(x, weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                float(self.scaling[name]), dtype)
-    return y
+    with torch.autocast(device, enabled=False):  # the Function casts once itself
+        return _LoraLinearFn.apply(x, weight, self.base_layer.bias, self.lora_A[name].weight,
+                                   self.lora_B[name].weight, float(self.scaling[name]), dtype)
 
 
 @contextlib.contextmanager
