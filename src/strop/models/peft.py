@@ -201,7 +201,7 @@ def apply_peft(model: nn.Module, p, total_steps: int) -> tuple[nn.Module, PeftHo
             param.requires_grad_(False)
         add_adapters(model, targets, p.adapter_size, p.dropout)
         for name, m in model.named_modules():  # Houlsby also trains the layer norms (a few thousand numbers)
-            if _is_norm(m) or is_head(name):
+            if is_norm(m) or is_head(name):
                 for param in m.parameters(recurse=False):
                     param.requires_grad_(True)
         for name in head_modules(model):
@@ -226,7 +226,7 @@ def _apply_lora(model: nn.Module, p, total_steps: int) -> tuple[nn.Module, PeftH
     targets = resolve_targets(model, p.target_modules, None)
     to_save = head_modules(model)
     if p.train_norms:  # norms via modules_to_save and biases via bias="all", so adapter/ saves them too
-        to_save += [n for n, m in model.named_modules() if _is_norm(m) and not any(
+        to_save += [n for n, m in model.named_modules() if is_norm(m) and not any(
             n == h or n.startswith(h + ".") for h in to_save)]
     common = dict(target_modules=targets, modules_to_save=to_save, lora_alpha=p.alpha, lora_dropout=p.dropout,
                   bias="all" if p.train_norms else "none")
@@ -244,7 +244,7 @@ def _apply_lora(model: nn.Module, p, total_steps: int) -> tuple[nn.Module, PeftH
     return peft_model, PeftHook(peft_model, p.orth_reg_weight, scales)
 
 
-def _is_norm(m: nn.Module) -> bool:
+def is_norm(m: nn.Module) -> bool:
     """LayerNorm, RMSNorm and the like (by class name: architectures define their own)."""
     return "norm" in type(m).__name__.lower() and any(True for _ in m.parameters(recurse=False))
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from strop.models.peft import is_head
+from strop.models.peft import is_head, is_norm
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr: float | None = None,
@@ -17,8 +17,7 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr: floa
     whose dotted name has a part in `lr_scales` (LoRA+: {"lora_B": 16})."""
     groups: dict[tuple[bool, bool, float], list] = {}
     # any normalisation layer (LayerNorm, RMSNorm, ...) keeps its scale free of decay
-    norm_params = {id(p) for m in model.modules() if "norm" in type(m).__name__.lower()
-                   for p in m.parameters(recurse=False)}
+    norm_params = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters(recurse=False)}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
