@@ -49,6 +49,13 @@ METHODS = {
                         "peft.lr_ratio": 16, "train.lr": 2.5e-4},
     "lora-lr2e3": {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16, "train.lr": 2e-3},
     # what limits LoRA at 3 epochs: the same LoRA given twice the steps (not the same-epochs comparison)
+    # session 6: the same recipe without the backbone's hidden dropout (a cheaper step), a constant schedule, rank 10
+    "lora-norms-hd0": {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16, "peft.train_norms": True,
+                       "train.lr": 5e-4, "model.hidden_dropout": 0.0},
+    "lora-norms-const": {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16, "peft.train_norms": True,
+                         "train.lr": 5e-4, "train.scheduler": "constant"},
+    "lora-norms-r10": {"peft.method": "lora", "peft.r": 10, "peft.alpha": 20, "peft.train_norms": True,
+                       "train.lr": 5e-4},
     "lora-norms-6ep": {"peft.method": "lora", "peft.r": 8, "peft.alpha": 16, "peft.train_norms": True,
                        "train.lr": 5e-4, "train.epochs": 6},
 }

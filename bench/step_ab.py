@@ -5,6 +5,7 @@
     python bench/step_ab.py attention_dropout_0   # no attention dropout (sdpa's fused kernel) vs 0.1
     python bench/step_ab.py fused_lora            # LoRA through strop's fused linear vs PEFT's forward
     python bench/step_ab.py lora_vs_full          # a LoRA step (strop's default settings) vs a full fine-tuning step
+    python bench/step_ab.py lora_norms_hd0_vs_full  # LoRA + trained norms without hidden dropout vs full
     python bench/step_ab.py compile               # torch.compile(dynamic=True) vs eager (both with fast dropout)
     python bench/step_ab.py fast_dropout --steps 40 --threads 1
 
@@ -28,6 +29,9 @@ from common import REPO, RESULTS, machine
 CHANGES = {  # name: (overrides of side A, overrides of side B); "compile": that side runs torch.compile(model)
     "fast_dropout": ({"train.fast_dropout": False}, {"train.fast_dropout": True}),
     "lora_vs_full": ({}, {"peft.method": "lora"}),  # LoRA's step (fused, the default) against full fine-tuning's
+    # the LoRA recipe of bench/peft_sst2.py (norms trained), and the same without the backbone's hidden dropout
+    "lora_norms_vs_full": ({}, {"peft.method": "lora", "peft.train_norms": True}),
+    "lora_norms_hd0_vs_full": ({}, {"peft.method": "lora", "peft.train_norms": True, "model.hidden_dropout": 0.0}),
     "fused_lora": ({"peft.method": "lora", "train.fused_lora": False}, {"peft.method": "lora", "train.fused_lora": True}),
     "freeze_embeddings": ({}, {"model.freeze_embeddings": True}),
     "attention_dropout_0": ({}, {"model.attention_dropout": 0.0}),
