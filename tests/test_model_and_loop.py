@@ -250,3 +250,22 @@ def test_frozen_layers_misuse_is_refused(setup, over, message):
     with pytest.raises(ConfigError, match=message):
         c = load_config(None, {"data.train": cfg.data.train, "model.path": cfg.model.path, **over})
         build_model(c.model, ds.task, ds.labels)
+
+
+@pytest.mark.parametrize("method", ["none", "lora"])
+def test_training_and_saving_do_not_import_deepspeed(tiny_model, toy_splits, tmp_path, method):
+    """Saving goes through transformers' save_pretrained, which asks accelerate whether the model is wrapped; with
+    DeepSpeed installed that imports it (seconds, ~140 MB, a console warning). A plain run must not."""
+    pytest.importorskip("deepspeed")
+    if method == "lora":
+        pytest.importorskip("peft")
+    import subprocess
+    import sys
+
+    over = tiny_overrides(tiny_model, tmp_path / "runs", **{"data.train": toy_splits["train"], "train.epochs": 1,
+                                                             "peft.method": method, "eval.report": False})
+    code = ("import sys, strop; run = strop.train(None, sys.argv[1:]); "
+            "assert (run.model_dir / 'model.safetensors').is_file(); print('deepspeed' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, *over], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False", "a training run imported deepspeed"

@@ -122,3 +122,30 @@ def load_pretrained(auto_class, folder: Path, allow_pickle: bool = False, trust_
                          "machine you trust") from None
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load the model in {folder}: {e}") from None
+
+
+def save_pretrained(model, folder: Path) -> None:
+    """`model.save_pretrained(folder)` in safetensors, without importing DeepSpeed to ask whether the model is wrapped.
+
+    transformers' save_pretrained unwraps the model through accelerate, which imports `deepspeed` whenever it is
+    installed (strop[all] installs it) to check for a DeepSpeedEngine: 2-4 s, ~140 MB and a console warning per
+    process. A PreTrainedModel is never such a wrapper; for one, strop answers "the model itself" (what accelerate
+    would answer) and leaves anything else to the original function."""
+    _plain_unwrap()
+    model.save_pretrained(str(folder), safe_serialization=True)
+
+
+def _plain_unwrap() -> None:
+    import transformers.modeling_utils as mu
+
+    original = mu.unwrap_model
+    if getattr(original, "_strop", False):
+        return
+
+    def unwrap_model(model, recursive: bool = False):
+        if isinstance(model, mu.PreTrainedModel) and not recursive and "_orig_mod" not in model.__dict__:
+            return model
+        return original(model, recursive=recursive)
+
+    unwrap_model._strop = True
+    mu.unwrap_model = unwrap_model

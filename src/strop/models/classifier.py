@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from strop.errors import ConfigError, ModelError
-from strop.models.backbone import load_pretrained, load_tokenizer, resolve_model_path
+from strop.models.backbone import load_pretrained, load_tokenizer, resolve_model_path, save_pretrained
 
 META_FILE = "strop.json"
 PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
@@ -182,11 +182,11 @@ def save_model(model: nn.Module, tokenizer, folder: Path, meta: dict) -> None:
     """Write weights (safetensors), config, tokenizer and strop.json into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     if isinstance(model, MeanPoolClassifier):
-        model.backbone.save_pretrained(str(folder), safe_serialization=True)
+        save_pretrained(model.backbone, folder)
         head = {k: v.detach().contiguous().cpu() for k, v in model.classifier.state_dict().items()}
         save_file(head, str(folder / "head.safetensors"))
     else:
-        model.save_pretrained(str(folder), safe_serialization=True)
+        save_pretrained(model, folder)
     tokenizer.save_pretrained(str(folder))
     (folder / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
