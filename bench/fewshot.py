@@ -5,6 +5,7 @@
     python bench/fewshot.py --test-limit 1000                 # evaluate on a fixed random 1,000 test texts per set
     python bench/fewshot.py --summarize bench/results/fewshot_8shot.json   # tables for BENCHMARKS.md
     python bench/fewshot.py --shots 64 --resume               # continue a stopped run: only the missing runs
+    python bench/fewshot.py --merge ALL.json A.json B.json    # one file from runs done in parallel (other seeds)
 
 For every (dataset, seed) the same k examples per class are drawn from the training set (numpy default_rng([seed,
 k]) per class, seeds printed) and each method trains on exactly those and is scored on the same test texts:
@@ -288,6 +289,31 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def merge_files(out: Path, inputs: list[Path]) -> None:
+    """One results file from several (parallel processes on different seeds write different files)."""
+    docs = [json.loads(f.read_text(encoding="utf-8")) for f in ([out] if out.is_file() else []) + inputs]
+    if not docs:
+        raise SystemExit("--merge: nothing to merge")
+    merged, seen = dict(docs[0]), set()
+    merged["runs"], merged["commands"] = [], []
+    for f, d in zip(([out] if out.is_file() else []) + inputs, docs):
+        for key in ("shots", "test_limit", "strop_overrides", "naive_overrides"):
+            if d.get(key) != merged.get(key):
+                raise SystemExit(f"--merge: {f} has {key}={d.get(key)!r}, the first file {merged.get(key)!r}")
+        for r in d["runs"]:
+            if "error" not in r and (r["dataset"], r["seed"], r["method"]) not in seen:
+                seen.add((r["dataset"], r["seed"], r["method"]))
+                merged["runs"].append(r)
+        merged["commands"] += d.get("commands", [d.get("command")])
+    merged["command"] = "bench/fewshot.py --merge " + " ".join(map(str, [out, *inputs]))
+    for key in ("seeds", "datasets", "methods"):
+        merged[key] = sorted({r[key[:-1]] for r in merged["runs"]}, key=str)
+    merged["summary"] = summarize(merged["runs"])
+    out.write_text(json.dumps(merged, indent=2), encoding="utf-8")
+    print(f"{out}: {len(merged['runs'])} runs from {len(docs)} files")
+    print(markdown(merged["summary"]))
+
+
 def machine() -> dict:
     import platform
 
@@ -313,6 +339,9 @@ def main() -> None:
     p.add_argument("--resume", action="store_true", help="keep the finished runs of an existing results file (same "
                    "shots, test limit and overrides) and run only the missing ones")
     p.add_argument("--summarize", default=None, help="print the tables of an existing results file and exit")
+    p.add_argument("--merge", nargs="+", metavar=("OUT", "IN"), help="write OUT with the runs of OUT (if it exists) and "
+                   "every IN (same shots, test limit and overrides; a (dataset, seed, method) run twice keeps the "
+                   "first), then exit")
     # child-process arguments
     p.add_argument("--child", choices=ALL_METHODS)
     p.add_argument("--dataset")
@@ -323,6 +352,8 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         return run_child(args)
+    if args.merge:
+        return merge_files(Path(args.merge[0]), [Path(f) for f in args.merge[1:]])
     if args.summarize:
         data = json.loads(Path(args.summarize).read_text())
         return print(markdown(summarize(data["runs"])))
