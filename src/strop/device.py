@@ -9,13 +9,14 @@ from pathlib import Path
 import torch
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto", field: str = "train.device") -> torch.device:
+    """auto -> cuda when a GPU is visible, else cpu; `field` names the setting in the error for a missing GPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         from strop.errors import ConfigError
 
-        raise ConfigError("train.device=cuda but no CUDA GPU is visible; use train.device=auto or cpu")
+        raise ConfigError(f"{field}=cuda but no CUDA GPU is visible; use {field}=auto or cpu")
     return torch.device(name)
 
 

@@ -32,8 +32,9 @@ class ServerProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        # fp32 unless a test sets it: the tests compare served numbers with `strop predict`'s to 1e-5
-        precision = [] if any(str(a).startswith("serve.precision") for a in args) else ["serve.precision=fp32"]
+        # fp32 on the CPU unless a test sets them: the tests compare served numbers with `strop predict`'s to 1e-5
+        precision = [f"serve.{k}={v}" for k, v in (("precision", "fp32"), ("device", "cpu"))
+                     if not any(str(a).startswith(f"serve.{k}") for a in args)]
         cmd = [sys.executable, "-c", "import sys; from strop.cli import main; sys.exit(main())", "serve",
                str(target), "--port", str(self.port), *args, *precision]
         full_env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **(env or {})}
@@ -120,7 +121,7 @@ class ThreadServer:
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cfg = load_serve_config(None, {"port": self.port, "precision": "fp32", **settings})
+        self.cfg = load_serve_config(None, {"port": self.port, "precision": "fp32", "device": "cpu", **settings})
         self.app = create_app(target, self.cfg)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None,
                                                     lifespan="on"))

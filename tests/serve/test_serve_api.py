@@ -46,6 +46,7 @@ def test_model_info_and_health(server, single_run):
     import hashlib
     assert info["config_hash"] == hashlib.sha256((single_run / "config.yaml").read_bytes()).hexdigest()
     assert info["backend"] == "torch" and info["max_length"] == meta["max_length"] and info["text_pair"] is False
+    assert info["device"] == "cpu"  # the test server pins serve.device=cpu
     assert httpx.get(f"{server.url}/health/live").json() == {"status": "alive"}
     assert httpx.get(f"{server.url}/health/ready").json() == {"status": "ready"}
 

@@ -23,7 +23,7 @@ def test_ray_serve_deployment(single_run):
     from strop.serve.settings import load_serve_config
 
     cfg = load_serve_config(None, {"port": free_port(), "ray_min_replicas": 1, "ray_max_replicas": 2,
-                                   "precision": "fp32"})
+                                   "precision": "fp32", "device": "cpu"})
     url = f"http://127.0.0.1:{cfg.port}"
     try:
         start_ray(single_run, cfg, num_cpus=2)

@@ -143,6 +143,27 @@ def test_shipped_serve_yaml_loads(tmp_path):
         load_serve_config(bad)
     with pytest.raises(ConfigError, match=r"serve.precision=bf16 applies to the torch backend"):
         load_serve_config(None, ["serve.backend=onnx", "serve.precision=bf16"])
+    with pytest.raises(ConfigError, match=r"serve.device=cuda applies to the torch backend"):
+        load_serve_config(None, ["serve.backend=onnx", "serve.device=cuda"])
+    import torch
+
+    if not torch.cuda.is_available():  # refused before a server starts, naming the setting
+        with pytest.raises(ConfigError, match=r"serve.device=cuda but no CUDA GPU is visible; use serve.device=auto"):
+            load_serve_config(None, ["serve.device=cuda"])
+    assert load_serve_config(None).device == "auto"
+
+
+def test_auto_device_serves_on_what_this_machine_has(single_run):
+    """serve.device=auto: the GPU when one is visible (checked against the CPU's numbers there), else the CPU."""
+    import torch
+
+    want = Predictor.load(single_run).predict(TEXTS)
+    with ThreadServer(single_run, device="auto") as srv:
+        got = _predict(srv.url, TEXTS)
+        info = httpx.get(f"{srv.url}/v1/model").json()
+    assert info["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert [g["label"] for g in got] == [w["label"] for w in want]
+    np.testing.assert_allclose([g["score"] for g in got], [w["score"] for w in want], atol=1e-4)
 
 
 def test_inference_threads_leave_each_event_loop_a_core():

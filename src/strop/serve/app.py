@@ -92,7 +92,7 @@ async def _load(state: ServerState, path: Path, loaded: LoadedModel | None) -> N
     try:
         start = time.perf_counter()
         model = loaded or await asyncio.to_thread(load_model_for_serving, path, cfg.backend, cfg.onnx_file,
-                                                  cfg.threads, cfg.precision)
+                                                  cfg.threads, cfg.precision, cfg.device)
         await asyncio.to_thread(_warm_up, model)
         state.telemetry.model_load.set(time.perf_counter() - start)
         state.model = model
@@ -164,7 +164,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         m = _require_ready(state)
         meta, cfg = m.predictor.meta, state.cfg
         return ModelInfo(task=meta["task"], labels=meta["labels"], version=m.version, config_hash=m.config_hash,
-                         backend=m.backend, precision=m.precision, source=m.source.name,
+                         backend=m.backend, precision=m.precision, device=m.device, source=m.source.name,
                          max_length=meta["max_length"],
                          text_pair=bool(meta.get("text_pair_column")), strop_version=__version__,
                          limits={"max_inputs": cfg.max_inputs, "max_body_bytes": cfg.max_body_bytes,

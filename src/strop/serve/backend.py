@@ -110,6 +110,7 @@ class LoadedModel:
     config_hash: str  # sha256 of the run's config.yaml (or of strop.json when there is no config.yaml)
     load_seconds: float
     precision: str = "fp32"  # torch: fp32 or bf16; onnx: fp32 or int8 (by file)
+    device: str = "cpu"  # where the model runs: cpu or cuda
 
 
 def _config_hash(path: Path, model_folder: Path) -> str:
@@ -135,10 +136,11 @@ def check_target(path: str | Path, backend: str, onnx_file: str | None = None) -
 
 
 def load_model_for_serving(path: str | Path, backend: str = "torch", onnx_file: str | None = None,
-                           threads: int = 0, precision: str = "fp32") -> LoadedModel:
+                           threads: int = 0, precision: str = "fp32", device: str = "cpu") -> LoadedModel:
     """Load a run folder (or its model/ folder, or an export folder) for serving; only safetensors/ONNX load.
-    precision (torch backend): fp32, bf16 (autocast with the Linear weights stored in bf16) or auto."""
-    from strop.device import bf16_linear_weights, resolve_precision
+    precision (torch backend): fp32, bf16 (autocast with the Linear weights stored in bf16) or auto.
+    device (torch backend): cpu, cuda or auto; the onnx backend runs on the CPU."""
+    from strop.device import bf16_linear_weights, resolve_device, resolve_precision
     from strop.run import open_run
 
     path = Path(path)
@@ -152,8 +154,9 @@ def load_model_for_serving(path: str | Path, backend: str = "torch", onnx_file: 
         if threads:
             torch.set_num_threads(threads)
         folder = open_run(path)
-        precision = resolve_precision(precision, torch.device("cpu"))
-        predictor = Predictor.load(folder, precision=precision)
+        where = resolve_device(device, "serve.device")
+        precision = resolve_precision(precision, where)
+        predictor = Predictor.load(folder, device=str(where), precision=precision)
         if precision == "bf16":
             bf16_linear_weights(predictor.model)
         source = folder
@@ -162,4 +165,4 @@ def load_model_for_serving(path: str | Path, backend: str = "torch", onnx_file: 
     run_name = (folder.parent if folder.name in ("model", "export") else folder).name
     version = f"{run_name}@{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
     return LoadedModel(predictor, backend, source, version, _config_hash(path, folder),
-                       time.perf_counter() - start, precision)
+                       time.perf_counter() - start, precision, predictor.device.type)

@@ -66,6 +66,7 @@ class ModelInfo(BaseModel):
     config_hash: str = Field(description="sha256 of the run's resolved config.yaml")
     backend: str
     precision: str = Field(description="torch: fp32 or bf16; onnx: fp32 or int8")
+    device: str = Field(description="where the model runs: cpu or cuda")
     source: str = Field(description="file name the weights came from")
     max_length: int
     text_pair: bool = Field(description="whether inputs must be text pairs")

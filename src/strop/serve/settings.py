@@ -27,6 +27,8 @@ class ServeConfig:
     precision: str = doc("auto", "torch backend: auto = bf16 where the CPU computes it natively (as training "
                          "evaluates: 1.7x the batched throughput here, scores move by ~1e-3), else fp32; fp32 = the "
                          "exact numbers of `strop predict`", ("auto", "bf16", "fp32"))
+    device: str = doc("auto", "torch backend: auto = the GPU when one is visible, else the CPU; cpu; cuda (fails at "
+                      "start when no GPU is visible). The onnx backend runs on the CPU", ("auto", "cpu", "cuda"))
     threads: int = doc(0, "intra-op threads per worker for inference; 0 = cores / workers - 1 (one core per "
                            "worker stays with its event loop), at least 1")
     api_key_file: str | None = doc(None, "file holding the API key (first line); clients send "
@@ -114,6 +116,13 @@ def validate_serve(cfg: ServeConfig) -> None:
     if cfg.backend == "onnx" and cfg.precision == "bf16":
         raise ConfigError("serve.precision=bf16 applies to the torch backend; an ONNX export's precision is its "
                           "file (model.onnx fp32, model.int8.onnx int8: serve.onnx_file)")
+    if cfg.backend == "onnx" and cfg.device == "cuda":
+        raise ConfigError("serve.device=cuda applies to the torch backend; the onnx backend runs on ONNX Runtime's "
+                          "CPU provider (use --backend torch to serve on the GPU)")
+    if cfg.device == "cuda":
+        from strop.device import resolve_device
+
+        resolve_device("cuda", "serve.device")
     if not is_loopback(cfg.host) and not cfg.api_key_file:
         raise ConfigError(f"serve.host={cfg.host!r} is not a loopback address: binding it without an API key would "
                           "let anyone on the network use the model; give --api-key-file FILE (or bind 127.0.0.1)")
