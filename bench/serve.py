@@ -43,17 +43,20 @@ def texts() -> list[str]:
     return rows
 
 
-def start(kind: str, run: Path, port: int, max_length: int, log, extra: list[str] = ()) -> tuple[subprocess.Popen,
-                                                                                               str, callable]:
-    """A server process and how to build one request body for it."""
+def start(kind: str, run: Path, port: int, max_length: int, log, extra: list[str] = (),
+          device: str = "cpu") -> tuple[subprocess.Popen, str, callable]:
+    """A server process and how to build one request body for it. device: where the baseline and the strop torch
+    servers run (the onnx servers run on the CPU)."""
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     if kind == "baseline":
         cmd = [sys.executable, str(REPO / "bench" / "serve_baseline.py"), str(run / "model"), str(max_length),
-               str(port)]
+               str(port), device]
         return subprocess.Popen(cmd, stdout=log, stderr=log, env=env), "/predict", lambda t: {"text": t}
     args = ["serve", str(run), "--port", str(port)]
     if "onnx" in kind:
         args += ["--backend", "onnx"]
+    else:
+        args += [f"serve.device={device}"]
     for precision in ("bf16", "fp32"):
         if precision in kind:
             args += [f"serve.precision={precision}"]
@@ -116,7 +119,7 @@ def bench_server(kind: str, run: Path, max_length: int, sentences: list[str], ar
     url = f"http://127.0.0.1:{port}"
     log_path = RESULTS / f"serve-{kind}.log"
     with open(log_path, "wb") as log:
-        proc, path, body = start(kind, run, port, max_length, log, args.set)
+        proc, path, body = start(kind, run, port, max_length, log, args.set, args.device)
         try:
             wait_ready(url, proc, "/health" if kind == "baseline" else "/health/ready")
             points = []
@@ -210,6 +213,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="a serve setting for every strop server, e.g. "
                     "--set serve.max_wait_ms=2 (repeatable)")
     ap.add_argument("--out", default="serve.json", help="results file name in bench/results/")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the baseline and the strop torch "
+                    "servers run (serve.device); the onnx servers always run on the CPU")
     ap.add_argument("--ceiling", action="store_true", help="only measure the model's own batch-1 vs batch-32 "
                     "throughput on one thread (what batching can give at most), into bench/results/serve_ceiling.json")
     args = ap.parse_args()
@@ -234,7 +239,8 @@ def main() -> None:
     for kind in args.servers.split(","):
         results[kind] = bench_server(kind, args.run, meta["max_length"], sentences, args)
     report = {"machine": mach, "command": "python bench/serve.py " + " ".join(sys.argv[1:]),
-              "run": str(args.run), "max_length": meta["max_length"], "strop_settings": args.set, "requests": "one SST-2 dev sentence each",
+              "run": str(args.run), "max_length": meta["max_length"], "strop_settings": args.set,
+              "device": args.device, "requests": "one SST-2 dev sentence each",
               "servers": results, "ratios": ratios(results), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / args.out).write_text(json.dumps(report, indent=2))

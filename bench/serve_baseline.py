@@ -1,7 +1,7 @@
 """The baseline of bench/serve.py: a plain FastAPI endpoint calling a `transformers` pipeline once per request — the
 hand-written server strop serve replaces. Same model folder, same truncation as strop.
 
-    python bench/serve_baseline.py MODEL_DIR MAX_LENGTH PORT
+    python bench/serve_baseline.py MODEL_DIR MAX_LENGTH PORT [DEVICE]     # DEVICE: cpu (default) or cuda
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ class Item(BaseModel):
 
 def main() -> None:
     model_dir, max_length, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    classify = pipeline("text-classification", model=model_dir, tokenizer=model_dir, device="cpu")
+    device = sys.argv[4] if len(sys.argv) > 4 else "cpu"
+    classify = pipeline("text-classification", model=model_dir, tokenizer=model_dir, device=device)
     app = FastAPI()
 
     @app.get("/health")
