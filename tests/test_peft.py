@@ -299,3 +299,15 @@ def test_lora_train_norms_trains_and_saves_norms_and_biases(tiny_model, tmp_path
 def test_lora_plus_and_train_norms_misuse_is_refused(over, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, over)
+
+
+def test_wrapping_and_loading_adapters_prints_no_deprecation_warning(tiny_model, tmp_path):
+    """PEFT reads transformers' deprecated `is_gradient_checkpointing`; a user must not see that FutureWarning on
+    every LoRA run (or every load of an adapter folder), while PEFT's other warnings still come through."""
+    import warnings
+
+    cfg, model = _model(tiny_model, tmp_path, **{"peft.method": "lora"})
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        apply_peft(model, cfg.peft, 10)
+    assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]

@@ -16,6 +16,7 @@ which `strop.load` re-applies.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import warnings
@@ -232,7 +233,8 @@ def _apply_lora(model: nn.Module, p, total_steps: int) -> tuple[nn.Module, PeftH
                   bias="all" if p.train_norms else "none")
     scales = {"lora_B": p.lr_ratio} if p.lr_ratio != 1 else {}
     if p.method == "lora":
-        return get_peft_model(model, LoraConfig(r=p.r, **common)), PeftHook(lr_scales=scales)
+        with quiet_peft():
+            return get_peft_model(model, LoraConfig(r=p.r, **common)), PeftHook(lr_scales=scales)
     tinit, tfinal = _steps(p.tinit, total_steps), _steps(p.tfinal, total_steps)
     if tinit + tfinal >= total_steps:
         raise ConfigError(f"AdaLoRA needs steps to prune ranks in: peft.tinit ({tinit} steps) + peft.tfinal "
@@ -240,8 +242,18 @@ def _apply_lora(model: nn.Module, p, total_steps: int) -> tuple[nn.Module, PeftH
                           "train longer")
     config = AdaLoraConfig(init_r=p.init_r, target_r=p.r, tinit=tinit, tfinal=tfinal, deltaT=p.delta_t,
                            orth_reg_weight=p.orth_reg_weight, total_step=total_steps, **common)
-    peft_model = get_peft_model(model, config)
+    with quiet_peft():
+        peft_model = get_peft_model(model, config)
     return peft_model, PeftHook(peft_model, p.orth_reg_weight, scales)
+
+
+@contextlib.contextmanager
+def quiet_peft():
+    """PEFT wraps a model after reading its deprecated `is_gradient_checkpointing`, which makes transformers print a
+    FutureWarning on every LoRA run that the user can do nothing about; keep everything else PEFT says."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def is_norm(m: nn.Module) -> bool:
@@ -346,7 +358,8 @@ def load_adapter(folder: Path, meta: dict) -> nn.Module:
                                 problem_type=PROBLEM_TYPES.get(meta["task"]),
                                 id2label=dict(enumerate(meta["labels"])),
                                 label2id={n: i for i, n in enumerate(meta["labels"])})
-    return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    with quiet_peft():
+        return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
 
 
 def load_bottleneck(model: nn.Module, folder: Path, peft_meta: dict) -> None:
