@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from strop.training.fast import (ATTENTION_NAME, FastDropout, attention_with_fast_dropout, fast_dropout,
-                                 fast_dropout_in, keep_mask, tune_allocator)
+                                 fast_dropout_in, keep_mask, tune_allocator, tuned_allocator,
+                                 untune_allocator)
 
 
 def test_keep_mask_has_the_dropout_distribution():
@@ -157,3 +158,33 @@ def test_tune_allocator_applies_on_glibc():
         pytest.skip("mallopt is glibc's")
     assert tune_allocator() is True
     assert tune_allocator() is True  # idempotent
+    untune_allocator()
+
+
+def _rss_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_tuned_allocator_keeps_freed_buffers_then_gives_them_back():
+    """Inside a training loop a freed 256 MB buffer stays in the heap for the next step; once the loop is over the
+    pages go back to the OS, so the final evaluation and the report do not stack on training's high-water mark."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    with tuned_allocator() as applied:
+        assert applied
+        before = _rss_mb()
+        buf = torch.ones(64 * 1024 * 1024)  # 256 MB, far above glibc's own mmap threshold
+        del buf
+        kept = _rss_mb() - before
+        assert kept > 200, f"the freed buffer should stay in the heap while tuned (kept {kept:.0f} MB)"
+    assert _rss_mb() - before < 50, "leaving tuned_allocator must hand the kept pages back"
+    buf = torch.ones(64 * 1024 * 1024)  # glibc's thresholds again: a large buffer is mapped and unmapped
+    del buf
+    assert _rss_mb() - before < 50
+    with tuned_allocator(enabled=False) as applied:
+        assert applied is False

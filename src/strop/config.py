@@ -130,7 +130,7 @@ class TrainConfig:
                            "same math as PEFT's forward in fewer kernels, frozen weights cast once); false = PEFT's "
                            "forward")
     tune_allocator: bool = doc(True, "keep large freed buffers in glibc's heap instead of page-faulting them in "
-                               "every step (Linux; process-wide)")
+                               "every step (Linux glibc; during the training loop only)")
     threads: int = doc(0, "CPU threads for torch; 0 = all cores")
     device: str = doc("auto", "auto = cuda if available, else cpu", ("auto", "cpu", "cuda"))
     distributed: str = doc("ddp", "with several processes (torchrun / accelerate launch): ddp = each process holds "

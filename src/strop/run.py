@@ -26,6 +26,7 @@ from strop.models.peft import apply_peft, count_parameters, save_trained
 from strop.track import NoTracker, Trackers, check_trackers
 from strop.training.checkpoint import latest_checkpoint
 from strop.training.distributed import init_distributed, is_sharded, unshard
+from strop.training.fast import release_memory
 from strop.training.fast_lora import fused_lora_in
 from strop.training.fewshot import check_fewshot, resolve_mode, train_fewshot
 from strop.training.loop import count_steps, fit
@@ -246,6 +247,7 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     results["trainable_params"], results["total_params"], results["train_mode"] = trainable, total, mode
     write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
     del model, fitted, peft_hook  # the report loads model/ itself: free the training copy (and its optimizer) first
+    release_memory()  # and give the pages back, so the report's peak does not stack on training's high-water mark
     if cfg.eval.report:
         from strop.evaluate.report import build_report
 

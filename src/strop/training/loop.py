@@ -21,7 +21,7 @@ from strop.training.checkpoint import TrainState, load_checkpoint, load_weights,
 from strop.training.distributed import (Dist, gather_full_state, is_sharded, load_full_state, shard,
                                         trainable_snapshot, wrap_model)
 from strop.training.ds_engine import deepspeed_engine
-from strop.training.fast import fast_dropout_in, tune_allocator
+from strop.training.fast import fast_dropout_in, tuned_allocator
 from strop.training.fast_lora import fused_lora_in
 from strop.training.guards import MicroBatchSize, NonFiniteError, StopSignals, TrainingInterrupted, is_finite
 from strop.training.optim import build_optimizer, build_scheduler, warmup_steps
@@ -118,10 +118,8 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
         save_checkpoint(run_dir, model, optimizer, scheduler, state, **gathered)
         prune_checkpoints(run_dir, t.keep_checkpoints, {state.best_step} if state.best_step else set())
 
-    if t.tune_allocator:
-        tune_allocator()
-    with TrainProgress(total_steps, state.step) as progress, StopSignals() as signals, \
-            fast_dropout_in(model, t.fast_dropout), fused_lora_in(model, t.fused_lora):
+    with tuned_allocator(t.tune_allocator), TrainProgress(total_steps, state.step) as progress, \
+            StopSignals() as signals, fast_dropout_in(model, t.fast_dropout), fused_lora_in(model, t.fused_lora):
         while state.step < total_steps and not state.stopped_early:
             batches = epoch_batches(train.lengths, t.batch_size, t.seed, state.epoch, t.batching == "length_grouped")
             for idx in batches[state.batch_in_epoch:]:
