@@ -62,8 +62,10 @@ METHODS = {
 
 
 def _order(key: str) -> tuple[int, str]:
-    """Table order: METHODS order, then seed."""
-    return list(METHODS).index(key.split("@")[0]), key
+    """Table order: METHODS order, then seed; methods since removed from METHODS (their results stay) last."""
+    names = list(METHODS)
+    base = key.split("@")[0]
+    return (names.index(base) if base in names else len(names)), key
 
 
 def run_one(method: str, over: dict) -> dict:
@@ -135,8 +137,10 @@ def main() -> None:
     report = {"task": "sst2", "config": "configs/sst2.yaml", "machine": machine(), "command": command,
               "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "methods": previous.get("methods", {}),
               "commands": previous.get("commands", []) + [command]}
+    ran: set[str] = set()
     for base in args.methods.split(","):
         method = base if args.seed is None else f"{base}@seed{args.seed}"
+        ran.add(method)
         over = {"name": f"bench-peft-{method}", "track": ["none"], "train.threads": args.threads, **METHODS[base]}
         if args.seed is not None:
             over["train.seed"] = args.seed
@@ -146,7 +150,7 @@ def main() -> None:
         result = run_child(__file__, child, f"sst2: peft.method={method}", f"{method} run")
         if args.probe:  # speed/memory probes go to their own key; nothing else of the report changes
             report.setdefault("probe", {})[method] = {**result, "machine": machine(), "command": command}
-            report = merge_latest(path, report)
+            report = merge_latest(path, report, ran)
             RESULTS.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(report, indent=2), encoding="utf-8")
             print(json.dumps(result))
@@ -155,10 +159,10 @@ def main() -> None:
         report["methods"][method]["machine"] = machine()  # load average when it finished
         report["methods"][method]["command"] = command
         RESULTS.mkdir(parents=True, exist_ok=True)
-        report = merge_latest(path, report)
+        report = merge_latest(path, report, ran)
         path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     report["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    report = merge_latest(path, report)
+    report = merge_latest(path, report, ran)
     base = report.get("probe", {}).get("none")
     for r in report.get("probe", {}).values():
         if base:
@@ -168,6 +172,8 @@ def main() -> None:
     full = report["methods"].get("none")
     if full:
         for m, r in report["methods"].items():
+            if "cpu_seconds_per_epoch" not in r:  # an early run recorded wall time only
+                continue
             r["vs_full"] = {
                 "dev accuracy (points)": 100 * (r["validation"]["accuracy"] - full["validation"]["accuracy"]),
                 "seconds_per_epoch ratio": r["seconds_per_epoch"] / full["seconds_per_epoch"],
@@ -178,12 +184,14 @@ def main() -> None:
     print(f"wrote {path.relative_to(REPO)}")
 
 
-def merge_latest(path: Path, report: dict) -> dict:
-    """Methods another invocation wrote meanwhile are kept (ours win for the methods we ran)."""
+def merge_latest(path: Path, report: dict, ran: set[str]) -> dict:
+    """What another invocation wrote meanwhile is kept; ours wins only for the methods this invocation ran (our copy
+    of the others was read at our start and may be stale: two runs side by side would undo each other's results)."""
     if path.is_file():
         on_disk = json.loads(path.read_text(encoding="utf-8"))
         for key in ("methods", "probe"):
-            report[key] = {**on_disk.get(key, {}), **report.get(key, {})}
+            report[key] = {**report.get(key, {}), **on_disk.get(key, {}),
+                           **{m: r for m, r in report.get(key, {}).items() if m in ran}}
     return report
 
 
