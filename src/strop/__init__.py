@@ -6,7 +6,15 @@
     model.predict(["where is my parcel?"])
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# torch's CPU matmuls run on oneDNN, which keeps up to 1,024 compiled primitives, one per operand shape, each holding
+# ~0.3 MB. Batches of varying length make new shapes all run long, so RSS grew by 300-600 MB over an SST-2 training
+# run. 64 entries still cover every shape of one step (measured: the same speed, 170-330 MB less at 400 steps;
+# DECISIONS.md). oneDNN reads this when it first builds a primitive; a user's own setting wins.
+_os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
 
 
 def train(config=None, overrides=None, overwrite: bool = False, resume=False):
