@@ -117,6 +117,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, help="train.seed for every method; results are keyed METHOD@seedN "
                    "(default: the config's seed, keyed METHOD)")
     p.add_argument("--fresh", action="store_true", help="start a new results file instead of merging into it")
+    p.add_argument("--table", action="store_true", help="only recompute the ratios and print the table of the "
+                   "results file")
     p.add_argument("--method", help=argparse.SUPPRESS)  # internal: one method, in a child
     p.add_argument("--overrides", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -132,6 +134,8 @@ def main() -> None:
     command = "python bench/peft_sst2.py " + " ".join(sys.argv[1:])
     # probes write their own file: full runs of other methods may be writing peft_sst2.json at the same time
     path = RESULTS / ("peft_sst2_probe.json" if args.probe else "peft_sst2.json")
+    if args.table:
+        return finish(path, json.loads(path.read_text(encoding="utf-8")))
     # methods can run as separate invocations (e.g. in parallel with --threads 1); their results are merged
     previous = json.loads(path.read_text(encoding="utf-8")) if path.is_file() and not args.fresh else {}
     report = {"task": "sst2", "config": "configs/sst2.yaml", "machine": machine(), "command": command,
@@ -162,23 +166,28 @@ def main() -> None:
         report = merge_latest(path, report, ran)
         path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     report["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    report = merge_latest(path, report, ran)
+    finish(path, merge_latest(path, report, ran))
+
+
+def finish(path: Path, report: dict) -> None:
+    """Ratios against full fine-tuning, the results file and the table."""
     base = report.get("probe", {}).get("none")
     for r in report.get("probe", {}).values():
         if base:
             r["vs_full"] = {"cpu_s_per_step ratio": r["cpu_s_per_step"] / base["cpu_s_per_step"],
                             "wall_s_per_step ratio": r["wall_s_per_step"] / base["wall_s_per_step"],
                             "peak_rss ratio": r["peak_rss_mb"]["vmhwm"] / base["peak_rss_mb"]["vmhwm"]}
-    full = report["methods"].get("none")
-    if full:
-        for m, r in report["methods"].items():
-            if "cpu_seconds_per_epoch" not in r:  # an early run recorded wall time only
-                continue
-            r["vs_full"] = {
-                "dev accuracy (points)": 100 * (r["validation"]["accuracy"] - full["validation"]["accuracy"]),
-                "seconds_per_epoch ratio": r["seconds_per_epoch"] / full["seconds_per_epoch"],
-                "cpu_seconds_per_epoch ratio": r["cpu_seconds_per_epoch"] / full["cpu_seconds_per_epoch"],
-                "peak_rss ratio": r["peak_rss_mb"]["vmhwm"] / full["peak_rss_mb"]["vmhwm"]}
+    for m, r in report["methods"].items():
+        # against full fine-tuning on the same seed when it ran (side by side: the same load), else the plain run
+        full = report["methods"].get("none@" + m.split("@")[1]) if "@" in m else None
+        full = full or report["methods"].get("none")
+        if not full or "cpu_seconds_per_epoch" not in r:  # an early run recorded wall time only
+            continue
+        r["vs_full"] = {
+            "dev accuracy (points)": 100 * (r["validation"]["accuracy"] - full["validation"]["accuracy"]),
+            "seconds_per_epoch ratio": r["seconds_per_epoch"] / full["seconds_per_epoch"],
+            "cpu_seconds_per_epoch ratio": r["cpu_seconds_per_epoch"] / full["cpu_seconds_per_epoch"],
+            "peak_rss ratio": r["peak_rss_mb"]["vmhwm"] / full["peak_rss_mb"]["vmhwm"]}
     path.write_text(json.dumps(report, indent=2), encoding="utf-8")
     print_table(report)
     print(f"wrote {path.relative_to(REPO)}")
@@ -212,7 +221,7 @@ def print_table(report: dict) -> None:
           f"{'cpu s/ep':>10}{'peak MiB':>10}{'Δdev':>7}{'s/ep ×':>8}{'cpu ×':>7}{'rss ×':>7}")
     for name, r in sorted(report["methods"].items(), key=lambda kv: _order(kv[0])):
         v = r.get("vs_full", {})
-        if "validation" not in r:
+        if "validation" not in r or "cpu_seconds_per_epoch" not in r:
             continue
         print(f"{name:10}{100 * r['validation']['accuracy']:9.2f}{100 * (r['test'] or {}).get('accuracy', 0):9.2f}"
               f"{r['trainable_params']:12,}{100 * r['trainable_fraction']:7.2f}{r['epochs']:8.2f}"
