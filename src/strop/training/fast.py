@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import gc
 import sys
 
 import torch
@@ -204,7 +203,7 @@ def tuned_allocator(enabled: bool = True):
 def release_memory() -> bool:
     """Hand the heap's free pages back to the OS (glibc's malloc_trim; `tune_allocator` keeps them during training).
     Call between phases: what training freed is then not counted again under the next phase's peak. Returns whether
-    anything was released; a no-op off glibc."""
-    gc.collect()
+    anything was released; a no-op off glibc. No `gc.collect()`: tensors are freed by reference counting, and a full
+    collection in a long-lived process (a notebook, the test suite) took seconds per call."""
     libc = _libc()
     return bool(libc.malloc_trim(0)) if libc is not None else False
