@@ -214,21 +214,26 @@ def spawn(method: str, dataset: str, shots: int, seed: int, test_limit: int, ove
         return json.loads(out.read_text())
 
 
-def complete_seeds(records: list[dict]) -> list[int]:
-    """Seeds on which every (dataset, method) that ran has a result: the seeds a fair comparison averages over."""
+def complete_seeds(records: list[dict]) -> dict[str, list[int]]:
+    """Per dataset, the seeds on which every method that ran on it has a result: the seeds a fair comparison on that
+    dataset averages over (while a run is in progress, datasets can have different numbers of finished seeds)."""
     ok = [r for r in records if "error" not in r]
-    cells = {(r["dataset"], r["method"]) for r in ok}
     have = {(r["dataset"], r["method"], r["seed"]) for r in ok}
-    return sorted(s for s in {r["seed"] for r in ok} if all((d, m, s) in have for d, m in cells))
+    out = {}
+    for ds in {r["dataset"] for r in ok}:
+        methods = {r["method"] for r in ok if r["dataset"] == ds}
+        out[ds] = sorted(s for s in {r["seed"] for r in ok if r["dataset"] == ds}
+                         if all((ds, m, s) in have for m in methods))
+    return out
 
 
 def summarize(records: list[dict]) -> dict:
     """{shots: {per_dataset: {dataset: {method: {accuracy_mean, accuracy_std, ..., train_wall_s, seeds}}}, average}},
-    over the seeds every dataset and method finished (complete_seeds)."""
+    each dataset over the seeds all its methods finished (complete_seeds)."""
     out: dict = {}
-    seeds = set(complete_seeds(records))
+    seeds = complete_seeds(records)
     for r in records:
-        if "error" in r or r["seed"] not in seeds:
+        if "error" in r or r["seed"] not in seeds.get(r["dataset"], ()):
             continue
         cell = out.setdefault(str(r["shots"]), {}).setdefault(r["dataset"], {}).setdefault(r["method"], [])
         cell.append(r)
