@@ -188,6 +188,13 @@ def test_tuned_allocator_keeps_freed_buffers_then_gives_them_back():
     assert _rss_mb() - before < 50
     with tuned_allocator(enabled=False) as applied:
         assert applied is False
+    from strop.training import fast
+
+    with tuned_allocator():
+        with tuned_allocator():
+            pass
+        assert fast._TUNED, "an inner training loop must not undo its caller's tuning"
+    assert not fast._TUNED
 
 
 @pytest.mark.parametrize("preset, expected", [(None, "64"), ("512", "512")])

@@ -190,14 +190,17 @@ def untune_allocator() -> None:
 
 @contextlib.contextmanager
 def tuned_allocator(enabled: bool = True):
-    """`tune_allocator` for the duration of a training loop, then glibc's own settings again (`untune_allocator`)."""
+    """`tune_allocator` for the duration of a training loop, then glibc's own settings again (`untune_allocator`).
+    Nested in an outer tuned region (a probe or a trial inside a tuned caller), it leaves the tuning to the outer one."""
+    outer = _TUNED
     if not (enabled and tune_allocator()):
         yield False
         return
     try:
         yield True
     finally:
-        untune_allocator()
+        if not outer:
+            untune_allocator()
 
 
 def release_memory() -> bool:
