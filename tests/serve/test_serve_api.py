@@ -76,6 +76,17 @@ def test_status_codes(server):
         (dict(content=b"inputs=a", headers={"content-type": "application/x-www-form-urlencoded"}), 415,
          "unsupported_media_type"),
         (dict(content=b'{"inputs": ["a"]}'), 415, "unsupported_media_type"),
+        # not JSON by RFC 8259, though Python's parser takes them
+        (dict(content=b'{"inputs": ["a"], "truncate": NaN}', headers={"content-type": "application/json"}), 400,
+         "malformed_json"),
+        (dict(content=b'{"inputs": [-Infinity]}', headers={"content-type": "application/json"}), 400,
+         "malformed_json"),
+        (dict(content=b"", headers={"content-type": "application/json"}), 400, "malformed_json"),
+        (dict(content=b"  \n", headers={"content-type": "application/json"}), 400, "malformed_json"),
+        # repeated Content-Type: the first counts, as for the framework behind the guard
+        (dict(content=b'{"inputs": ["a"]}', headers=[("content-type", "text/plain"),
+                                                    ("content-type", "application/json")]), 415,
+         "unsupported_media_type"),
     ]
     for kwargs, status, code in cases:
         r = httpx.post(url, **kwargs)
@@ -83,10 +94,28 @@ def test_status_codes(server):
         assert _err(r)["code"] == code, (kwargs, r.text)
     assert httpx.get(f"{server.url}/nowhere").status_code == 404
     assert httpx.get(url).status_code == 405
+    # "NaN" inside a string is text, not a constant
+    assert httpx.post(url, json={"inputs": ["NaN Infinity"]}).status_code == 200
     # a text over the limit is served when the caller asks for truncation, and flagged
     r = httpx.post(url, json={"inputs": ["word " * 200, "short"], "truncate": True})
     assert r.status_code == 200
     assert r.json()["predictions"][0]["truncated"] is True and "truncated" not in r.json()["predictions"][1]
+
+
+def test_words_the_tokenizer_drops_neither_refuse_nor_cut_an_input(server, single_run):
+    """Zero-width spaces are words to a whitespace split but no tokens: 200 of them must not make a short input
+    'too long', and with truncation the words after them must still reach the model."""
+    url = f"{server.url}/v1/predict"
+    text = "refund my card" + " \u200b" * 200 + " parcel delivery"
+    r = httpx.post(url, json={"inputs": [text]})
+    assert r.status_code == 200, r.text
+    got = r.json()["predictions"][0]
+    assert "truncated" not in got
+    want = Predictor.load(single_run).predict(["refund my card parcel delivery"])[0]
+    assert got["probs"] == pytest.approx(want["probs"], abs=1e-5)  # the dropped words change nothing
+    # a long input is still refused, and counted by tokens when the count is known
+    r = httpx.post(url, json={"inputs": [text + " word" * 200]})
+    assert r.status_code == 422 and _err(r)["code"] == "input_too_long"
 
 
 def test_openapi_matches_behaviour(server):
@@ -115,6 +144,20 @@ def test_metrics_parse_and_count(server):
     assert after[("strop_batch_size_inputs_count", ())] > before[("strop_batch_size_inputs_count", ())]
     assert ("strop_http_request_duration_seconds_bucket", (("le", "+Inf"), ("route", "/v1/predict"),
                                                            ("status_class", "2xx"))) in after
+    # a client that leaves before its body arrives is not a server error (5xx alerts page people)
+    import socket
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"inputs\": [")
+    import time
+    key499 = ("strop_http_requests_total", (("method", "POST"), ("route", "/v1/predict"), ("status", "499")))
+    deadline = time.monotonic() + 10
+    while (counted := _samples(httpx.get(f"{server.url}/metrics").text)).get(key499, 0) < 2:
+        assert time.monotonic() < deadline, "the aborted uploads were never counted"
+        time.sleep(0.1)
+    assert not [k for k, v in counted.items() if k[0] == "strop_http_requests_total" and v
+                and dict(k[1])["route"] == "/v1/predict" and dict(k[1])["status"].startswith("5")]
     # raw paths never become label values: unknown routes collapse into one
     httpx.get(f"{server.url}/random-{id(after)}")
     routes = {dict(labels).get("route") for (name, labels) in _samples(httpx.get(f"{server.url}/metrics").text)}

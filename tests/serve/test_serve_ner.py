@@ -171,3 +171,19 @@ def test_fit_cuts_to_whole_words_within_the_token_budget(ner_run):
     # special tokens ([CLS], [SEP]) plus the leading whole words that fit; texts cut at a word end
     assert fitted[0] == "paris " * 9 + "paris" and fitted[1] == ["berlin"] * 10 and fitted[2] == "short one"
     assert fitted[3] == ""  # one word longer than the budget on its own: predict_entities answers 422
+
+
+def test_fit_is_not_fooled_by_words_without_tokens(ner_run):
+    """Zero-width spaces split as words but give no subwords: they must not make an input 'too long', nor cut the
+    words after them; a word without subwords before the cut point is kept, not counted against the budget."""
+    from strop.models.backbone import load_tokenizer
+    from strop.serve.entities import _fit
+
+    tok = load_tokenizer(ner_run / "model")
+    text = "paris" + " \u200b" * 40 + " berlin"
+    tokens = ["paris"] + ["\u200b"] * 40 + ["berlin"]
+    fitted, counts, long_ = _fit(tok, [text, tokens], "simple", 12)
+    assert long_ == set() and fitted == [text, tokens] and counts == [4, 4]  # [CLS] paris berlin [SEP]
+    # over the budget: the cut falls after the last word that fits, zero-token words before it included
+    fitted, counts, long_ = _fit(tok, [["\u200b", "paris"] + ["berlin"] * 20], "simple", 6)
+    assert long_ == {0} and fitted[0] == ["\u200b", "paris"] + ["berlin"] * 3 and counts == [6]

@@ -262,6 +262,36 @@ def _token_counts(model: LoadedModel, texts: list[str], pairs: list[str] | None)
     return [len(ids) for ids in enc["input_ids"]]
 
 
+async def _fit(model: LoadedModel, texts: list[str], pairs: list[str] | None,
+               limit: int) -> tuple[list[str], list[str] | None, list[int], set[int]]:
+    """(texts, pairs, tokens per input, indices cut), each input cut to its first `limit` words where longer.
+
+    A word is nearly always at least one token, so an input with more words than `limit` is too long, and with
+    truncation only its first `limit` words can reach the model: cutting there first keeps a 1 MB text from costing
+    100+ MB of tokenizer memory. Words the tokenizer drops (zero-width or control characters) break the rule: an
+    input cut yet still within `limit` tokens is counted again whole, so it is neither refused nor cut wrongly.
+    """
+    clipped = [clip_words(t, limit) for t in texts]
+    clipped_pairs = [clip_words(t, limit) for t in pairs] if pairs is not None else None
+    cut = {i for i, (_, c) in enumerate(clipped) if c} | {i for i, (_, c) in enumerate(clipped_pairs or []) if c}
+    short = [t for t, _ in clipped]
+    short_pairs = [t for t, _ in clipped_pairs] if clipped_pairs is not None else None
+    size = sum(map(len, short)) + sum(map(len, short_pairs or []))
+    # short inputs (the usual request) are counted on the event loop: a thread hop costs more than tokenizing them
+    counts = _token_counts(model, short, short_pairs) if size <= INLINE_TOKENIZE_CHARS else \
+        await asyncio.to_thread(_token_counts, model, short, short_pairs)
+    redo = sorted(i for i in cut if counts[i] <= limit)
+    if redo:
+        whole = [texts[i] for i in redo]
+        whole_pairs = [pairs[i] for i in redo] if pairs is not None else None
+        for i, c in zip(redo, await asyncio.to_thread(_token_counts, model, whole, whole_pairs)):
+            counts[i], short[i] = c, texts[i]
+            if short_pairs is not None:
+                short_pairs[i] = pairs[i]
+            cut.discard(i)
+    return short, short_pairs, counts, cut
+
+
 async def _predict(state: ServerState, body: PredictRequest) -> PredictResponse:
     model = _require_ready(state)
     cfg, meta = state.cfg, model.predictor.meta
@@ -274,28 +304,13 @@ async def _predict(state: ServerState, body: PredictRequest) -> PredictResponse:
         texts = [mask_pii(t) for t in texts]
         pairs = [mask_pii(t) for t in pairs] if pairs is not None else None
     limit = meta["max_length"]
-    # every whitespace-separated word is at least one token: an input with more words than max_length is too long
-    # without tokenizing it, and with truncate only its first max_length words can reach the model. Clipping there
-    # gives the same tokens and keeps a 1 MB text from costing 100+ MB of tokenizer memory.
-    clipped = [clip_words(t, limit) for t in texts]
-    clipped_pairs = [clip_words(t, limit) for t in pairs] if pairs is not None else None
-    too_long = {i for i, (_, cut) in enumerate(clipped) if cut} | \
-        {i for i, (_, cut) in enumerate(clipped_pairs or []) if cut}
+    texts, pairs, counts, cut = await _fit(model, texts, pairs, limit)
+    too_long = {i for i, c in enumerate(counts) if c > limit}
     if too_long and not body.truncate:
         i = min(too_long)
-        raise ApiError(422, "input_too_long", f"inputs[{i}] has more than {limit} tokens; this model takes at most "
-                       f"{limit}: shorten it, or send \"truncate\": true to cut it")
-    texts = [t for t, _ in clipped]
-    pairs = [t for t, _ in clipped_pairs] if clipped_pairs is not None else None
-    size = sum(map(len, texts)) + sum(map(len, pairs or []))
-    # short inputs (the usual request) are counted on the event loop: a thread hop costs more than tokenizing them
-    counts = _token_counts(model, texts, pairs) if size <= INLINE_TOKENIZE_CHARS else \
-        await asyncio.to_thread(_token_counts, model, texts, pairs)
-    too_long |= {i for i, c in enumerate(counts) if c > limit}
-    if too_long and not body.truncate:
-        i = min(too_long)
-        raise ApiError(422, "input_too_long", f"inputs[{i}] has {counts[i]} tokens; this model takes at most "
-                       f"{limit}: shorten it, or send \"truncate\": true to cut it")
+        size = f"more than {limit}" if i in cut else str(counts[i])
+        raise ApiError(422, "input_too_long", f"inputs[{i}] has {size} tokens; this model takes at most {limit}: "
+                       "shorten it, or send \"truncate\": true to cut it")
     if cfg.log_inputs:
         for i, text in enumerate(texts):
             log.info("input %d: %s", i, mask_pii(text if pairs is None else f"{text} ||| {pairs[i]}"))

@@ -48,36 +48,49 @@ def _normalise(body: PredictRequest, max_inputs: int) -> list[str | list[str]]:
     return out
 
 
+def _words(item, word_split: str, limit: int | None) -> tuple[list[str], tuple | None, bool]:
+    """(words, (text, word ends) for a text item, whether words past the first `limit` were dropped)."""
+    if isinstance(item, str):
+        text, cut = clip_words(item, limit) if limit is not None else (item, False)
+        found = split_words(text, word_split)
+        return [w for w, _, _ in found], (text, [e for _, _, e in found]), cut
+    cut = limit is not None and len(item) > limit
+    return (item[:limit] if cut else item), None, cut
+
+
 def _fit(tokenizer, items: list, word_split: str, limit: int) -> tuple[list, list[int], set[int]]:
     """(items cut to at most `limit` subword tokens, tokens per item, indices of items that were longer)."""
-    words, spans, long_ = [], [], set()
-    for i, item in enumerate(items):
-        # every word is at least one token: clipping at `limit` words first bounds the tokenizer's work
-        if isinstance(item, str):
-            text, cut = clip_words(item, limit)
-            found = split_words(text, word_split)
-            words.append([w for w, _, _ in found])
-            spans.append((text, [e for _, _, e in found]))
-        else:
-            cut = len(item) > limit
-            words.append(item[:limit])
-            spans.append(None)
-        if cut:
-            long_.add(i)
-    enc = tokenizer(words, is_split_into_words=True, truncation=False, verbose=False,
-                    return_attention_mask=False, return_token_type_ids=False)
+    def encode(batch):
+        enc = tokenizer(batch, is_split_into_words=True, truncation=False, verbose=False,
+                        return_attention_mask=False, return_token_type_ids=False)
+        return [enc.word_ids(k) for k in range(len(batch))]
+
+    # every word is nearly always at least one token: clipping at `limit` words first bounds the tokenizer's work;
+    # an item cut yet still within `limit` tokens (words the tokenizer drops, such as zero-width characters) is redone
+    # whole, so it is neither refused nor cut wrongly
+    prepared = [_words(item, word_split, limit) for item in items]
+    word_ids = encode([p[0] for p in prepared])
+    redo = [i for i, p in enumerate(prepared) if p[2] and len(word_ids[i]) <= limit]
+    if redo:
+        for i in redo:
+            prepared[i] = _words(items[i], word_split, None)
+        for i, ids in zip(redo, encode([prepared[i][0] for i in redo])):
+            word_ids[i] = ids
+    words = [p[0] for p in prepared]
+    spans = [p[1] for p in prepared]
+    long_ = {i for i, ids in enumerate(word_ids) if len(ids) > limit}
     fitted, counts = [], []
-    for i, item in enumerate(items):
-        word_ids = enc.word_ids(i)
-        if len(word_ids) > limit:
-            long_.add(i)
-            trailing = len(word_ids) - max(p for p, w in enumerate(word_ids) if w is not None) - 1
-            # the leading words whose every subword lands before the end specials
-            last = {w: p for p, w in enumerate(word_ids) if w is not None}
-            keep = sum(1 for p in last.values() if p < limit - trailing)
+    for i in range(len(items)):
+        ids = word_ids[i]
+        if len(ids) > limit:
+            trailing = len(ids) - max(p for p, w in enumerate(ids) if w is not None) - 1
+            # the leading words whose every subword lands before the end specials: up to the first word that does not
+            # (words without subwords before it are kept too)
+            last = {w: p for p, w in enumerate(ids) if w is not None}
+            keep = min(w for w, p in last.items() if p >= limit - trailing)
         else:
             keep = len(words[i])
-        counts.append(min(len(word_ids), limit))
+        counts.append(min(len(ids), limit))
         if spans[i] is None:
             fitted.append(words[i][:keep])
         else:

@@ -120,6 +120,23 @@ async def send_error(send, status: int, code: str, message: str, headers: dict |
     await send({"type": "http.response.body", "body": body})
 
 
+def _non_json_constant(text: str) -> str | None:
+    """NaN, Infinity or -Infinity outside strings (Python's json module, and so FastAPI, accepts them), else None."""
+    if "NaN" not in text and "Infinity" not in text:  # the usual body: no parse here
+        return None
+    found = []
+
+    def refuse(name):
+        found.append(name)
+        return None
+
+    try:
+        json.loads(text, parse_constant=refuse)
+    except ValueError:
+        return None  # malformed anyway: FastAPI's parser answers with where
+    return found[0] if found else None
+
+
 def _is_json(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
@@ -169,7 +186,9 @@ class GuardMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = dict(scope["headers"])
+        headers: dict[bytes, bytes] = {}
+        for name, value in scope["headers"]:  # the first of repeated headers wins, as Starlette reads them
+            headers.setdefault(name, value)
         if self.api_key is not None and scope["path"] not in self.OPEN_PATHS and not self._authorized(headers):
             return await send_error(send, 401, "unauthorized", "missing or wrong API key; send the header "
                                     "'Authorization: Bearer KEY' (or 'X-API-Key: KEY')",
@@ -197,10 +216,17 @@ class GuardMiddleware:
         if body is None:
             return
         try:
-            body.decode("utf-8")
+            text = body.decode("utf-8")
         except UnicodeDecodeError as e:
             return await send_error(send, 400, "invalid_utf8", f"the body is not valid UTF-8 (byte {e.start}); "
                                     "encode the JSON as UTF-8")
+        if not text.strip():
+            return await send_error(send, 400, "malformed_json", "the body is empty; send a JSON object such as "
+                                    "{\"inputs\": [\"hello\"]}")
+        constant = _non_json_constant(text)
+        if constant is not None:
+            return await send_error(send, 400, "malformed_json", f"the body is not valid JSON: {constant} is not a "
+                                    "JSON value (RFC 8259); send numbers as finite numbers and texts as strings")
 
         sent = False
 

@@ -67,7 +67,7 @@ class MetricsMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), 500
+        start, status = time.perf_counter(), None
 
         async def send_wrapper(message):
             nonlocal status
@@ -75,9 +75,13 @@ class MetricsMiddleware:
                 status = message["status"]
             await send(message)
 
+        failed = True
         try:
             await self.app(scope, receive, send_wrapper)
+            failed = False
         finally:
+            if status is None:  # no answer sent: our failure (500), or the client left first (499, as nginx logs it)
+                status = 500 if failed else 499
             route = route_label(scope)
             self.telemetry.requests.labels(route, scope["method"] if scope["method"] in KNOWN_METHODS else "other",
                                            str(status)).inc()
