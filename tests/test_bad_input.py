@@ -153,7 +153,7 @@ ERRORS = [
     # ---- data rows: labels and texts ---------------------------------------------------------------------------
     csv_case("mixed-label-types", "text,label\n" + GOOD_CSV + "refund card,7\n",
              ("mixes numbers", "make the labels consistent")),
-    csv_case("nan-label-csv", "text,label\n" + GOOD_CSV + "refund card,NaN\n",
+    csv_case("empty-label-csv", "text,label\n" + GOOD_CSV + "refund card,\n",
              ("train.csv:32", "missing label", "label the row or remove it")),
     csv_case("nan-label-jsonl", "".join(json.dumps(r) + "\n" for r in toy_rows(30, seed=1)) +
              '{"text": "refund card", "label": NaN}\n',

@@ -113,7 +113,9 @@ def test_predict_verb_keeps_columns_and_order(trained, tmp_path):
     jsonl_out = tmp_path / "preds.jsonl"
     assert main(["predict", str(run_dir), "--data", str(src), "--out", str(jsonl_out)]) == 0
     lines = [json.loads(x) for x in jsonl_out.read_text().splitlines()]
-    assert [x["label"] for x in lines] == [d["label"] for d in direct] and lines[0]["id"] == "r0"
+    # the input's gold 'label' column is kept; the predicted label sits beside it
+    assert [x["pred_label"] for x in lines] == [d["label"] for d in direct] and lines[0]["id"] == "r0"
+    assert [x["label"] for x in lines] == [r["label"] for r in rows]
 
 
 def test_predict_from_stdin_subprocess(trained):
@@ -124,6 +126,44 @@ def test_predict_from_stdin_subprocess(trained):
     lines = [json.loads(x) for x in proc.stdout.splitlines()]
     assert [x["text"] for x in lines] == ["my refund please", "where is the parcel"]
     assert all(x["label"] in ("account", "billing", "shipping") for x in lines)
+
+
+def test_predict_and_eval_inputs_and_outputs_are_checked_first_and_kept(trained, tmp_path, capsys):
+    run_dir, splits = trained
+    # input columns named like outputs are kept; the outputs go beside them
+    src = write_csv(tmp_path / "in.csv", [{"text": "refund my card", "prediction": "x", "score": "5"}])
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run_dir), "--data", str(src), "--out", str(out)]) == 0
+    (row,) = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert row["prediction"] == "x" and row["score"] == "5"
+    assert row["pred_prediction"] in ("account", "billing", "shipping") and 0 < float(row["pred_score"]) <= 1
+    # a file in another encoding, named as such
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text\ncaf\xe9 refund\n".encode("latin-1"))
+    assert main(["predict", str(run_dir), "--data", str(latin), "--out", str(out)]) == 2
+    assert "UTF-8" in capsys.readouterr().err
+    assert main(["predict", str(run_dir), "--data", str(latin), "--encoding", "latin-1", "--out", str(out)]) == 0
+    assert next(csv.DictReader(out.open(encoding="utf-8")))["text"] == "caf\xe9 refund"
+    # a wrong output name fails before any work and leaves no folder behind
+    assert main(["predict", str(run_dir), "--data", str(src), "--out", str(tmp_path / "new" / "p.txt")]) == 2
+    assert ".jsonl or .csv" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    assert main(["eval", str(run_dir), "--data", str(splits["test"]), "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    # eval --out creates its folder
+    assert main(["eval", str(run_dir), "--data", str(splits["test"]), "--out", str(tmp_path / "m" / "m.json")]) == 0
+    assert json.loads((tmp_path / "m" / "m.json").read_text())["n"] == 30
+
+
+def test_predict_stdin_is_utf8_and_crlf_safe(trained):
+    run_dir, _ = trained
+    cmd = [sys.executable, "-m", "strop.cli", "predict", str(run_dir)]
+    proc = subprocess.run(cmd, input="my refund please\r\nwhere is the parcel\r\n".encode(), capture_output=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(x)["text"] for x in proc.stdout.splitlines()] == ["my refund please", "where is the parcel"]
+    proc = subprocess.run(cmd, input=b"fine\ncaf\xe9 refund\n", capture_output=True, timeout=120)
+    assert proc.returncode == 2 and b"Traceback" not in proc.stderr
+    assert b"stdin line 2 is not valid UTF-8" in proc.stderr
 
 
 def test_bad_input_exits_2_without_traceback(tmp_path, tiny_model):

@@ -83,20 +83,53 @@ def tune(
                       "report": str(result.tune_dir / "report.html")}))
 
 
+FORMAT_HELP = "input file format: auto (from the extension), csv, tsv, jsonl, parquet or hf"
+ENCODING_HELP = "text encoding of the input file, e.g. latin-1 (a Python codec name)"
+
+
+def _write_out(out: Path, text: str) -> None:
+    """Write a result file whole or not at all, creating its folder."""
+    from strop.run import write_atomic
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, text)
+    err.print(f"wrote {out}")
+
+
+def _stdin_lines() -> list[str]:
+    """Non-blank lines of stdin, decoded as UTF-8 whatever the locale says (a byte-order mark is dropped)."""
+    texts = []
+    binary = getattr(sys.stdin, "buffer", None)  # None where a caller swapped in a text stream
+    for number, raw in enumerate(binary if binary is not None else sys.stdin, 1):
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8") if binary is not None else raw
+            line.encode("utf-8")  # a text stream may still hold undecodable bytes, as lone surrogates
+        except UnicodeError as e:
+            raise StropError(f"stdin line {number} is not valid UTF-8 (at {e.start}); convert the input to UTF-8 "
+                             "(e.g. iconv -f latin1 -t utf-8), or give --data FILE --encoding ...") from None
+        if line.strip():
+            texts.append(line.rstrip("\r\n"))
+    return texts
+
+
 @app.command("eval")
 def eval_(
     run: Path = typer.Argument(..., help="run folder (runs/<name>), its model/ folder, or an export folder"),
     data: Path = typer.Option(..., "--data", help="labelled CSV/TSV/JSONL/Parquet file"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the metrics to this JSON file"),
     batch_size: int = typer.Option(128, min=1, help="examples per forward pass"),
+    fmt: str = typer.Option("auto", "--format", help=FORMAT_HELP),
+    encoding: str = typer.Option("utf-8", "--encoding", help=ENCODING_HELP),
 ):
     """Evaluate a finished run on a labelled file; prints the metrics as JSON."""
-    from strop.predict import Predictor
+    from strop.predict import Predictor, check_output
 
-    metrics = Predictor.load(run).evaluate_file(data, batch_size)
+    if out is not None:
+        check_output(out, (".json",), ".json")
+    metrics = Predictor.load(run).evaluate_file(data, batch_size, fmt=fmt, encoding=encoding)
     text = json.dumps(metrics, indent=2)
-    if out:
-        out.write_text(text, encoding="utf-8")
+    if out is not None:
+        _write_out(out, text)
     print(text)
 
 
@@ -106,13 +139,20 @@ def predict(
     data: Optional[Path] = typer.Option(None, "--data", help="input file; without it, one text per line from stdin"),
     out: Optional[Path] = typer.Option(None, "--out", help="output .jsonl or .csv; default: JSON lines on stdout"),
     batch_size: int = typer.Option(64, min=1, help="examples per forward pass"),
+    fmt: str = typer.Option("auto", "--format", help=FORMAT_HELP),
+    encoding: str = typer.Option("utf-8", "--encoding", help=ENCODING_HELP),
 ):
-    """Predict labels and probabilities; the output keeps the input columns, in input order."""
-    from strop.predict import Predictor
+    """Predict labels and probabilities; the output keeps the input columns, in input order.
 
+    An output named like an input column (a gold 'label', say) is written as 'pred_label' beside it.
+    """
+    from strop.predict import Predictor, check_output
+
+    if out is not None:
+        check_output(out)
     predictor = Predictor.load(run)
     if data is not None and out is not None:
-        n = predictor.predict_file(data, out, batch_size)
+        n = predictor.predict_file(data, out, batch_size, fmt=fmt, encoding=encoding)
         err.print(f"wrote {n} predictions to {out}")
         return
     if data is not None:
@@ -120,10 +160,10 @@ def predict(
 
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "preds.jsonl"
-            predictor.predict_file(data, path, batch_size)
+            predictor.predict_file(data, path, batch_size, fmt=fmt, encoding=encoding)
             sys.stdout.write(path.read_text(encoding="utf-8"))
         return
-    texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    texts = _stdin_lines()
     if not texts:
         raise StropError("no input: give --data FILE or pipe one text per line on stdin")
     preds = predictor.predict(texts, batch_size=batch_size)
@@ -171,13 +211,19 @@ def explain(
     from strop.predict import Predictor
 
     require_captum()
-    predictor = Predictor.load(run)
     if (text is None) == (data is None):
         raise StropError("give either --text \"...\" or --data FILE")
+    if out is not None:
+        from strop.predict import check_output
+
+        check_output(out, (".html", ".json", ".jsonl"), ".html or .json")
+    predictor = Predictor.load(run)
     if text is not None:
         inputs = [(text, pair)]
     elif predictor.task == "token_classification":  # NER: one raw text per line
-        inputs = [(line, None) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+        from strop.data.load import read_lines
+
+        inputs = [(row["text"], None) for row in read_lines(data).rows]
     else:
         _, ex = predictor._file_examples(data, False)
         inputs = list(zip(ex.texts, ex.pairs or [None] * len(ex.texts)))
@@ -196,13 +242,8 @@ def explain(
             results.append(ex)
             _print_explanation(console, ex)
     if out is not None:
-        if out.suffix.lower() == ".html":
-            out.write_text(explanations_html(results), encoding="utf-8")
-        elif out.suffix.lower() in (".json", ".jsonl"):
-            out.write_text(json.dumps([e.to_dict() for e in results], indent=2, ensure_ascii=False), encoding="utf-8")
-        else:
-            raise StropError(f"--out {out}: use a .json or .html file name")
-        err.print(f"wrote {out}")
+        _write_out(out, explanations_html(results) if out.suffix.lower() == ".html" else
+                   json.dumps([e.to_dict() for e in results], indent=2, ensure_ascii=False))
     else:
         print(json.dumps([e.to_dict() for e in results], ensure_ascii=False))
 

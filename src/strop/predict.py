@@ -11,7 +11,7 @@ import torch
 
 from strop.data.batching import encode
 from strop.data.examples import Columns, Examples, resolve_columns, to_examples
-from strop.data.load import Table, read_table
+from strop.data.load import Table, read_lines, read_table
 from strop.device import resolve_device
 from strop.errors import DataError
 from strop.evaluate.evaluator import batched_logits, evaluate, outputs
@@ -78,9 +78,12 @@ class Predictor:
         best = int(np.argmax(row))
         return {"label": self.labels[best], "score": float(row[best]), "probs": probs}
 
-    def _file_examples(self, path, need_label: bool, text_column=None, pair_column=None,
-                       label_column=None) -> tuple[Table, Examples]:
-        table = read_table(path)
+    def _file_examples(self, path, need_label: bool, text_column=None, pair_column=None, label_column=None,
+                       fmt: str = "auto", encoding: str = "utf-8") -> tuple[Table, Examples]:
+        if fmt == "auto" and Path(path).suffix.lower() == ".txt":  # one text per line, as on stdin
+            table = read_lines(path, encoding, self.meta["text_column"])
+        else:
+            table = read_table(path, fmt, encoding)
         if isinstance(table, dict):
             raise DataError(f"{path} holds several splits {sorted(table)}; point to one")
         m = self.meta
@@ -104,7 +107,9 @@ class Predictor:
         return metrics
 
     def predict_file(self, path, out: str | Path, batch_size: int = 64, **columns) -> int:
-        """Write predictions for every row of `path` to `out` (.jsonl or .csv), keeping the input columns."""
+        """Write predictions for every row of `path` to `out` (.jsonl or .csv), keeping the input columns (an
+        output named like an input column, such as a gold 'label', is written as 'pred_label')."""
+        check_output(out)  # before the work, not after it
         table, ex = self._file_examples(path, False, **columns)
         rows = [self._format(r) for r in self._raw(ex, batch_size)]
         write_predictions(out, table.columns, table.rows, rows, self.labels, self.task)
@@ -128,21 +133,49 @@ def _flat(pred: dict, labels: list[str], task: str) -> dict:
     return flat
 
 
-def write_predictions(out, columns, inputs, preds, labels, task) -> None:
+OUT_SUFFIXES = (".csv", ".jsonl", ".json", ".ndjson")
+
+
+def check_output(out: str | Path, suffixes: tuple[str, ...] = OUT_SUFFIXES, kinds: str = ".jsonl or .csv") -> Path:
+    """`out` as a Path, refused before any work is done if it is a folder or has a suffix we cannot write."""
     out = Path(out)
+    if out.is_dir():
+        raise DataError(f"--out {out} is a folder; give a {kinds} file name in it")
+    if out.suffix.lower() not in suffixes:
+        raise DataError(f"--out {out}: use a {kinds} file name")
+    return out
+
+
+def _renamed(keys, columns) -> dict[str, str]:
+    """Output key -> column name: an input column of the same name (a gold 'label', say) is kept, and the output
+    is written as 'pred_<key>' beside it (more 'pred_' until the name is free)."""
+    taken, names = set(columns), {}
+    for key in keys:
+        name = key
+        while name in taken:
+            name = f"pred_{name}"
+        names[key] = name
+        taken.add(name)
+    return names
+
+
+def write_predictions(out, columns, inputs, preds, labels, task) -> None:
+    """Each input row with its prediction, in input order; the input's own columns are never overwritten."""
+    out = check_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     if out.suffix.lower() == ".csv":
-        extra = list(_flat(preds[0], labels, task)) if preds else []
+        flat = [_flat(pred, labels, task) for pred in preds]
+        names = _renamed(flat[0] if flat else [], columns)
         with open(tmp, "w", encoding="utf-8", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(columns) + [c for c in extra if c not in columns])
+            writer = csv.DictWriter(f, fieldnames=list(columns) + list(names.values()))
             writer.writeheader()
-            for row, pred in zip(inputs, preds):
-                writer.writerow({**row, **_flat(pred, labels, task)})
-    elif out.suffix.lower() in (".jsonl", ".json", ".ndjson"):
+            for row, values in zip(inputs, flat):
+                writer.writerow({**row, **{names[k]: v for k, v in values.items()}})
+    else:
+        names = _renamed(preds[0] if preds else [], columns)
         with open(tmp, "w", encoding="utf-8") as f:
             for row, pred in zip(inputs, preds):
-                f.write(json.dumps({**row, **pred}, ensure_ascii=False, default=str) + "\n")
-    else:
-        raise DataError(f"--out {out}: use a .jsonl or .csv file name")
+                f.write(json.dumps({**row, **{names[k]: v for k, v in pred.items()}}, ensure_ascii=False,
+                                   default=str) + "\n")
     tmp.replace(out)  # never leave a half-written predictions file behind

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from strop.data.conll import CONLL_SUFFIXES, looks_like_conll, read_sentences
-from strop.data.load import read_table
+from strop.data.load import read_lines, read_table
 from strop.data.ner import TokenExamples, check_sentences, to_token_examples
 from strop.data.tags import from_iob2, spans
 from strop.data.tokens import TokenEncoded, encode_tokens, split_words, word_logits
@@ -92,26 +92,26 @@ class TokenPredictor:
         return SimpleNamespace(token_column=m.get("token_column", 0), tag_column=m.get("tag_column", -1),
                                tokens_key=m.get("tokens_key"), tags_key=m.get("tags_key"))
 
-    def encode_file(self, path) -> tuple[TokenEncoded, list[str]]:
+    def encode_file(self, path, encoding: str = "utf-8") -> tuple[TokenEncoded, list[str]]:
         """(subword windows with gold tags, notes on repaired tags) of a labelled CoNLL or JSONL file (tags in the
         training files' scheme)."""
-        sentences = read_sentences(path, "auto", self._ner_cfg(), need_tags=True)
+        sentences = read_sentences(path, "auto", self._ner_cfg(), need_tags=True, encoding=encoding)
         notes: list[str] = []
         iob2 = check_sentences(sentences, self.meta.get("scheme", "iob2"), "repair", "input", notes)
         ex = to_token_examples(sentences, iob2, {n: i for i, n in enumerate(self.labels)}, "input")
         return self._encode(ex), notes
 
-    def evaluate_file(self, path, batch_size: int = 128, **_) -> dict:
+    def evaluate_file(self, path, batch_size: int = 128, encoding: str = "utf-8", **_) -> dict:
         """Entity metrics of this model on a labelled CoNLL or JSONL file (tags in the training files' scheme)."""
-        enc, notes = self.encode_file(path)
+        enc, notes = self.encode_file(path, encoding)
         metrics, _ = evaluate_tokens(self.model, enc, self.labels, batch_size, self.device, self.precision)
         metrics["repaired_tags"] = notes
         return metrics
 
-    def predict_file(self, path, out: str | Path, batch_size: int = 64, **_) -> int:
+    def predict_file(self, path, out: str | Path, batch_size: int = 64, encoding: str = "utf-8", **_) -> int:
         """Entities for every input of `path`: a CoNLL file, JSONL rows with 'tokens' (a list) or 'text', or a
         .txt file with one raw text per line. Writes JSON lines to `out`, keeping the input rows' fields."""
-        rows, preds = self._file_predictions(Path(path), batch_size)
+        rows, preds = self._file_predictions(Path(path), batch_size, encoding)
         out = Path(out)
         if out.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
             raise DataError(f"--out {out}: token classification writes JSON lines; use a .jsonl file name")
@@ -123,25 +123,23 @@ class TokenPredictor:
         tmp.replace(out)
         return len(preds)
 
-    def _file_predictions(self, path: Path, batch_size: int) -> tuple[list[dict], list[dict]]:
+    def _file_predictions(self, path: Path, batch_size: int, encoding: str) -> tuple[list[dict], list[dict]]:
         if not path.is_file():
             raise DataError(f"data file {path} not found; check the path (--data)")
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".json", ".ndjson"):
-            return self._jsonl_predictions(path, batch_size)
+            return self._jsonl_predictions(path, batch_size, encoding)
         if suffix in CONLL_SUFFIXES and (suffix != ".txt" or looks_like_conll(path)):
-            sentences = read_sentences(path, "conll", self._ner_cfg(), need_tags=False)
+            sentences = read_sentences(path, "conll", self._ner_cfg(), need_tags=False, encoding=encoding)
             return [{} for _ in sentences], self.predict_tokens([s.tokens for s in sentences], batch_size)
         if suffix == ".txt":
-            texts = [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-            if not texts:
-                raise DataError(f"{path} has no text; give one text per line")
-            return [{"text": t} for t in texts], self.predict(texts, batch_size)
+            table = read_lines(path, encoding)
+            return table.rows, self.predict([row["text"] for row in table.rows], batch_size)
         raise DataError(f"{path}: token classification predicts on CoNLL files, JSONL (with 'tokens' or 'text') or "
                         ".txt (one text per line)")
 
-    def _jsonl_predictions(self, path: Path, batch_size: int) -> tuple[list[dict], list[dict]]:
-        table = read_table(path, "jsonl")  # the shared reader: decoding errors and bad JSON name file:line
+    def _jsonl_predictions(self, path: Path, batch_size: int, encoding: str) -> tuple[list[dict], list[dict]]:
+        table = read_table(path, "jsonl", encoding)  # the shared reader: decoding errors and bad JSON name file:line
         rows = []
         for number, row in zip(table.lines, table.rows):
             key = next((k for k in ("tokens", "words") if k in row), None)

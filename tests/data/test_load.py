@@ -100,10 +100,11 @@ def test_csv_latin1_with_encoding_option(tmp_path):
 
 @pytest.mark.parametrize("name", ["a.tsv", "a.tab"])
 def test_tsv(tmp_path, name):
-    path = write(tmp_path / name, "text\tlabel\nhello, world\tpos\n\"quoted\ttab\"\tneg\n")
+    # TSV has no quoting: a quote is text (as GLUE-style files expect), one line is one row
+    path = write(tmp_path / name, "text\tlabel\nhello, world\tpos\n\"quoted\" text\tneg\n")
     table = read_table(path)
     assert table.columns == ["text", "label"]
-    assert table.rows == [{"text": "hello, world", "label": "pos"}, {"text": "quoted\ttab", "label": "neg"}]
+    assert table.rows == [{"text": "hello, world", "label": "pos"}, {"text": '"quoted" text', "label": "neg"}]
     assert table.lines == [2, 3]
 
 

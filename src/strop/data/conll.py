@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from strop.data.load import check_unicode, text_codec
 from strop.errors import DataError
 
 CONLL_SUFFIXES = (".conll", ".conll03", ".iob", ".iob1", ".iob2", ".bio", ".bioes", ".txt")
@@ -32,8 +33,8 @@ class Sentence:
 
 
 def _text_lines(path: Path, encoding: str) -> list[str]:
+    codec = text_codec(encoding)
     raw = path.read_bytes()
-    codec = "utf-8-sig" if encoding.lower().replace("-", "").replace("_", "") == "utf8" else encoding
     try:
         return raw.decode(codec).splitlines()
     except UnicodeDecodeError as e:
@@ -109,6 +110,7 @@ def read_token_jsonl(path: str | Path, need_tags: bool = True, tokens_key: str |
         if not isinstance(row, dict):
             raise DataError(f"{path}:{number}: expected a JSON object with 'tokens' and 'tags', got "
                             f"{type(row).__name__}")
+        check_unicode(row, line, f"{path}:{number}")
         tk, gk = _key(row, TOKENS_KEYS, tokens_key), _key(row, TAGS_KEYS, tags_key)
         if tk is None:
             raise DataError(f"{path}:{number}: no token list ({tokens_key or ' / '.join(TOKENS_KEYS)}) among keys "
@@ -135,10 +137,10 @@ def read_token_jsonl(path: str | Path, need_tags: bool = True, tokens_key: str |
     return sentences
 
 
-def jsonl_has_token_lists(path: str | Path) -> bool:
-    """True when the first JSON line of `path` holds a list of tokens (tokens / words)."""
+def jsonl_has_token_lists(path: str | Path, encoding: str = "utf-8") -> bool:
+    """True when the first JSON line of `path` (in data.encoding) holds a list of tokens (tokens / words)."""
     try:
-        with open(path, encoding="utf-8-sig") as f:
+        with open(path, encoding=text_codec(encoding)) as f:
             for line in f:
                 if line.strip():
                     row = json.loads(line)

@@ -78,8 +78,10 @@ def resolve_columns(table: Table, text: str | None, pair: str | None, label: str
 
 
 def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or \
-        (isinstance(value, str) and value.strip().lower() in ("", "nan", "null", "none"))
+    # a string label is missing only when blank: "none", "null" and "nan" can be class names
+    if isinstance(value, str):
+        return not value.strip()
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def _number(value) -> float | None:
@@ -88,9 +90,10 @@ def _number(value) -> float | None:
     if isinstance(value, (int, float)):
         return float(value)
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         return None
+    return number if math.isfinite(number) else None  # the words "nan" and "inf" are class names, not numbers
 
 
 def _label_list(value, delimiter: str | None) -> list[str]:

@@ -50,7 +50,7 @@ def is_token_data(cfg) -> bool:
         return False
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
-        return jsonl_has_token_lists(path)
+        return jsonl_has_token_lists(path, cfg.data.encoding)
     if suffix == ".txt":
         return looks_like_conll(path)
     return cfg.data.format == "auto" and suffix in CONLL_SUFFIXES
