@@ -17,7 +17,8 @@ from .serve_helpers import ServerProcess
 @pytest.fixture(scope="module")
 def server(single_run, tmp_path_factory):
     log = tmp_path_factory.mktemp("log") / "server.log"
-    srv = ServerProcess(single_run, "serve.max_inputs=8", "serve.max_body_bytes=20000", log_path=log)
+    srv = ServerProcess(single_run, "serve.max_inputs=8", "serve.max_body_bytes=20000", "serve.body_timeout_s=1",
+                        "serve.max_concurrency=2", log_path=log)
     srv.wait_ready()
     yield srv
     srv.stop()
@@ -118,10 +119,35 @@ def test_words_the_tokenizer_drops_neither_refuse_nor_cut_an_input(server, singl
     assert r.status_code == 422 and _err(r)["code"] == "input_too_long"
 
 
+def test_a_stalled_upload_gets_408_and_frees_its_slot(server):
+    """serve.body_timeout_s=1, max_concurrency=2: two clients that send half a body and stall would otherwise hold
+    both admission slots for ever, and every other caller would get 429."""
+    import socket
+    import time
+
+    socks = []
+    for _ in range(2):
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"inputs\": [")
+        socks.append(sock)
+    try:
+        start = time.monotonic()
+        for sock in socks:
+            sock.settimeout(10)
+            head = sock.recv(4096).decode("latin-1")
+            assert head.startswith("HTTP/1.1 408") and "body_timeout" in head and "serve.body_timeout_s" in head
+        assert time.monotonic() - start < 5
+    finally:
+        for sock in socks:
+            sock.close()
+    assert httpx.post(f"{server.url}/v1/predict", json={"inputs": ["refund"]}).status_code == 200
+
+
 def test_openapi_matches_behaviour(server):
     spec = httpx.get(f"{server.url}/openapi.json").json()
     op = spec["paths"]["/v1/predict"]["post"]
-    assert {"200", "400", "401", "413", "415", "422", "429", "503"} <= set(op["responses"])
+    assert {"200", "400", "401", "408", "413", "415", "422", "429", "503"} <= set(op["responses"])
     assert op["requestBody"]["content"]["application/json"]
     assert {"/v1/model", "/health/live", "/health/ready", "/metrics"} <= set(spec["paths"])
     schema = spec["components"]["schemas"]["PredictRequest"]

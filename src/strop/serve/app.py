@@ -138,13 +138,14 @@ def create_app(path: str | Path, cfg: ServeConfig, loaded: LoadedModel | None = 
     _handlers(app)
     api_key = read_api_key(cfg.api_key_file) if cfg.api_key_file else None
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=cfg.max_body_bytes,
-                       admission=state.admission)
+                       admission=state.admission, body_timeout_s=cfg.body_timeout_s)
     app.add_middleware(MetricsMiddleware, telemetry=telemetry)  # outermost: counts the guard's answers too
     return app
 
 
 ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in {
-    400: "empty input or malformed JSON", 401: "missing or wrong API key", 413: "body or input count over the limit",
+    400: "empty input or malformed JSON", 401: "missing or wrong API key", 408: "the body did not arrive in time",
+    413: "body or input count over the limit",
     415: "content type is not JSON", 422: "schema violation, or a text longer than the model allows without "
     "truncate", 429: "too many requests in flight; retry after Retry-After seconds", 503: "model not ready"}.items()}
 

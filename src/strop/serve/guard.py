@@ -6,6 +6,7 @@ Content-Length (or once the streamed bytes pass the limit) without being read in
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
@@ -172,8 +173,10 @@ class GuardMiddleware:
     OPEN_PATHS = ("/health/live", "/health/ready")
     ADMITTED_PATHS = ("/v1/predict",)
 
-    def __init__(self, app, api_key: bytes | None, max_body_bytes: int, admission: Admission | None = None):
+    def __init__(self, app, api_key: bytes | None, max_body_bytes: int, admission: Admission | None = None,
+                 body_timeout_s: float = 30.0):
         self.app, self.api_key, self.max_body_bytes, self.admission = app, api_key, max_body_bytes, admission
+        self.body_timeout_s = body_timeout_s
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         given = headers.get(b"x-api-key")
@@ -240,7 +243,8 @@ class GuardMiddleware:
         await self.app(scope, replay, send)
 
     async def _read_body(self, scope, receive, send, headers) -> bytes | None:
-        """The whole body, or None after answering 413/400. Stops reading as soon as the limit is passed."""
+        """The whole body, or None after answering 413/408/400. Stops reading as soon as the limit is passed, or
+        when the body has not arrived whole within body_timeout_s (a stalled upload must not hold its slot)."""
         limit = self.max_body_bytes
         declared = headers.get(b"content-length")
         too_large = (f"request body is larger than the limit of {limit} bytes; send fewer or shorter inputs per "
@@ -255,8 +259,16 @@ class GuardMiddleware:
                 await send_error(send, 413, "body_too_large", too_large, {"Connection": "close"})
                 return None
         chunks, size = [], 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                await send_error(send, 408, "body_timeout", f"the request body did not arrive within "
+                                 f"{self.body_timeout_s:g} s; send it at once (serve.body_timeout_s)",
+                                 {"Connection": "close"})
+                return None
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")

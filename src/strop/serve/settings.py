@@ -34,6 +34,8 @@ class ServeConfig:
     api_key_file: str | None = doc(None, "file holding the API key (first line); clients send "
                                    "'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
     max_body_bytes: int = doc(1_048_576, "largest request body; larger ones get 413 before they are read in full")
+    body_timeout_s: float = doc(30.0, "most seconds a request body may take to arrive; slower uploads get 408, so "
+                                "stalled clients cannot hold admission slots")
     max_inputs: int = doc(64, "most inputs in one request; more get 413")
     batching: bool = doc(True, "group concurrent requests into batches (false = one request per forward pass)")
     max_batch_tokens: int = doc(8192, "token budget of one batch: inputs x longest input (padded tokens)")
@@ -100,7 +102,7 @@ def validate_serve(cfg: ServeConfig) -> None:
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) not in choices:
             raise ConfigError(f"serve.{f.name}={getattr(cfg, f.name)!r} is not one of {list(choices)}")
-    positive = ("workers", "max_body_bytes", "max_inputs", "max_batch_tokens", "max_batch_size", "max_concurrency",
+    positive = ("workers", "max_body_bytes", "body_timeout_s", "max_inputs", "max_batch_tokens", "max_batch_size", "max_concurrency",
                 "ray_min_replicas", "ray_max_replicas")
     for name in positive:
         if getattr(cfg, name) <= 0:
