@@ -224,7 +224,7 @@ def test_unknown_key_is_a_strop_error():
     ("model.allow_pickle=maybe", "model.allow_pickle", "maybe"),
     ("model.max_length=[1, 2]", "model.max_length", "[1, 2]"),
     ("name=[a, b]", "name", "['a', 'b']"),
-    ("output_dir=true", "output_dir", "True"),
+    ("output_dir=[a]", "output_dir", "['a']"),
     ("train.betas=0.9", "train.betas", "0.9"),  # a single number is not a list
     ("train.lr={a: 1}", "train.lr", "{'a': 1}"),
 ])

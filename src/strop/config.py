@@ -359,13 +359,46 @@ def _scalar(raw: str) -> Any:
     return value
 
 
+_NULLS = ("", "~", "null", "Null", "NULL")  # what YAML reads as None
+
+
+def _text(raw: str) -> Any:
+    """The value of a text (str) field as typed: YAML would turn '007' into 7, '2024-06-01' into a date, 'yes' into
+    True and '-' into a list. Matching quotes are removed (with YAML's escapes: "\\t" is a tab); empty, null and ~
+    still mean None; a [list] or {mapping} stays one, for the type check to refuse."""
+    text = raw.strip()
+    if text in _NULLS:
+        return None
+    quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+    if quoted or text[0] in "[{":
+        value = _scalar(text)
+        if quoted:
+            return value if isinstance(value, str) else text[1:-1]
+        if isinstance(value, (list, dict)):
+            return value
+    return text
+
+
+def _key_type(key: str) -> Any:
+    """The annotated type of a dotted config key; None when there is no such key (applying it says so)."""
+    tp: Any = Config
+    for part in key.split("."):
+        if not _is_section(tp):
+            return None
+        tp = _field_types(tp).get(part)
+    return tp
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'train.epochs=2' -> ('train.epochs', 2); values are parsed as YAML scalars ('3e-4' stays text, which a
-    float field then converts)."""
+    float field then converts), except for text fields, which take the text as typed (name=007 -> '007')."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key=value, e.g. train.lr=3e-4")
     key, raw = text.split("=", 1)
-    return key.strip(), _scalar(raw)
+    key = key.strip()
+    if _key_type(key) in (str, str | None):
+        return key, _text(raw)
+    return key, _scalar(raw)
 
 
 def _nest(key: str, value: Any) -> dict:
@@ -429,11 +462,21 @@ def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express; each message names the field and the value."""
     _check_choices(cfg, "")
     t, d, m = cfg.train, cfg.data, cfg.model
-    positive = {"train.lr": t.lr, "train.batch_size": t.batch_size, "train.epochs": t.epochs,
+    positive = {"train.lr": t.lr, "train.eps": t.eps, "train.batch_size": t.batch_size, "train.epochs": t.epochs,
                 "model.max_length": m.max_length, "eval.batch_size": cfg.eval.batch_size, "train.log_every": t.log_every}
+    if t.head_lr is not None:
+        positive["train.head_lr"] = t.head_lr
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be > 0")
+    if t.max_steps != -1 and t.max_steps <= 0:
+        raise ConfigError(f"train.max_steps={t.max_steps} must be > 0 (a number of optimizer steps) or -1 (run all "
+                          "train.epochs)")
+    seeds = {"train.seed": t.seed, "data.split_seed": d.split_seed, "tune.seed": cfg.tune.seed}
+    for key, value in seeds.items():  # numpy's generators take 32-bit seeds
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32):
+            raise ConfigError(f"{key}={value!r} must be a whole number from 0 to {2**32 - 1}")
+    check_run_name(cfg.name)
     if t.micro_batch_size is not None and (t.micro_batch_size <= 0 or t.batch_size % t.micro_batch_size):
         raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} must be > 0 and divide "
                           f"train.batch_size={t.batch_size}")
@@ -506,6 +549,14 @@ def validate(cfg: Config) -> None:
     if t.mode == "fewshot" and t.resume == "auto":
         raise ConfigError("train.resume='auto' is not supported with train.mode='fewshot' (a few-shot run has no "
                           "checkpoints; it takes minutes): set train.resume=never")
+
+
+def check_run_name(name: str | None) -> None:
+    """The run folder is <output_dir>/<name>: the name must be one folder name, so the folder (which --overwrite
+    deletes) stays inside output_dir."""
+    if name and (name in (".", "..") or "/" in name or "\\" in name or Path(name).name != name):
+        raise ConfigError(f"name={name!r} must be a plain folder name (no '/' or '\\', not '.' or '..'): the run "
+                          "folder is <output_dir>/<name>; to write runs elsewhere, set output_dir")
 
 
 TRACKERS = ("tensorboard", "mlflow", "wandb", "none")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from strop import __version__
-from strop.config import Config, dump_yaml, load_config
+from strop.config import Config, check_run_name, dump_yaml, load_config
 from strop.data.batching import collate, encode
 from strop.data.prepare import Dataset, prepare
 from strop.device import resolve_device, resolve_precision
@@ -24,7 +24,7 @@ from strop.models.backbone import load_tokenizer, read_model_config, resolve_mod
 from strop.models.classifier import build_model
 from strop.models.peft import apply_peft, count_parameters, save_trained
 from strop.track import NoTracker, Trackers, check_trackers
-from strop.training.checkpoint import latest_checkpoint
+from strop.training.checkpoint import complete_checkpoints, latest_checkpoint
 from strop.training.distributed import init_distributed, is_sharded, unshard
 from strop.training.fast import release_memory
 from strop.training.fast_lora import fused_lora_in
@@ -57,7 +57,24 @@ def set_threads(threads: int) -> None:
 def _run_dir_of(cfg: Config) -> Path:
     if not cfg.name:
         cfg.name = f"{Path(cfg.data.train).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_run_name(cfg.name)  # a Config built in code skips validate()
     return Path(cfg.output_dir) / cfg.name
+
+
+def holds_results(run_dir: Path) -> bool:
+    """Whether a run folder holds a complete checkpoint or a model: what no failure or restart may delete."""
+    return bool(complete_checkpoints(run_dir)) or any((run_dir / d).exists() for d in ("model", "adapter"))
+
+
+def _existing_run_error(run_dir: Path) -> RunError:
+    found = complete_checkpoints(run_dir)
+    if found:
+        return RunError(f"run folder {run_dir} already exists and holds checkpoint {found[-1].name}; continue it "
+                        f"with: strop train --resume {run_dir} (or train.resume=auto), choose another name "
+                        "(name=...), or pass --overwrite to start it again")
+    held = "a model" if holds_results(run_dir) else "no checkpoint to resume"
+    return RunError(f"run folder {run_dir} already exists and holds {held}; choose another name (name=...) or pass "
+                    "--overwrite to replace it")
 
 
 def resolve_run(config, overrides, overwrite: bool, resume) -> tuple[Config, Path, Path | None]:
@@ -81,10 +98,11 @@ def resolve_run(config, overrides, overwrite: bool, resume) -> tuple[Config, Pat
             return cfg, run_dir, ckpt
     if resume:
         raise RunError(f"cannot resume {run_dir}: it has no complete checkpoint (checkpoints/step-N/COMPLETE); "
-                       "start it again without --resume")
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise RunError(f"run folder {run_dir} already exists; choose another name (name=...), pass --overwrite, or "
-                       f"continue it with: strop train --resume {run_dir}")
+                       f"start it again with: strop train {run_dir / 'config.yaml'} --overwrite")
+    # resume=auto starts again in the folder of a run that stopped before its first checkpoint (nothing to resume)
+    restart = wants_resume and (run_dir / "config.yaml").is_file() and not holds_results(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()) and not (overwrite or restart):
+        raise _existing_run_error(run_dir)
     return cfg, run_dir, None
 
 
@@ -104,6 +122,18 @@ def open_run_dir(run_dir: Path, ckpt: Path | None) -> int:
     return step
 
 
+def discard_failed_run(run_dir: Path) -> None:
+    """Remove the folder of a new run that failed before it trained (bad data, a setting found wrong late): there is
+    nothing to resume or read in it, and leaving it would stop the same command from running again. A run that
+    logged training steps keeps its folder, whose metrics show how it failed (a NaN loss, say); resume=auto starts
+    again in it, as in any folder without a checkpoint."""
+    metrics = run_dir / "metrics.jsonl"
+    logged = metrics.is_file() and metrics.stat().st_size > 0
+    if run_dir.is_dir() and not holds_results(run_dir) and not logged:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        console.print(f"[dim]removed {run_dir}: the run stopped before it wrote a checkpoint or a model[/dim]")
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop records logged after `step` (the checkpoint), so a resumed run's metrics.jsonl has no duplicates."""
     if not path.is_file():
@@ -121,6 +151,17 @@ def check_max_length(cfg: Config, model_folder: Path) -> None:
     if limit and cfg.model.max_length > limit:
         raise ConfigError(f"model.max_length={cfg.model.max_length} exceeds what the model allows ({limit} "
                           f"positions); set model.max_length<={limit}")
+
+
+def check_room_for_text(tokenizer, max_length: int, pairs: bool) -> None:
+    """model.max_length must hold the tokenizer's special tokens plus one real token of each text; below the special
+    tokens alone the tokenizer does not truncate at all."""
+    need = tokenizer.num_special_tokens_to_add(pair=pairs) + (2 if pairs else 1)
+    if max_length < need:
+        what = "a text pair" if pairs else "a text"
+        raise ConfigError(f"model.max_length={max_length} leaves no room for the text: this tokenizer adds "
+                          f"{need - (2 if pairs else 1)} special tokens to {what}, so the least that keeps a token of "
+                          f"{'each text' if pairs else 'it'} is {need}; set model.max_length>={need} (128 is usual)")
 
 
 def data_summary(ds: Dataset, encoded: dict) -> dict:
@@ -162,6 +203,8 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
         from strop.data.tokens import window_size
 
         window_size(tokenizer, cfg.model.max_length, cfg.ner.stride)  # a stride too large for the windows stops here
+    else:
+        check_room_for_text(tokenizer, cfg.model.max_length, ds.columns.pair is not None)
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
     metric = primary_metric(ds.task) if cfg.train.metric == "auto" else cfg.train.metric
@@ -193,56 +236,72 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
         return _train_other_rank(model, ds, tokenizer, cfg, ckpt, run_dir, device, precision, metric, peft_hook,
                                  dist)
     start_step = open_run_dir(run_dir, ckpt)
-    write_atomic(run_dir / "config.yaml", dump_yaml(cfg))  # first file of a new run: the resolved config
-    for note in ds.notes:
-        console.print(f"[dim]{note}[/dim]")
-    encoded = {split: encode_split(cfg, ds, tokenizer, ex) for split, ex in ds.splits.items()}
-    write_atomic(run_dir / "data.json", json.dumps(data_summary(ds, encoded), indent=2))
-    for split, enc in encoded.items():
-        if enc.n_truncated:
-            console.print(f"[yellow]{split}: {enc.n_truncated} of {len(enc)} examples are longer than "
-                          f"model.max_length={cfg.model.max_length} tokens and were truncated[/yellow]")
-    trainable, total = count_parameters(model)
-    console.print(f"model: {model_folder.name if cfg.model.path != 'default' else 'all-MiniLM-L6-v2 (default)'}, "
-                  f"{total / 1e6:.1f}M parameters; task {ds.task} with "
-                  f"{len(ds.labels)} label(s); {len(ds.splits['train'])} training examples; {device.type} {precision}")
-    console.print(f"peft.method={cfg.peft.method}: trainable parameters {trainable:,} of {total:,} "
-                  f"({100 * trainable / total:.2f}%)")
+    caller_stopped = False
 
-    tracker = Trackers(run_dir, cfg.track, purge_step=start_step + 1 if start_step else None, config=cfg)
+    def report(step: int, value: float) -> None:
+        nonlocal caller_stopped
+        try:
+            on_eval(step, value)
+        except BaseException:
+            caller_stopped = True  # a deliberate stop (tune's pruning): the partial folder is the trial's record
+            raise
+
     try:
-        if "validation" not in encoded:
-            console.print("[yellow]no validation split: no evaluation during training[/yellow]")
-        if mode == "fewshot":
-            fitted = train_fewshot(model, encoded["train"], cfg, ds.labels, device, precision, tracker, run_dir)
-        else:
-            fitted = fit(model, encoded["train"], encoded.get("validation"), cfg, ds.task, ds.labels, device,
-                         precision, tracker, metric, run_dir, resume_from=ckpt, peft_hook=peft_hook, on_eval=on_eval,
-                         dist=dist)
-        if is_sharded(model):  # FSDP: the full weights into a plain model for the final evaluation and model/
-            model = unshard(model, dist, lambda: build_model(cfg.model, ds.task, ds.labels, cfg.ner).to(device))
-        # LoRA through the fused linear, as the evaluations during training ran: the same numbers, and PEFT's forward
-        # would cast every frozen weight on every batch (about 100 MB more at the peak on SST-2)
-        with fused_lora_in(model, cfg.train.fused_lora):
-            threshold, final = final_evaluation(model, encoded, ds, cfg, device, precision)
-        for split, metrics in final.items():
-            tracker.log({"step": fitted.state.step, "split": f"final_{split}", **metrics})
-    except BaseException:
-        tracker.close(failed=True)
-        raise
+        write_atomic(run_dir / "config.yaml", dump_yaml(cfg))  # first file of a new run: the resolved config
+        for note in ds.notes:
+            console.print(f"[dim]{note}[/dim]")
+        encoded = {split: encode_split(cfg, ds, tokenizer, ex) for split, ex in ds.splits.items()}
+        write_atomic(run_dir / "data.json", json.dumps(data_summary(ds, encoded), indent=2))
+        for split, enc in encoded.items():
+            if enc.n_truncated:
+                console.print(f"[yellow]{split}: {enc.n_truncated} of {len(enc)} examples are longer than "
+                              f"model.max_length={cfg.model.max_length} tokens and were truncated[/yellow]")
+        trainable, total = count_parameters(model)
+        model_name = model_folder.name if cfg.model.path != "default" else "all-MiniLM-L6-v2 (default)"
+        console.print(f"model: {model_name}, {total / 1e6:.1f}M parameters; task {ds.task} with {len(ds.labels)} "
+                      f"label(s); {len(ds.splits['train'])} training examples; {device.type} {precision}")
+        console.print(f"peft.method={cfg.peft.method}: trainable parameters {trainable:,} of {total:,} "
+                      f"({100 * trainable / total:.2f}%)")
 
-    meta = {"strop_version": __version__, "task": ds.task, "labels": ds.labels, "pooling": cfg.model.pooling,
-            "max_length": cfg.model.max_length, "text_column": ds.columns.text, "text_pair_column": ds.columns.pair,
-            "label_column": ds.columns.label, "label_delimiter": cfg.data.label_delimiter, "threshold": threshold,
-            "base_model": str(cfg.model.path), "train_mode": mode}
-    if mode == "fewshot":
-        meta["normalize"] = True
-    if ds.task == "token_classification":
-        meta.update(ner_meta(cfg, ds))
-    probe = next(iter(encoded.values()))  # a few real examples check that merging adapters changes no logits
-    probe_inputs = {k: v.to(device) for k, v in collate(probe, np.arange(min(8, len(probe)))).items()
-                    if k in MODEL_INPUTS}
-    meta = save_trained(model, tokenizer, run_dir, meta, cfg.peft, probe_inputs, str(model_folder))
+        tracker = Trackers(run_dir, cfg.track, purge_step=start_step + 1 if start_step else None, config=cfg)
+        try:
+            if "validation" not in encoded:
+                console.print("[yellow]no validation split: no evaluation during training[/yellow]")
+            if mode == "fewshot":
+                fitted = train_fewshot(model, encoded["train"], cfg, ds.labels, device, precision, tracker, run_dir)
+            else:
+                fitted = fit(model, encoded["train"], encoded.get("validation"), cfg, ds.task, ds.labels, device,
+                             precision, tracker, metric, run_dir, resume_from=ckpt, peft_hook=peft_hook,
+                             on_eval=report if on_eval else None, dist=dist)
+            if is_sharded(model):  # FSDP: the full weights into a plain model for the final evaluation and model/
+                model = unshard(model, dist, lambda: build_model(cfg.model, ds.task, ds.labels, cfg.ner).to(device))
+            # LoRA through the fused linear, as the evaluations during training ran: the same numbers, and PEFT's
+            # forward would cast every frozen weight on every batch (about 100 MB more at the peak on SST-2)
+            with fused_lora_in(model, cfg.train.fused_lora):
+                threshold, final = final_evaluation(model, encoded, ds, cfg, device, precision)
+            for split, metrics in final.items():
+                tracker.log({"step": fitted.state.step, "split": f"final_{split}", **metrics})
+        except BaseException:
+            tracker.close(failed=True)
+            raise
+
+        meta = {"strop_version": __version__, "task": ds.task, "labels": ds.labels, "pooling": cfg.model.pooling,
+                "max_length": cfg.model.max_length, "text_column": ds.columns.text,
+                "text_pair_column": ds.columns.pair, "label_column": ds.columns.label,
+                "label_delimiter": cfg.data.label_delimiter, "threshold": threshold,
+                "base_model": str(cfg.model.path), "train_mode": mode}
+        if mode == "fewshot":
+            meta["normalize"] = True
+        if ds.task == "token_classification":
+            meta.update(ner_meta(cfg, ds))
+        probe = next(iter(encoded.values()))  # a few real examples check that merging adapters changes no logits
+        probe_inputs = {k: v.to(device) for k, v in collate(probe, np.arange(min(8, len(probe)))).items()
+                        if k in MODEL_INPUTS}
+        meta = save_trained(model, tokenizer, run_dir, meta, cfg.peft, probe_inputs, str(model_folder))
+    except BaseException:
+        if ckpt is None and not caller_stopped:
+            discard_failed_run(run_dir)
+        raise
     results = run_results(fitted, len(encoded["train"]), metric, precision, threshold, final, start_step)
     results["trainable_params"], results["total_params"], results["train_mode"] = trainable, total, mode
     write_atomic(run_dir / "results.json", json.dumps(results, indent=2))

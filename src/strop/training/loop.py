@@ -142,7 +142,7 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
                             f"examples {idx[:6].tolist()}{'...' if len(idx) > 6 else ''})"
                     if t.nonfinite == "stop" or state.skipped_steps > t.max_skipped_steps:
                         raise NonFiniteError(f"non-finite loss ({float(loss)}) or gradient norm ({float(norm)}) at "
-                                             f"{where}; the last good checkpoint is kept. Lower train.lr, use "
+                                             f"{where}; checkpoints written before it are kept. Lower train.lr, use "
                                              "train.precision=fp32, check the data, or set train.nonfinite=skip")
                     progress.note(f"[yellow]skipped {where}: non-finite loss/gradient "
                                   f"({state.skipped_steps}/{t.max_skipped_steps})[/yellow]")
