@@ -2,7 +2,8 @@
 
 Shutdown: the first SIGTERM (or Ctrl-C) flips /health/ready to 503 at once; after serve.drain_s the listener closes
 and uvicorn waits up to serve.graceful_timeout_s for in-flight requests to finish, then the process exits.
-A second signal exits at once.
+A second signal cuts the drain short: the listener closes at once and in-flight requests still finish; a further
+Ctrl-C exits without waiting for them (uvicorn's own force exit).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def install_drain_handler(state, drain_s: float) -> None:
             continue
 
         def handler(signum, frame, previous=previous):
-            if state.draining:  # second signal: no more waiting
+            if state.draining:  # second signal: no more draining (uvicorn's shutdown starts now)
                 previous(signum, frame)
                 return
             log.info("received signal %d: readiness is now 503; closing the listener in %.1f s, then waiting for "
