@@ -65,6 +65,28 @@ def test_one_bad_request_does_not_fail_its_batch_mates():
     assert len(calls[0]) == 6  # the first attempt was one batch; then each request ran alone
 
 
+def test_abandoned_requests_cost_no_model_time():
+    """A caller cancelled while its inputs wait (a client timeout, say): its inputs are dropped wherever they are in
+    the queue, and the requests around them are answered as usual."""
+    calls: list = []
+
+    async def scenario():
+        b = Batcher(_echo_model(calls), max_batch_tokens=6, max_batch_size=64, max_wait_ms=0)
+        b.start()
+        first = asyncio.ensure_future(b.submit(["a"], None, [3]))
+        gone = asyncio.ensure_future(b.submit(["x1", "x2", "x3"], None, [3, 3, 3]))
+        last = asyncio.ensure_future(b.submit(["z"], None, [3]))
+        await asyncio.sleep(0)  # all three queued; the worker has not taken a batch yet
+        gone.cancel()
+        out = await asyncio.gather(first, last)
+        await b.stop()
+        return out
+
+    first, last = asyncio.run(scenario())
+    assert [o["echo"] for o in first] == ["a"] and [o["echo"] for o in last] == ["z"]
+    assert not [t for batch in calls for t in batch if t.startswith("x")]
+
+
 def test_batching_off_runs_one_request_per_pass():
     calls: list = []
 

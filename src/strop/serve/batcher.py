@@ -94,8 +94,12 @@ class Batcher:
     def _take(self) -> list[_Item]:
         """The next batch from the queue head: one whole request when batching is off, else the longest prefix
         within the token budget (always at least one input)."""
-        while len(self._queue) > 1 and self._queue[0].request.future.done():
-            self._queue.popleft()  # the rest of a request that already failed: no model time for it
+        if any(it.request.future.done() for it in self._queue):
+            # inputs of requests already answered (one that failed) or abandoned (its caller was cancelled): no
+            # model time for them, wherever they wait
+            self._queue = deque(it for it in self._queue if not it.request.future.done())
+            if not self._queue:
+                return []
         if not self.enabled:
             head = self._queue[0].request
             n = 0
@@ -137,6 +141,8 @@ class Batcher:
                     break
             batch = self._take()
             self.on_depth(len(self._queue))
+            if not batch:
+                continue
             start = time.perf_counter()
             await self._compute(loop, batch)
             requests = len({id(it.request) for it in batch})
