@@ -87,6 +87,14 @@ def test_explain_verb_writes_json_and_html(keyword_run, tmp_path, capsys):
     assert html.count('class="ex"') == 2 and "rgba(" in html
     assert main(["explain", str(keyword_run.run_dir)]) == 2
     assert "give either --text" in capsys.readouterr().err
+    # .jsonl is JSON lines; an --out under a file is refused before the work; markup-like text is text
+    lines = tmp_path / "out" / "why.jsonl"
+    assert main(["explain", str(keyword_run.run_dir), "--data", str(rows), "--out", str(lines)]) == 0
+    assert [json.loads(x)["text"] for x in lines.read_text().splitlines()] == ["excellent food", "the staff room"]
+    assert main(["explain", str(keyword_run.run_dir), "--text", "x", "--out", str(rows / "why.html")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(["explain", str(keyword_run.run_dir), "--text", "excellent [/b] [bold]", "--target", "[/x]"]) == 2
+    assert "target '[/x]' is not a label" in capsys.readouterr().err
 
 
 def test_report_sections_and_leak_warning(keyword_run):

@@ -10,6 +10,7 @@ from typing import List, Optional
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from strop.errors import StropError
 
@@ -91,9 +92,12 @@ def _write_out(out: Path, text: str) -> None:
     """Write a result file whole or not at all, creating its folder."""
     from strop.run import write_atomic
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, text)
-    err.print(f"wrote {out}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, text)
+    except OSError as e:
+        raise StropError(f"cannot write --out {out}: {e.strerror or e}; choose a path you can write to") from None
+    err.print(f"wrote {escape(str(out))}")
 
 
 def _stdin_lines() -> list[str]:
@@ -153,7 +157,7 @@ def predict(
     predictor = Predictor.load(run)
     if data is not None and out is not None:
         n = predictor.predict_file(data, out, batch_size, fmt=fmt, encoding=encoding)
-        err.print(f"wrote {n} predictions to {out}")
+        err.print(f"wrote {n} predictions to {escape(str(out))}")
         return
     if data is not None:
         import tempfile
@@ -187,7 +191,7 @@ def report(
 
     model_dir = open_run(run)
     out = build_report(model_dir.parent if model_dir.name == "model" else run, explain_k=explain_k)
-    err.print(f"wrote {out}")
+    err.print(f"wrote {escape(str(out))}")
 
 
 @app.command()
@@ -235,15 +239,17 @@ def explain(
 
             found = explain_entities(predictor, t, steps=steps)
             if not found:
-                console.print(f"no entities predicted in: {t}")
+                console.print(f"no entities predicted in: {escape(t)}")
         else:
             found = [explain_one(predictor, t, p, target=target, steps=steps)]
         for ex in found:
             results.append(ex)
             _print_explanation(console, ex)
     if out is not None:
-        _write_out(out, explanations_html(results) if out.suffix.lower() == ".html" else
-                   json.dumps([e.to_dict() for e in results], indent=2, ensure_ascii=False))
+        kind = out.suffix.lower()
+        _write_out(out, explanations_html(results) if kind == ".html" else
+                   "".join(json.dumps(e.to_dict(), ensure_ascii=False) + "\n" for e in results) if kind == ".jsonl"
+                   else json.dumps([e.to_dict() for e in results], indent=2, ensure_ascii=False))
     else:
         print(json.dumps([e.to_dict() for e in results], ensure_ascii=False))
 
@@ -252,7 +258,7 @@ def _print_explanation(console, ex) -> None:
     from strop.explain.attribution import to_rich_text
 
     c = ex.completeness
-    console.print(f"[bold]{ex.target}[/bold] (completeness: attributions sum {c['sum']:+.4f}, logit difference "
+    console.print(f"[bold]{escape(str(ex.target))}[/bold] (completeness: attributions sum {c['sum']:+.4f}, logit difference "
                   f"{c['logit_diff']:+.4f}, {c['steps']} steps{'' if c['within_tolerance'] else ', NOT within tolerance'})")
     console.print(to_rich_text(ex))
 
@@ -382,13 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except StropError as e:
-        err.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+        err.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False)
         return getattr(e, "exit_code", 2)
     except (click.exceptions.Exit, typer.Exit) as e:
         return e.exit_code
     except _usage_errors() as e:
         hint = " (see --help)" if getattr(e, "ctx", None) else ""
-        err.print(f"[bold red]error:[/bold red] {e.format_message()}{hint}", highlight=False)
+        err.print(f"[bold red]error:[/bold red] {escape(e.format_message())}{hint}", highlight=False)
         return 2
     except (KeyboardInterrupt, click.exceptions.Abort, typer.Abort):
         err.print("interrupted")

@@ -143,6 +143,9 @@ def check_output(out: str | Path, suffixes: tuple[str, ...] = OUT_SUFFIXES, kind
         raise DataError(f"--out {out} is a folder; give a {kinds} file name in it")
     if out.suffix.lower() not in suffixes:
         raise DataError(f"--out {out}: use a {kinds} file name")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise DataError(f"--out {out}: {blocker} is a file, so no folder can be made there; choose another path")
     return out
 
 

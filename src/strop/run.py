@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.markup import escape
 
 from strop import __version__
 from strop.config import Config, check_run_name, dump_yaml, load_config
@@ -93,7 +94,7 @@ def resolve_run(config, overrides, overwrite: bool, resume) -> tuple[Config, Pat
         run_dir = _run_dir_of(cfg)
     wants_resume = bool(resume) or cfg.train.resume == "auto"
     if wants_resume and run_dir.is_dir():
-        ckpt = latest_checkpoint(run_dir, log=lambda m: console.print(f"[yellow]{m}[/yellow]"))
+        ckpt = latest_checkpoint(run_dir, log=lambda m: console.print(f"[yellow]{escape(m)}[/yellow]"))
         if ckpt is not None:
             return cfg, run_dir, ckpt
     if resume:
@@ -118,7 +119,7 @@ def open_run_dir(run_dir: Path, ckpt: Path | None) -> int:
     for stale in ("model", "results.json"):  # a resumed run rewrites its final outputs
         path = run_dir / stale
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    console.print(f"resuming {run_dir} from {ckpt.name}")
+    console.print(f"resuming {escape(str(run_dir))} from {ckpt.name}")
     return step
 
 
@@ -131,7 +132,8 @@ def discard_failed_run(run_dir: Path) -> None:
     logged = metrics.is_file() and metrics.stat().st_size > 0
     if run_dir.is_dir() and not holds_results(run_dir) and not logged:
         shutil.rmtree(run_dir, ignore_errors=True)
-        console.print(f"[dim]removed {run_dir}: the run stopped before it wrote a checkpoint or a model[/dim]")
+        console.print(f"[dim]removed {escape(str(run_dir))}: the run stopped before it wrote a checkpoint or a "
+                      "model[/dim]")
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -249,7 +251,7 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     try:
         write_atomic(run_dir / "config.yaml", dump_yaml(cfg))  # first file of a new run: the resolved config
         for note in ds.notes:
-            console.print(f"[dim]{note}[/dim]")
+            console.print(f"[dim]{escape(note)}[/dim]")
         encoded = {split: encode_split(cfg, ds, tokenizer, ex) for split, ex in ds.splits.items()}
         write_atomic(run_dir / "data.json", json.dumps(data_summary(ds, encoded), indent=2))
         for split, enc in encoded.items():
@@ -395,9 +397,9 @@ def _print_summary(run_dir: Path, results: dict, metric: str) -> None:
         if split in results:
             table.add_row(split, *[f"{results[split][k]:.4f}" for k in shown])
     console.print(table)
-    console.print(f"run folder: [bold]{run_dir}[/bold]  (model: {run_dir / 'model'})")
+    console.print(f"run folder: [bold]{escape(str(run_dir))}[/bold]  (model: {escape(str(run_dir / 'model'))})")
     if (run_dir / "report.html").is_file():
-        console.print(f"report: {run_dir / 'report.html'}")
+        console.print(f"report: {escape(str(run_dir / 'report.html'))}")
 
 
 def open_run(path: str | Path) -> Path:
