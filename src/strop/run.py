@@ -312,7 +312,11 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     if cfg.eval.report:
         from strop.evaluate.report import build_report
 
-        build_report(run_dir, explain_k=cfg.eval.report_explain)
+        try:
+            build_report(run_dir, explain_k=cfg.eval.report_explain)
+        except Exception as e:  # noqa: BLE001 - model/ and results.json are written: a failed report must not fail
+            console.print(f"[yellow]report.html not written ({escape(type(e).__name__)}: {escape(str(e))}); the run "
+                          f"itself is complete. Rebuild the report with: strop report {escape(str(run_dir))}[/yellow]")
     tracker.finish(run_dir)  # after model/, results.json and the report: MLflow logs them; then trackers close
     _print_summary(run_dir, results, metric)
     return RunResult(run_dir, results)

@@ -1,25 +1,36 @@
 """Hyperparameter search: `strop tune CONFIG --trials N` with Optuna (TPE sampler, median pruning).
 
-Each trial is a normal strop run (runs/<name>-trial-<k>/) with the sampled values as overrides. After every
-validation the loop reports the metric to the trial (`on_eval`); the median pruner stops trials that are worse than the
-median of earlier trials at the same step. The study lives in a local SQLite file, so re-running the same command
-after an interruption continues the search. runs/<name>-tune/ gets best.yaml (a ready-to-run config), trials.json,
-trials.png and report.html.
+Each trial is a normal strop run with the sampled values as overrides: runs/<name>-trial-<k>/ for the default study
+(tune.study empty or equal to the run name), runs/<name>-<study>-trial-<k>/ for any other, so two studies of one run
+name never share a folder. After every validation the loop reports the metric to the trial (`on_eval`); the median
+pruner stops trials that are worse than the median of earlier trials at the same step (few-shot runs validate only at
+the end: they are scored on that final validation and never pruned). The study lives in a local SQLite file, so
+re-running the same command after an interruption continues the search, and searches of one study may run side by
+side. runs/<name>-tune/ (runs/<name>-<study>-tune/) gets best.yaml (a ready-to-run config), trials.json, trials.png,
+report.html and study.json.
+
+Folders know their study (a trial's config.yaml holds tune.study; a tune folder has study.json), and a search never
+overwrites a folder that another study, or a plain run, wrote.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import math
+import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from strop.config import Config, load_config, parse_override
-from strop.errors import ConfigError
+from strop.config import Config, check_run_name, load_config, parse_override
+from strop.errors import ConfigError, RunError
 from strop.evaluate.metrics import greater_is_better
 from strop.training.progress import console
+
+OWNER = "strop_owner"  # trial user attr {host, pid, started}: the process running the trial (see _fail_stale)
 
 
 @dataclass
@@ -61,24 +72,33 @@ def _overrides_dict(overrides) -> dict:
     return dict(parse_override(o) for o in overrides or [])
 
 
-def trial_overrides(cfg: Config, base: dict, values: dict, run_name: str) -> dict:
-    """The overrides of one trial's run: the command line's, the sampled values, the trial's run name."""
-    run_overrides = {**base, **values, "name": run_name}
+def trial_overrides(cfg: Config, base: dict, values: dict, run_name: str, study_name: str) -> dict:
+    """The overrides of one trial's run: the command line's, the sampled values, the trial's run name, and
+    tune.study, which the run's config.yaml keeps as the mark of the study its folder belongs to."""
+    run_overrides = {**base, **values, "name": run_name, "tune.study": study_name}
     if cfg.tune.metric != "auto":
         run_overrides["train.metric"] = cfg.tune.metric
     return run_overrides
 
 
 def trial_value(results: dict) -> float:
-    """A finished trial's objective: the best validation metric of its run (the weights it keeps)."""
-    if results["best_metric"] is None:
+    """A finished trial's objective: the best validation metric of its run (the weights it keeps), or, for a run that
+    does not validate during training (train.mode=fewshot), the metric of its final validation."""
+    if results["best_metric"] is not None:
+        return results["best_metric"]
+    final = results.get("validation", {}).get(results["metric"])
+    if final is None:
         raise ConfigError("tuning needs a validation split to score trials; give data.validation or keep "
                           "data.validation_ratio > 0")
-    return results["best_metric"]
+    return final
 
 
 def study_settings(cfg: Config) -> tuple[str, str, str, str]:
-    """(base name, storage URL, study name, direction) of the search the config describes."""
+    """(folder prefix, storage URL, study name, direction) of the search the config describes.
+
+    Trial folders are <output_dir>/<prefix>-trial-<k> and the outputs <output_dir>/<prefix>-tune/; the prefix is the
+    run name for the default study (tune.study empty or equal to the name), else <name>-<study>. The default storage
+    is <output_dir>/<name>-tune.db for every study of the name."""
     if not cfg.tune.space:
         raise ConfigError("tune.space is empty; declare what to search, e.g. in YAML:\n"
                           "tune:\n  space:\n    train.lr: {log_uniform: [1e-5, 1e-3]}\n    peft.r: {choice: [4, 8, 16]}")
@@ -90,7 +110,14 @@ def study_settings(cfg: Config) -> tuple[str, str, str, str]:
     direction = cfg.tune.direction
     if direction == "auto":  # the auto metrics (accuracy, micro_f1, pearson) are all higher-is-better
         direction = "maximize" if metric == "auto" or greater_is_better(metric) else "minimize"
-    return name, storage, cfg.tune.study or name, direction
+    study_name = cfg.tune.study or name
+    prefix = name if study_name == name else f"{name}-{study_name}"
+    try:
+        check_run_name(f"{prefix}-trial-0")
+    except ConfigError:
+        raise ConfigError(f"tune.study={study_name!r} must fit in a folder name (no '/' or '\\'): trial folders are "
+                          f"<output_dir>/<name>-<study>-trial-<k>") from None
+    return prefix, storage, study_name, direction
 
 
 def tune(config=None, overrides=None, trials: int | None = None) -> TuneResult:
@@ -101,13 +128,15 @@ def tune(config=None, overrides=None, trials: int | None = None) -> TuneResult:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     base = _overrides_dict(overrides)
     cfg = load_config(config, base)
-    name, storage, study_name, direction = study_settings(cfg)
+    prefix, storage, study_name, direction = study_settings(cfg)
     n_trials = trials or cfg.tune.trials
     if cfg.tune.backend == "ray":
         from strop.tune_ray import tune_with_ray
 
         return tune_with_ray(config, base, cfg, n_trials)
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    output_dir = Path(cfg.output_dir)
+    check_tune_folder(output_dir / f"{prefix}-tune", study_name)  # now, not after the trials
+    output_dir.mkdir(parents=True, exist_ok=True)
     seed = cfg.train.seed if cfg.tune.seed is None else cfg.tune.seed
     startup = cfg.tune.startup_trials
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
@@ -115,16 +144,19 @@ def tune(config=None, overrides=None, trials: int | None = None) -> TuneResult:
               else optuna.pruners.NopPruner())
     study = optuna.create_study(storage=storage, study_name=study_name, direction=direction, sampler=sampler,
                                 pruner=pruner, load_if_exists=True)  # same storage + name: continue the search
-    if not cfg.tune.storage:  # the default store is this machine's alone; a shared one may hold others' live trials
+    if not cfg.tune.storage:  # a shared store may hold the live trials of machines whose processes we cannot see
         _fail_stale(study)
     finished = _finished(study)
     if finished:
         console.print(f"continuing study {study_name!r} ({storage}): {finished} of {n_trials} trials finished")
+    owner = this_process()
 
     def objective(trial) -> float:
+        trial.set_user_attr(OWNER, owner)  # first: another search of this study must see that this trial is live
         values = suggest(trial, cfg.tune.space)
-        run_name = f"{name}-trial-{trial.number}"
-        trial.set_user_attr("run_dir", str(Path(cfg.output_dir) / run_name))
+        run_dir = output_dir / f"{prefix}-trial-{trial.number}"
+        check_trial_folder(run_dir, study_name)
+        trial.set_user_attr("run_dir", str(run_dir))
         console.print(f"[bold]trial {trial.number}[/bold]: {values}")
 
         def report(step: int, value: float) -> None:
@@ -134,13 +166,97 @@ def tune(config=None, overrides=None, trials: int | None = None) -> TuneResult:
                               "earlier trials at this step)")
                 raise optuna.TrialPruned(f"step {step}")
 
-        return trial_value(train(config, trial_overrides(cfg, base, values, run_name), overwrite=True,
-                                 on_eval=report).results)
+        # on_eval is never called in a few-shot run (no validation during training): nothing to prune there
+        return trial_value(train(config, trial_overrides(cfg, base, values, run_dir.name, study_name),
+                                 overwrite=True, on_eval=report).results)
 
-    remaining = max(0, n_trials - finished)
-    if remaining:
-        study.optimize(objective, n_trials=remaining)
-    return write_outputs(study_rows(study), study_name, direction, Path(cfg.output_dir), name)
+    run_trials(study, objective, max(0, n_trials - finished))
+    return write_outputs(study_rows(study), study_name, direction, output_dir, prefix)
+
+
+def run_trials(study, objective, n: int) -> None:
+    """study.optimize(objective, n_trials=n), spelled out so that a trial another process finished meanwhile (marked
+    failed, say) is reported and the search goes on, instead of Optuna's 'Cannot tell a FAIL trial'."""
+    optuna = _optuna()
+    from optuna.trial import TrialState
+
+    for _ in range(n):
+        trial = study.ask()
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            _tell(study, trial, state=TrialState.PRUNED)
+        except optuna.exceptions.UpdateFinishedTrialError:  # set_user_attr or report on a trial finished elsewhere
+            _finished_elsewhere(study, trial, None)
+        except BaseException:
+            _tell(study, trial, state=TrialState.FAIL)
+            raise
+        else:
+            _tell(study, trial, value)
+
+
+def _tell(study, trial, value: float | None = None, state=None) -> None:
+    optuna = _optuna()
+    try:
+        study.tell(trial, value, state=state)
+    except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+        # FrozenTrial has no public id; storages key trials by _trial_id
+        if not study._storage.get_trial(trial._trial_id).state.is_finished():
+            raise  # a bad value, not a trial finished elsewhere
+        _finished_elsewhere(study, trial, value)
+
+
+def _finished_elsewhere(study, trial, value: float | None) -> None:
+    """Another process finished (marked failed) a trial this one was running: say so, keep the run folder, and record
+    a run that did finish as a new trial, so that its result still counts."""
+    optuna = _optuna()
+    now = study._storage.get_trial(trial._trial_id)
+    run_dir = now.user_attrs.get("run_dir")
+    what = f"trial {trial.number} was marked {now.state.name} by another process"
+    if run_dir is None:
+        console.print(f"[yellow]{what} before it started: nothing ran[/yellow]")
+    elif value is None or not math.isfinite(value):
+        console.print(f"[yellow]{what} while this one ran it: it does not count (its run folder {run_dir} is "
+                      "kept)[/yellow]")
+    else:
+        study.add_trial(optuna.trial.create_trial(
+            params=now.params, distributions=now.distributions, value=value,
+            intermediate_values=now.intermediate_values, user_attrs={**now.user_attrs, "recorded_from": trial.number}))
+        again = next(t.number for t in reversed(study.trials) if t.user_attrs.get("recorded_from") == trial.number)
+        console.print(f"[yellow]{what} while this one ran it; its run {run_dir} finished ({value:.4f}) and is "
+                      f"recorded again as trial {again}[/yellow]")
+
+
+def check_trial_folder(run_dir: Path, study_name: str) -> None:
+    """Refuse to run a trial in a folder that another study, or a plain run, wrote: overwriting it would lose that
+    work. A trial's config.yaml records its study (tune.study, set by trial_overrides)."""
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    try:
+        owner = (yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")).get("tune") or {}).get("study")
+    except (OSError, AttributeError, yaml.YAMLError):
+        owner = None
+    if owner != study_name:
+        _refuse(run_dir, owner, study_name)
+
+
+def check_tune_folder(tune_dir: Path, study_name: str) -> None:
+    """Refuse to write a search's outputs over another study's; study.json names the study (a folder written before
+    strop kept study.json is taken as this study's)."""
+    marker = tune_dir / "study.json"
+    if marker.is_file():
+        try:
+            owner = json.loads(marker.read_text(encoding="utf-8")).get("study")
+        except (OSError, ValueError, AttributeError):
+            owner = None
+        if owner != study_name:
+            _refuse(tune_dir, owner, study_name)
+
+
+def _refuse(folder: Path, owner: str | None, study_name: str) -> None:
+    whose = f"study {owner!r}" if owner else "a run that names no study (a plain run, or an older strop's trial)"
+    raise RunError(f"{folder} holds the work of {whose}, and study {study_name!r} will not overwrite it; give this "
+                   f"search other folders with tune.study=<another name> (or name=...), or move {folder} away")
 
 
 def _finished(study) -> int:
@@ -149,13 +265,59 @@ def _finished(study) -> int:
 
 
 def _fail_stale(study) -> None:
-    """Trials a killed search left RUNNING will never finish: mark them failed so they neither count nor block."""
+    """Trials a killed search left RUNNING will never finish: mark them failed so they neither count nor block.
+
+    A RUNNING trial is stale when the process that runs it (its OWNER attr) is gone from this machine, or when it has
+    no owner (a search from before strop recorded owners, or killed in the moment between asking for the trial and
+    recording itself). Trials of a live search of the same study, and trials run on other machines (whose processes
+    this one cannot see), are left to them."""
+    optuna = _optuna()
     from optuna.trial import TrialState
 
+    host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        # FrozenTrial has no public id; storages key trials by _trial_id
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        owner = t.user_attrs.get(OWNER)
+        if owner and owner["host"] != host:
+            console.print(f"[dim]trial {t.number} is running on {owner['host']}: left to it[/dim]")
+            continue
+        if owner and not _process_gone(owner):
+            console.print(f"[dim]trial {t.number} is running in another search of this study (process "
+                          f"{owner['pid']}): left to it[/dim]")
+            continue
+        try:  # FrozenTrial has no public id; storages key trials by _trial_id
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # its search finished it a moment ago
         console.print(f"[yellow]trial {t.number} was left running by an interrupted search: marked failed[/yellow]")
+
+
+def this_process() -> dict:
+    """The OWNER record of trials this process runs: host, pid, and start time (s since the epoch), which tells this
+    process from a later one that reuses its pid."""
+    try:
+        import psutil
+
+        started = psutil.Process().create_time()
+    except ImportError:
+        started = None
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": started}
+
+
+def _process_gone(owner: dict) -> bool:
+    """Whether the process an OWNER record names (on this machine) has ended. Without psutil this cannot be told
+    safely, and the trial is left running (it is not counted either way)."""
+    try:
+        import psutil
+    except ImportError:
+        return False
+    try:
+        process = psutil.Process(owner["pid"])
+        reused = owner.get("started") is not None and abs(process.create_time() - owner["started"]) > 1.0
+        return reused or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.AccessDenied:
+        return False
 
 
 def study_rows(study) -> list[dict]:
@@ -166,12 +328,15 @@ def study_rows(study) -> list[dict]:
             for t in study.trials]
 
 
-def write_outputs(rows: list[dict], study_name: str, direction: str, output_dir: Path, name: str) -> TuneResult:
-    """runs/<name>-tune/: trials.json, best.yaml (ready to run), trials.png and report.html.
+def write_outputs(rows: list[dict], study_name: str, direction: str, output_dir: Path, prefix: str) -> TuneResult:
+    """<output_dir>/<prefix>-tune/: trials.json, best.yaml (ready to run, as run <prefix>-best), trials.png,
+    report.html and study.json (the study the folder belongs to).
 
-    rows: study_rows() or the Ray backend's equivalent; direction: 'maximize' or 'minimize'."""
-    tune_dir = output_dir / f"{name}-tune"
+    rows: study_rows() or the Ray backend's equivalent; direction: 'maximize' or 'minimize'; prefix: study_settings'."""
+    tune_dir = output_dir / f"{prefix}-tune"
+    check_tune_folder(tune_dir, study_name)
     tune_dir.mkdir(parents=True, exist_ok=True)
+    (tune_dir / "study.json").write_text(json.dumps({"study": study_name, "direction": direction}), encoding="utf-8")
     (tune_dir / "trials.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
     complete = [r for r in rows if r["state"] == "COMPLETE"]
     better = max if direction == "maximize" else min
@@ -180,7 +345,7 @@ def write_outputs(rows: list[dict], study_name: str, direction: str, output_dir:
     best_run = Path(best["run_dir"]) if best else None
     if best is not None:
         cfg = yaml.safe_load((best_run / "config.yaml").read_text(encoding="utf-8"))
-        cfg["name"] = f"{name}-best"
+        cfg["name"] = f"{prefix}-best"
         header = (f"# best of {len(complete)} finished trials of study {study_name!r}: value {best['value']:.6g} "
                   f"(trial {best['number']}, {best_run})\n# params: {json.dumps(best['params'])}\n"
                   f"# run it: strop train {tune_dir / 'best.yaml'}\n")
@@ -223,7 +388,7 @@ def plot_trials(rows: list[dict], study_name: str, direction: str, path: Path) -
             right.plot(*curve(r), marker=".", linestyle="--" if r["state"] == "PRUNED" else "-",
                        label=f"trial {r['number']}")
     right.set(xlabel="step", ylabel="validation metric", title="intermediate values (dashed: pruned)")
-    if len(rows) <= 12:
+    if len(rows) <= 12 and any(r["intermediate"] for r in rows):  # few-shot trials report no curves
         right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

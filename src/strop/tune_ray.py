@@ -4,8 +4,9 @@ Ray places trials on the machines of a cluster (or a local instance); Optuna's T
 Ray's OptunaSearch, with tune.py's `suggest` as its define-by-run space) and Ray's MedianStoppingRule stops trials
 whose validation metric falls below the median of the others at the same step (`tune.pruner: median`). Inside a
 trial, strop.run.train runs as usual and its `on_eval` hook reports each validation to Ray; the trial is a normal run
-folder (runs/<name>-trial-<k>/), and runs/<name>-tune/ gets the same best.yaml, trials.json, trials.png and
-report.html as the Optuna backend. Ray's own experiment state goes to runs/ray/<study>/.
+folder named as with the Optuna backend (runs/<name>-trial-<k>/, or runs/<name>-<study>-trial-<k>/ when tune.study is
+not the run name), and runs/<name>[-<study>]-tune/ gets the same best.yaml, trials.json, trials.png, report.html and
+study.json. A trial refuses a folder another study wrote. Ray's own experiment state goes to runs/ray/<study>/.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def start_ray(cfg: Config) -> bool:
 
 def define_space(trial, space: dict) -> dict:
     """OptunaSearch's define-by-run space: tune.py's `suggest`, plus the Optuna trial number as a constant that Ray
-    passes to the trial (its run folder is <name>-trial-<number>, as with the Optuna backend). A module-level
+    passes to the trial (its run folder is <prefix>-trial-<number>, as with the Optuna backend). A module-level
     function so Ray can pickle the searcher into its experiment state."""
     from strop.tune import suggest
 
@@ -60,7 +61,7 @@ def define_space(trial, space: dict) -> dict:
     return {TRIAL_NUMBER: trial.number}
 
 
-def make_trainable(config, base: dict, cfg: Config, name: str, workdir: str):
+def make_trainable(config, base: dict, cfg: Config, prefix: str, study_name: str, workdir: str):
     """The function Ray runs once per trial (in a worker process, maybe on another machine)."""
     space = cfg.tune.space
     output_dir = str(Path(cfg.output_dir).resolve())
@@ -70,13 +71,14 @@ def make_trainable(config, base: dict, cfg: Config, name: str, workdir: str):
         from ray import tune
 
         from strop.run import train
-        from strop.tune import trial_overrides, trial_value
+        from strop.tune import check_trial_folder, trial_overrides, trial_value
 
         os.chdir(workdir)  # Ray starts trials in their own folder; relative data paths are the caller's
         number = params[TRIAL_NUMBER]
         values = {key: params[key] for key in space}
-        run_name = f"{name}-trial-{number}"
-        overrides = {**trial_overrides(cfg, base, values, run_name), "output_dir": output_dir}
+        run_name = f"{prefix}-trial-{number}"
+        check_trial_folder(Path(output_dir) / run_name, study_name)
+        overrides = {**trial_overrides(cfg, base, values, run_name, study_name), "output_dir": output_dir}
 
         def report(step: int, value: float) -> None:
             # the scheduler may stop the trial here (Ray ends the worker): the partial run folder stays
@@ -92,9 +94,9 @@ def tune_with_ray(config, base: dict, cfg: Config, n_trials: int):
     """Run `n_trials` trials as one Ray Tune experiment; write the same outputs as the Optuna backend."""
     import optuna
 
-    from strop.tune import study_settings, write_outputs
+    from strop.tune import check_tune_folder, study_settings, write_outputs
 
-    name, _, study_name, direction = study_settings(cfg)
+    prefix, _, study_name, direction = study_settings(cfg)
     if cfg.tune.storage:
         raise ConfigError("tune.storage is the Optuna backend's shared study; with tune.backend=ray Ray places the "
                           "trials (and keeps its state in <output_dir>/ray/): drop tune.storage")
@@ -113,24 +115,25 @@ def tune_with_ray(config, base: dict, cfg: Config, n_trials: int):
                                     min_samples_required=max(1, t.startup_trials))
                  if t.pruner == "median" else FIFOScheduler())
     output_dir = Path(cfg.output_dir).resolve()
+    check_tune_folder(output_dir / f"{prefix}-tune", study_name)  # now, not after the trials
     output_dir.mkdir(parents=True, exist_ok=True)
     started = start_ray(cfg)
     try:
-        trainable = tune.with_resources(make_trainable(config, base, cfg, name, os.getcwd()),
+        trainable = tune.with_resources(make_trainable(config, base, cfg, prefix, study_name, os.getcwd()),
                                         {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial})
         tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
             search_alg=searcher, scheduler=scheduler, num_samples=n_trials, max_concurrent_trials=t.concurrent),
             run_config=tune.RunConfig(name=study_name, storage_path=str(output_dir / "ray"), verbose=0))
         grid = tuner.fit()
-        rows = [_row(result, t.space, output_dir, name) for result in grid]
+        rows = [_row(result, t.space, output_dir, prefix) for result in grid]
     finally:
         if started:
             ray.shutdown()
     rows.sort(key=lambda r: r["number"])
-    return write_outputs(rows, study_name, direction, output_dir, name)
+    return write_outputs(rows, study_name, direction, output_dir, prefix)
 
 
-def _row(result, space: dict, output_dir: Path, name: str) -> dict:
+def _row(result, space: dict, output_dir: Path, prefix: str) -> dict:
     """A Ray trial's result as a tune.py trial row; stopped by the scheduler = PRUNED, as with Optuna."""
     history = result.metrics_dataframe
     records = [] if history is None else history.to_dict("records")
@@ -143,5 +146,5 @@ def _row(result, space: dict, output_dir: Path, name: str) -> dict:
     number = result.config[TRIAL_NUMBER]
     return {"number": number, "state": state, "value": last.get(OBJECTIVE) if state == "COMPLETE" else None,
             "params": {key: result.config.get(key) for key in space},
-            "run_dir": str(output_dir / f"{name}-trial-{number}"),
+            "run_dir": str(output_dir / f"{prefix}-trial-{number}"),
             "intermediate": {str(int(r["step"])): r[OBJECTIVE] for r in evals}}

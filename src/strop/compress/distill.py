@@ -13,6 +13,7 @@ keep only a random n-gram); those rows carry no gold label and train on the teac
 from __future__ import annotations
 
 import copy
+import math
 import random
 
 import numpy as np
@@ -31,9 +32,12 @@ from strop.models.classifier import task_loss
 def kept_layers(n_teacher: int, n_student: int) -> list[int]:
     """Indices of teacher layers the student keeps: evenly spaced, ending with the last one.
     6 -> 3 keeps [1, 3, 5] (every other layer); 12 -> 4 keeps [2, 5, 8, 11]."""
+    if n_teacher < 2:
+        raise ExportError(f"--distill {n_student}: the teacher has only {n_teacher} layer, so there is no shallower "
+                          "student to cut from it; export without --distill")
     if not 1 <= n_student < n_teacher:
-        raise ExportError(f"--distill {n_student}: the student needs between 1 and {n_teacher - 1} layers "
-                          f"(the teacher has {n_teacher})")
+        raise ExportError(f"--distill {n_student}: the student needs fewer layers than the teacher's {n_teacher}; "
+                          f"give {'1' if n_teacher == 2 else f'1 to {n_teacher - 1}'}")
     step = n_teacher / n_student
     return [round((i + 1) * step) - 1 for i in range(n_student)]
 
@@ -54,6 +58,16 @@ def make_student(teacher: nn.Module, n_layers: int) -> nn.Module:
     return student
 
 
+def check_distill_settings(temperature: float, alpha: float) -> None:
+    """--temperature must be a finite number > 0 and --alpha a weight in [0, 1]."""
+    if not 0 < temperature < math.inf:
+        raise ExportError(f"--temperature {temperature}: the distillation temperature must be a number > 0 "
+                          "(1 = the teacher's own probabilities, 2-4 is usual), e.g. --temperature 2")
+    if not 0 <= alpha <= 1:
+        raise ExportError(f"--alpha {alpha}: the weight of the teacher's soft labels must be in [0, 1] (1 - alpha "
+                          "goes to the gold labels), e.g. --alpha 0.5")
+
+
 def distillation_loss(teacher: nn.Module, task: str, temperature: float, alpha: float, device: torch.device,
                       precision: str):
     """loss_fn(student_logits, batch) for `fit`: alpha * soft loss + (1 - alpha) * task loss on gold labels.
@@ -62,8 +76,7 @@ def distillation_loss(teacher: nn.Module, task: str, temperature: float, alpha: 
     2015; T^2 keeps its gradient scale independent of T), BCE to the teacher's softened sigmoid (multi-label),
     MSE to the teacher's output (regression).
     """
-    if temperature <= 0 or not 0 <= alpha <= 1:
-        raise ExportError(f"distillation needs temperature > 0 and 0 <= alpha <= 1 (got {temperature}, {alpha})")
+    check_distill_settings(temperature, alpha)
     teacher.eval().to(device)
     t = temperature
 

@@ -10,7 +10,8 @@ RUN/export/ (a contract with `strop serve`, which loads it with onnxruntime):
   strop.json        the run's meta plus an "onnx" entry: files and input names
   parity.json       ONNX vs PyTorch on held data, and quality/size/speed of every variant
   pruned/, student/ optional: model folders (strop.json inside) of the pruned and distilled models
-The folder is written as export.tmp/ and renamed at the end; a parity failure leaves export.failed/ to inspect.
+Options are all checked first (options.py). The folder is written as export.tmp/, removed on any failure, and
+swapped in for export/ at the end (folders.py); a parity failure leaves export.failed/ to inspect.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from strop.compress.folders import replace_folder, tidy_leftovers
 from strop.compress.onnx import OnnxModel, export_onnx
+from strop.compress.options import ExportOptions, check_options, check_options_for_model
 from strop.compress.timing import latency_ms, throughput
 from strop.data.batching import Encoded, encode
 from strop.errors import ExportError, RunError, StropError
@@ -34,28 +36,6 @@ from strop.evaluate.metrics import primary_metric
 from strop.models.classifier import META_FILE, load_model, save_model
 
 CPU = torch.device("cpu")
-
-
-@dataclass
-class ExportOptions:
-    """What `strop export` writes and checks (CLI options of the same names)."""
-
-    int8: bool = True  # ONNX Runtime dynamic int8 (model.int8.onnx) and PyTorch dynamic int8
-    static_int8: bool = False  # also ONNX static int8 calibrated on training data (model.static-int8.onnx)
-    calibration_size: int = 256  # training examples for static int8 calibration
-    prune: dict | None = None  # {'magnitude': s} and/or {'heads': f, 'ffn': f}
-    recover_epochs: float = 0.0  # fine-tune the pruned model this many epochs on the training data
-    distill: int = 0  # student layers (0 = no distillation)
-    distill_epochs: float = 3.0  # student training epochs
-    temperature: float = 2.0  # distillation temperature
-    alpha: float = 0.5  # weight of the soft (teacher) loss; 1 - alpha goes to the gold labels
-    distill_augment: int = 0  # perturbed copies of each training example, labelled by the teacher alone
-    lr: float | None = None  # learning rate of recovery / distillation; empty = the run's train.lr
-    tolerance: float = 1e-3  # max |logit difference| allowed between ONNX fp32 and PyTorch on held data
-    data: str | None = None  # labelled file for parity and quality; empty = the run's validation (or test) split
-    timing: bool = True  # measure p50/p95 latency at batch 1 and throughput at batch 32 for every variant
-    timing_examples: int = 100  # examples timed at batch 1 (and x4 for throughput)
-    threads: int = 0  # threads for torch and onnxruntime; 0 = torch's current setting
 
 
 def run_model_dir(run: str | Path) -> Path:
@@ -191,37 +171,47 @@ class Report:
 def export_run(run: str | Path, opts: ExportOptions | None = None, log=print) -> dict:
     """Export and compress a finished run into RUN/export/; returns what parity.json holds.
 
-    Raises ExportError when the ONNX model's logits differ from PyTorch's by more than opts.tolerance.
+    Every option is checked before anything is written. The export is built in RUN/export.tmp/, which any failure
+    removes, and swapped in for RUN/export/ only once complete. Raises ExportError when the ONNX model's logits
+    differ from PyTorch's by more than opts.tolerance (RUN/export.failed/parity.json then says by how much).
     """
     opts = opts or ExportOptions()
-    if not opts.tolerance >= 0:
-        raise ExportError(f"--tolerance {opts.tolerance}: must be a number >= 0 (max |logit difference|), e.g. 1e-3")
-    if opts.distill_augment and not opts.distill:
-        raise ExportError(f"--distill-augment {opts.distill_augment} needs a student to train: add --distill N "
-                          "(the student's number of layers), or drop --distill-augment")
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
+    check_options(opts)
     model_dir = run_model_dir(run)
     run_dir = model_dir.parent
+    tidy_leftovers(run_dir, log)
     teacher, tokenizer, meta = load_model(model_dir)
-    if meta["task"] == "token_classification" and (opts.prune or opts.distill):
-        raise ExportError(f"{run_dir} is a token-classification run: --prune and --distill support classification "
-                          "runs only so far; export it without them (ONNX fp32 + int8)")
+    check_options_for_model(opts, teacher, meta, run_dir)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     need_train = opts.static_int8 or opts.distill > 0 or (opts.prune is not None and opts.recover_epochs > 0)
     held, source, train_enc, train_examples = _data(run_dir, model_dir, meta, tokenizer, opts, need_train)
     log(f"checking on {len(held)} held examples ({source})")
 
-    tmp, final, failed = run_dir / "export.tmp", run_dir / "export", run_dir / "export.failed"
-    for stale in (tmp, failed):
-        shutil.rmtree(stale, ignore_errors=True)
+    tmp, final = run_dir / "export.tmp", run_dir / "export"
+    shutil.rmtree(run_dir / "export.failed", ignore_errors=True)
     tmp.mkdir()
+    try:
+        parity = _export_into(tmp, run_dir, model_dir, teacher, tokenizer, meta, held, source, train_enc,
+                              train_examples, opts, log)
+        replace_folder(tmp, final)
+    except BaseException:  # Ctrl-C included: leave no half-written export.tmp/ behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {final}")
+    return parity
+
+
+def _export_into(tmp: Path, run_dir: Path, model_dir: Path, teacher, tokenizer, meta: dict, held: Encoded,
+                 source: str, train_enc, train_examples, opts: ExportOptions, log) -> dict:
+    """Write every file of the export into `tmp`; returns parity.json's content. A parity failure moves `tmp` to
+    RUN/export.failed/ and raises ExportError."""
     started = time.perf_counter()
     reference = logits_of(teacher, held)
     report = Report(held, meta, reference, opts)
     parity = {"run": str(run_dir), "task": meta["task"], "held_data": {"source": source, "examples": len(held)},
-              "adapter": {"present": (run_dir / "adapter").is_dir(), "merged": (run_dir / "adapter").is_dir(),
-                          "note": "RUN/model holds the adapter merged into the base; the export is of that model"},
-              "tolerance": opts.tolerance, "primary_metric": report.metric, "threads": torch.get_num_threads()}
+              "adapter": adapter_entry(meta), "tolerance": opts.tolerance,
+              "primary_metric": report.metric, "threads": torch.get_num_threads()}
 
     log("exporting ONNX (fp32) ...")
     names = export_onnx(teacher, tokenizer, tmp / "model.onnx", meta["max_length"])
@@ -232,6 +222,7 @@ def export_run(run: str | Path, opts: ExportOptions | None = None, log=print) ->
                                                         meta.get("threshold", 0.5)),
                       "passed": bool(diff.max() <= opts.tolerance)}
     if not parity["onnx"]["passed"]:
+        failed = run_dir / "export.failed"
         _write_json(tmp / "parity.json", parity)
         tmp.rename(failed)
         raise ExportError(f"ONNX export of {run_dir} disagrees with PyTorch: max |logit difference| "
@@ -266,11 +257,23 @@ def export_run(run: str | Path, opts: ExportOptions | None = None, log=print) ->
                                                    "dynamic_axes": ["batch", "sequence"]},
                                   "source_run": str(run_dir), "adapter_merged": parity["adapter"]["merged"]})
     _write_json(tmp / "parity.json", parity)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    log(f"wrote {final}")
     return parity
+
+
+def adapter_entry(meta: dict) -> dict:
+    """parity.json's account of the run's adapter: whether it had one, and whether RUN/model (what is exported)
+    holds it merged into the base."""
+    method = (meta.get("peft") or {}).get("method", "none")
+    if method in ("lora", "adalora"):
+        return {"present": True, "merged": True,
+                "note": f"{method} adapter: RUN/model holds it merged into the base (the unmerged adapter is in "
+                        "RUN/adapter/); the export is of that merged model"}
+    if method == "adapter":
+        return {"present": True, "merged": False,
+                "note": "bottleneck adapters (non-linear, so they cannot be merged): RUN/model holds the base plus "
+                        "the unmerged adapters (adapters.safetensors), and the ONNX graphs include them"}
+    return {"present": False, "merged": False,
+            "note": f"no adapter (peft.method={method}): the export is of RUN/model as trained"}
 
 
 def _int8_variants(report: Report, teacher, tmp: Path, names, train_enc, opts: ExportOptions, log) -> dict:

@@ -51,9 +51,14 @@ def input_names_for(tokenizer) -> tuple[str, ...]:
     return tuple(n for n in INPUTS if n in names or n != "token_type_ids")
 
 
-def example_inputs(tokenizer, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
-    """Two padded example texts: batch 2 and a length > 2, so the exporter keeps both axes dynamic."""
-    enc = tokenizer(["an example text to trace the model with", "a short one"], padding=True, return_tensors="pt")
+def example_inputs(tokenizer, names: tuple[str, ...], max_length: int = 512) -> tuple[torch.Tensor, ...]:
+    """Padded example texts, (batch, sequence) each, with 2 <= sequence <= max_length (the traced length must fit
+    the sequence axis's range) and batch != sequence, so the exporter keeps both axes dynamic and apart."""
+    texts = ["an example text to trace the model with", "a short one"]
+    length = max(2, max_length)
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=length, return_tensors="pt")
+    if enc["input_ids"].shape[1] == len(texts):  # e.g. max_length 2: a third text makes the batch axis differ
+        enc = tokenizer(texts + ["one more"], padding=True, truncation=True, max_length=length, return_tensors="pt")
     return tuple(enc[n] if n in enc else torch.zeros_like(enc["input_ids"]) for n in names)
 
 
@@ -70,16 +75,18 @@ def export_onnx(model: nn.Module, tokenizer, path: Path, max_length: int = 512) 
         raise ExportError("ONNX export needs onnxscript: pip install 'strop[onnx]'") from None
     names = input_names_for(tokenizer)
     wrapper = LogitsOnly(model.eval())
-    batch, seq = torch.export.Dim("batch", min=1, max=4096), torch.export.Dim("sequence", min=1, max=max_length)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    seq = torch.export.Dim("sequence", min=1, max=max(2, max_length))
     path.parent.mkdir(parents=True, exist_ok=True)
     # the exporter logs one line per torchvision op it skips and per pass; the parity check is what users need
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, example_inputs(tokenizer, names), str(path), input_names=list(names),
-                              output_names=["logits"], dynamic_shapes={n: {0: batch, 1: seq} for n in names},
-                              dynamo=True, external_data=False, opset_version=OPSET, verbose=False)
+            torch.onnx.export(wrapper, example_inputs(tokenizer, names, max_length), str(path),
+                              input_names=list(names), output_names=["logits"],
+                              dynamic_shapes={n: {0: batch, 1: seq} for n in names}, dynamo=True,
+                              external_data=False, opset_version=OPSET, verbose=False)
     except Exception as e:  # the exporter raises many types; all mean this architecture did not export
         arch = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise ExportError(f"architecture {arch!r} could not be exported to ONNX by torch {torch.__version__} "

@@ -94,15 +94,30 @@ def n_heads(layer: nn.Module) -> int:
     return att.query.out_features // att.attention_head_size
 
 
+def ffn_size(layer: nn.Module) -> int:
+    """FFN neurons of one layer (intermediate_size)."""
+    return layer.intermediate.dense.out_features
+
+
+def keep_count(kind: str, fraction: float, total: int, what: str) -> int:
+    """How many of `total` heads / neurons per layer `--prune kind=fraction` keeps (round(fraction * total) go);
+    an error when the fraction is out of [0, 1) or would remove all of them."""
+    if not 0 <= fraction < 1:
+        raise ExportError(f"--prune {kind}={fraction}: must be a fraction in [0, 1), e.g. {kind}=0.5")
+    keep_n = total - round(fraction * total)
+    if keep_n < 1:
+        most = math.floor(1000 * (total - 1) / total) / 1000  # 3 decimals, rounded down so that it keeps one
+        raise ExportError(f"--prune {kind}={fraction} would remove all {total} {what} of every layer "
+                          f"(round({fraction} x {total}) = {total}); use at most {kind}={most:g} to keep one")
+    return keep_n
+
+
 @torch.no_grad()
 def prune_heads(model: nn.Module, fraction: float) -> int:
     """Remove the `fraction` of attention heads with the smallest weight norm in every layer; returns heads kept
     per layer. Importance of head h: L2 norm of its query/key/value rows and its output-projection columns."""
     layers = encoder_layers(model)
-    total = n_heads(layers[0])
-    keep_n = total - round(fraction * total)
-    if not 0 <= fraction < 1 or keep_n < 1:
-        raise ExportError(f"--prune heads={fraction}: must be in [0, 1) and keep at least one of {total} heads")
+    keep_n = keep_count("heads", fraction, n_heads(layers[0]), "attention heads")
     for layer in layers:
         att, out = layer.attention.self, layer.attention.output
         d = att.attention_head_size
@@ -121,10 +136,7 @@ def prune_ffn(model: nn.Module, fraction: float) -> int:
     """Remove the `fraction` of FFN neurons with the smallest weight norm in every layer; returns neurons kept per
     layer and sets config.intermediate_size to it. Importance of neuron j: |W_in[j]| * |W_out[:, j]|."""
     layers = encoder_layers(model)
-    total = layers[0].intermediate.dense.out_features
-    keep_n = total - round(fraction * total)
-    if not 0 <= fraction < 1 or keep_n < 1:
-        raise ExportError(f"--prune ffn={fraction}: must be in [0, 1) and keep at least one of {total} neurons")
+    keep_n = keep_count("ffn", fraction, ffn_size(layers[0]), "FFN neurons")
     for layer in layers:
         w_in, w_out = layer.intermediate.dense, layer.output.dense
         score = w_in.weight.norm(dim=1) * w_out.weight.norm(dim=0)

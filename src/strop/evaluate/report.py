@@ -32,6 +32,13 @@ def _png(fig) -> str:
     return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
+def _plain(text) -> str:
+    """`text` as matplotlib draws it verbatim. Every string from the user (labels, entity types, split names) goes
+    through here: a pair of `$` starts mathtext, so the label `US$ & CA$` would be drawn mangled and `$x^$` would fail
+    to render at all (a ValueError from savefig); an escaped `\\$` is drawn as a plain `$`."""
+    return str(text).replace("$", r"\$")
+
+
 def _figure(w: float = 6.0, h: float = 3.2, cols: int = 1):
     import matplotlib
 
@@ -71,8 +78,8 @@ def summary_section(cfg, results: dict, meta: dict) -> str:
             ["lr / batch size / scheduler", f"{t.lr} / {t.batch_size} / {t.scheduler}"],
             ["precision", results.get("precision")], ["seed", t.seed],
             ["best step", f"{results.get('best_step')} ({results.get('metric')}={results.get('best_metric')})"],
-            ["train seconds / samples per s", f"{results.get('train_seconds', 0):.1f} / "
-                                              f"{results.get('train_samples_per_s', 0):.1f}"]]
+            ["train seconds / samples per s", (f"{results.get('train_seconds', 0):.1f} / "
+                                               f"{results.get('train_samples_per_s', 0):.1f}")]]
     if "trainable_params" in results:
         rows.append(["trainable parameters", f"{results['trainable_params']:,} of {results['total_params']:,}"])
     return _table(["", ""], rows, "kv")
@@ -88,8 +95,9 @@ def data_section(data: dict, ds) -> str:
         labels = list(next(iter(counts.values())))
         width = 0.8 / len(counts)
         for k, (split, c) in enumerate(counts.items()):
-            ax.bar(np.arange(len(labels)) + k * width, [c[n] for n in labels], width, label=split)
-        ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, labels, rotation=30, ha="right")
+            ax.bar(np.arange(len(labels)) + k * width, [c[n] for n in labels], width, label=_plain(split))
+        ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, [_plain(n) for n in labels], rotation=30,
+                      ha="right")
         ax.set_title("class balance")
         ax.legend()
         parts.append(_png(fig))
@@ -99,7 +107,7 @@ def data_section(data: dict, ds) -> str:
         return "".join(parts)
     fig, ax = _figure()
     for split, ex in ds.splits.items():
-        ax.hist([len(t.split()) for t in _texts(ex)], bins=40, alpha=0.5, label=split)
+        ax.hist([len(t.split()) for t in _texts(ex)], bins=40, alpha=0.5, label=_plain(split))
     ax.set_xlabel("words per text")
     ax.set_title("text lengths")
     ax.legend()
@@ -161,7 +169,7 @@ def curves_section(records: list[dict], metric: str) -> str:
         fig, ax = _figure()
         ax.plot([r["step"] for r in val], [r[metric] for r in val], "o-")
         ax.set_xlabel("step")
-        ax.set_title(f"validation {metric}")
+        ax.set_title(_plain(f"validation {metric}"))
         parts.append(_png(fig))
     return "".join(parts)
 
@@ -191,11 +199,11 @@ def confusion_section(results: dict, labels: list[str], split: str) -> str:
         for j in range(len(labels)):
             ax.text(j, i, int(cm[i, j]), ha="center", va="center",
                     color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xticks(range(len(labels)), [_plain(n) for n in labels], rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), [_plain(n) for n in labels])
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"confusion matrix ({split})")
+    ax.set_title(_plain(f"confusion matrix ({split})"))
     return _png(fig)
 
 
@@ -214,13 +222,22 @@ def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> 
     return {"ece": float(ece), "bins": rows}
 
 
+def multi_label_calibration(probs: np.ndarray, labels: np.ndarray, threshold: float, bins: int = 10) -> dict:
+    """Calibration of every per-label decision. probs, labels: (n, num_labels); a label is predicted when its
+    probability >= threshold (the one tuned on validation), so a decision's confidence is p when it says yes and 1 - p
+    when it says no (with threshold != 0.5 that can be below 0.5: a yes at p = 0.35 is a 35% bet)."""
+    predicted = probs >= threshold
+    confidence = np.where(predicted, probs, 1 - probs)
+    return calibration(confidence.ravel(), (predicted == (labels > 0.5)).ravel(), bins)
+
+
 def calibration_section(cal: dict, split: str) -> str:
     fig, ax = _figure(4, 4)
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
     ax.plot([r["confidence"] for r in cal["bins"]], [r["accuracy"] for r in cal["bins"]], "o-", label="model")
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"reliability ({split}); ECE = {cal['ece']:.3f}")
+    ax.set_title(_plain(f"reliability ({split}); ECE = {cal['ece']:.3f}"))
     ax.legend()
     return f"<p>expected calibration error: <b>{cal['ece']:.4f}</b></p>" + _png(fig)
 
@@ -264,9 +281,10 @@ def entities_section(predictor, ex, results: dict, split: str, k: int = 8) -> st
     per = (results.get(split) or {}).get("per_type") or {}
     if per:
         fig, ax = _figure()
-        ax.bar(list(per), [v["f1"] for v in per.values()])
+        ax.bar(range(len(per)), [v["f1"] for v in per.values()])
+        ax.set_xticks(range(len(per)), [_plain(t) for t in per])  # entity types come from the data
         ax.set_ylim(0, 1)
-        ax.set_title(f"entity F1 per type ({split})")
+        ax.set_title(_plain(f"entity F1 per type ({split})"))
         parts.append(_png(fig))
     sentences = ex.tokens[:400]
     tagged = predictor.tag(sentences)
@@ -318,7 +336,7 @@ def regression_section(pred: np.ndarray, true: np.ndarray, split: str) -> str:
     ax.plot([lo, hi], [lo, hi], "--", color="grey")
     ax.set_xlabel("true")
     ax.set_ylabel("predicted")
-    ax.set_title(f"predicted vs true ({split})")
+    ax.set_title(_plain(f"predicted vs true ({split})"))
     return _png(fig)
 
 
@@ -389,9 +407,7 @@ def build_report(run_dir: str | Path, explain_k: int = 5, errors_k: int = 10) ->
             sections["calibration"] = calibration_section(cal, split)
             sections["errors"], extra["worst_errors"] = errors_section(predictor, ex, probs, errors_k, explain_k)
         elif task == "multi_label":
-            conf = np.abs(probs - 0.5) + 0.5
-            correct = (probs >= meta.get("threshold", 0.5)) == (ex.labels > 0.5)
-            cal = calibration(conf.ravel(), correct.ravel())
+            cal = multi_label_calibration(probs, ex.labels, meta.get("threshold", 0.5))
             extra["calibration"] = cal
             sections["calibration"] = calibration_section(cal, split + ", per label decision")
         elif task == "regression":
@@ -408,8 +424,13 @@ def build_report(run_dir: str | Path, explain_k: int = 5, errors_k: int = 10) ->
             f'<p>{html.escape(time.strftime("%Y-%m-%d %H:%M"))} · {html.escape(str(run_dir))}</p><nav>{nav}</nav>'
             f'{body}</main><script>{SCRIPT}</script></body></html>')
     out = run_dir / "report.html"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)
-    (run_dir / "report.json").write_text(json.dumps(extra, indent=2), encoding="utf-8")
+    _write_atomic(out, page)
+    _write_atomic(run_dir / "report.json", json.dumps(extra, indent=2))
     return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write to path.tmp, then rename: a crash or a full disk never leaves a half-written file behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)

@@ -4,15 +4,16 @@ Integrated gradients attribute `logit[target](x) - logit[target](baseline)` to t
 the special tokens ([CLS], [SEP]) and replaces every other token by [PAD]. Completeness — the attributions sum to that
 logit difference — is checked and reported (`completeness.delta`); more steps shrink it. Attention rollout (Abnar &
 Zuidema 2020) multiplies the head-averaged attention maps (plus the residual identity) through the layers and reads the
-[CLS] row: a cheaper, gradient-free view, not a faithful attribution.
+row of what the head sees ([CLS], or the mean over the tokens for pooling=mean): a cheaper, gradient-free view, not a
+faithful attribution. Both need the run's PyTorch model: an ONNX export has no gradients and no attention maps.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
-
 import torch
 
 from strop.errors import DataError, StropError
@@ -69,6 +70,19 @@ class Explanation:
                 "words": self.words(), "completeness": self.completeness}
 
 
+def require_torch_model(predictor) -> None:
+    """Explanations differentiate through the model and read its attention maps: an ONNX export (which
+    Predictor.load also accepts) has neither, so say which folder to give instead."""
+    if isinstance(predictor.model, torch.nn.Module):
+        return
+    onnx_file = getattr(predictor.model, "path", None)
+    run = Path(onnx_file).parent.parent if onnx_file else None  # an export is written to RUN/export/
+    instead = run if run is not None and (run / "model" / "strop.json").is_file() else "runs/<name>"
+    raise StropError(f"explanations need the run's PyTorch model (gradients and attention maps); "
+                     f"{onnx_file or 'this model'} is an ONNX export. Give the run folder instead: strop explain "
+                     f"{instead}")
+
+
 def _target_index(target: str | int | None, pred: dict, labels: list[str], task: str) -> tuple[int, str]:
     if task == "regression":
         return 0, "value"
@@ -97,6 +111,7 @@ def explain(predictor, text: str, pair: str | None = None, target: str | int | N
     difference| <= tolerance x |logit difference|; `completeness` reports what was reached."""
     from captum.attr import LayerIntegratedGradients
 
+    require_torch_model(predictor)
     if not isinstance(text, str) or not text.strip():
         raise DataError("the text to explain is empty")
     if predictor.meta.get("text_pair_column") and pair is None:
@@ -135,22 +150,36 @@ def explain(predictor, text: str, pair: str | None = None, target: str | int | N
                     "within_tolerance": delta <= tolerance * max(abs(diff), 1e-2), "tolerance": tolerance}
     tokens = tok.convert_ids_to_tokens(inputs["input_ids"][0].tolist())
     segments = [-1 if s is None else s for s in seq_ids]
-    roll = attention_rollout(model, inputs) if rollout else []
+    roll = attention_rollout(model, inputs, meta.get("pooling", "cls")) if rollout else []
     return Explanation(text, pair, name, pred, tokens, [(int(a), int(b)) for a, b in offsets], segments,
                        scores.tolist(), completeness, roll)
 
 
+def encoder_of(model) -> torch.nn.Module:
+    """The transformer under a classifier's head, the module that can return attention maps: strop's
+    MeanPoolClassifier keeps it as `.backbone` (its own forward takes no `output_attentions`); Hugging Face
+    `*ForSequenceClassification` / `*ForTokenClassification` models as `.base_model`."""
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, torch.nn.Module):
+        return backbone
+    return getattr(model, "base_model", model)
+
+
 @torch.no_grad()
-def attention_rollout(model, inputs: dict) -> list[float]:
-    """Rollout of the [CLS] token's attention over the input tokens, (seq_len,) summing to 1."""
-    previous = getattr(model.config, "_attn_implementation", None)
+def attention_rollout(model, inputs: dict, pooling: str = "cls") -> list[float]:
+    """Rollout of the attention over the input tokens, (seq_len,) summing to 1: the [CLS] row (pooling=cls), or the
+    mean of the real tokens' rows (pooling=mean: the head reads the average of every token's state).
+
+    inputs: input_ids, attention_mask (and token_type_ids), each (1, seq_len)."""
+    encoder = encoder_of(model)
+    previous = getattr(encoder.config, "_attn_implementation", None)
     try:
-        if hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation("eager")  # fused SDPA kernels return no attention weights
-        out = model(**inputs, output_attentions=True)
+        if hasattr(encoder, "set_attn_implementation"):
+            encoder.set_attn_implementation("eager")  # fused SDPA kernels return no attention weights
+        out = encoder(**inputs, output_attentions=True)
     finally:
-        if previous and hasattr(model, "set_attn_implementation"):
-            model.set_attn_implementation(previous)
+        if previous and hasattr(encoder, "set_attn_implementation"):
+            encoder.set_attn_implementation(previous)
     attentions = getattr(out, "attentions", None)
     if not attentions:
         return []
@@ -159,7 +188,11 @@ def attention_rollout(model, inputs: dict) -> list[float]:
     for layer in attentions:
         a = layer[0].float().mean(0).cpu() + torch.eye(n)  # heads averaged, residual added
         rollout = (a / a.sum(-1, keepdim=True)) @ rollout
-    row = rollout[0]
+    if pooling == "mean":
+        mask = inputs["attention_mask"][0].float().cpu()
+        row = (rollout * mask[:, None]).sum(0) / mask.sum()
+    else:
+        row = rollout[0]
     return (row / row.sum()).tolist()
 
 
@@ -258,6 +291,7 @@ def explain_entities(predictor, text: str, steps: int = 50, tolerance: float = 0
     from strop.data.ner import TokenExamples
     from strop.data.tokens import split_words
 
+    require_torch_model(predictor)
     if not isinstance(text, str) or not text.strip():
         raise DataError("the text to explain is empty")
     model, tok, labels = predictor.model, predictor.tokenizer, predictor.labels

@@ -4,11 +4,16 @@ registered in the model registry (`mlflow.register_as`).
 
 The default store is a local SQLite file, sqlite:///<output_dir>/mlflow.db, with artifacts in <output_dir>/mlartifacts:
 no server, no network. Browse it with `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`.
+
+Metric names carry label names (validation/per_class/<label>/f1), and MLflow accepts only some characters in a name:
+each other character becomes '_' (`MetricNames`), so `C++` is logged as validation/per_class/C__/f1. metrics.jsonl and
+results.json keep the labels as they are.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -21,6 +26,45 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
 MAX_PARAM_CHARS = 6000
+# mlflow.utils.validation.validate_param_and_metric_name: slashes, word characters, '.', '-' and ' ' (and ':' except on
+# Windows, left out so the store reads the same everywhere); whole names are at most 250 characters
+NOT_ALLOWED = re.compile(r"[^/\w.\- ]")
+MAX_SEGMENT_CHARS = 120  # a label this long still leaves room for final_validation/per_class/.../precision
+
+
+class MetricNames:
+    """strop metric name -> a name MLflow accepts: the same one every time it is asked, no two names alike.
+
+    Each '/'-separated part is cleaned on its own (`mlflow_segment`); a part that then collides with a different part
+    under the same parent (labels `a?b` and `a&b` both give `a_b`) becomes `a_b_2`, so all the metrics of one label
+    stay together: validation/per_class/a_b_2/precision, validation/per_class/a_b_2/recall..."""
+
+    def __init__(self):
+        self.parts: dict[tuple[str, str], str] = {}  # (parent as logged, part as given) -> part as logged
+        self.taken: dict[str, set[str]] = {}  # parent as logged -> the parts logged under it
+
+    def __call__(self, name: str) -> str:
+        parent = ""
+        for part in name.split("/"):
+            if (parent, part) not in self.parts:
+                taken = self.taken.setdefault(parent, set())
+                logged, k = mlflow_segment(part), 1
+                while logged in taken:
+                    k += 1
+                    logged = mlflow_segment(part, MAX_SEGMENT_CHARS - len(str(k)) - 1) + f"_{k}"
+                taken.add(logged)
+                self.parts[parent, part] = logged
+            parent = f"{parent}/{self.parts[parent, part]}" if parent else self.parts[parent, part]
+        return parent
+
+
+def mlflow_segment(part: str, limit: int = MAX_SEGMENT_CHARS) -> str:
+    """One part of a metric name, cut to `limit` characters, with each character MLflow rejects replaced by '_'. MLflow
+    reads names as file paths, so a part it would resolve away ('', '.', '..', or starting with '..') is changed too."""
+    part = NOT_ALLOWED.sub("_", part[:limit])
+    if not part.strip("."):
+        return "_" * max(len(part), 1)
+    return "_" + part[1:] if part.startswith("..") else part
 
 
 def tracking_uri(cfg) -> str:
@@ -34,6 +78,7 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri(cfg))
+        self.metric_name = MetricNames()
         self.register_as = cfg.mlflow.register_as
         experiment = self.client.get_experiment_by_name(cfg.mlflow.experiment)
         if experiment is not None:
@@ -55,7 +100,7 @@ class MlflowTracker:
 
         split, step, now = record.get("split", "train"), int(record.get("step", 0)), int(time.time() * 1000)
         values = scalars({k: v for k, v in record.items() if k not in ("step", "split")})
-        metrics = [Metric(f"{split}/{k}", v, now, step) for k, v in values.items()]
+        metrics = [Metric(self.metric_name(f"{split}/{k}"), v, now, step) for k, v in values.items()]
         if metrics:  # one write per record: a few per evaluation, not per scalar
             self.client.log_batch(self.run_id, metrics=metrics)
 
