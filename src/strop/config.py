@@ -379,9 +379,10 @@ def _text(raw: str) -> Any:
     return text
 
 
-def _key_type(key: str) -> Any:
-    """The annotated type of a dotted config key; None when there is no such key (applying it says so)."""
-    tp: Any = Config
+def _key_type(key: str, root: Any = None) -> Any:
+    """The annotated type of a dotted key of `root` (the run config); None when there is no such key (applying it
+    says so)."""
+    tp: Any = root or Config
     for part in key.split("."):
         if not _is_section(tp):
             return None
@@ -389,14 +390,17 @@ def _key_type(key: str) -> Any:
     return tp
 
 
-def parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str, root: Any = None, section: str = "") -> tuple[str, Any]:
     """'train.epochs=2' -> ('train.epochs', 2); values are parsed as YAML scalars ('3e-4' stays text, which a
-    float field then converts), except for text fields, which take the text as typed (name=007 -> '007')."""
+    float field then converts), except for text fields, which take the text as typed (name=007 -> '007').
+
+    `root` is the config class the keys belong to (the run config unless given), `section` a key prefix it does not
+    hold (the serving config's 'serve.')."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key=value, e.g. train.lr=3e-4")
     key, raw = text.split("=", 1)
     key = key.strip()
-    if _key_type(key) in (str, str | None):
+    if _key_type(key.removeprefix(section), root) in (str, str | None):
         return key, _text(raw)
     return key, _scalar(raw)
 

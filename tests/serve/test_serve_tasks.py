@@ -151,6 +151,9 @@ def test_shipped_serve_yaml_loads(tmp_path):
         with pytest.raises(ConfigError, match=r"serve.device=cuda but no CUDA GPU is visible; use serve.device=auto"):
             load_serve_config(None, ["serve.device=cuda"])
     assert load_serve_config(None).device == "auto"
+    # text settings keep their text, with or without the serve. prefix (YAML would read 007 as 7, 0x10 as 16)
+    cfg = load_serve_config(None, ["serve.api_key_file=007", "onnx_file=0x10", "serve.port=8001"])
+    assert cfg.api_key_file == "007" and cfg.onnx_file == "0x10" and cfg.port == 8001
 
 
 def test_auto_device_serves_on_what_this_machine_has(single_run):

@@ -69,7 +69,8 @@ def load_serve_config(path: str | Path | None = None, overrides: list[str] | dic
     if path is not None:
         path = Path(path)
         _apply_serve(cfg, _section(read_yaml(path, "serve config file"), path))
-    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    items = overrides.items() if isinstance(overrides, dict) else \
+        (parse_override(o, ServeConfig, "serve.") for o in overrides or [])
     for key, value in items:
         key = key.removeprefix("serve.")
         _apply_serve(cfg, _nest(key, value))
