@@ -257,3 +257,66 @@ def test_resume_auto_never_replaces_a_folder_with_a_model(tiny_model, toy_splits
     with pytest.raises(RunError, match="holds a model"):
         strop.train(None, _args(tiny_model, toy_splits, out, **{"train.resume": "auto"}))
     assert (run_dir / "model" / "strop.json").is_file() and (run_dir / "metrics.jsonl").is_file()
+
+
+def _checkpointed_run(tiny_model, toy_splits, out, **extra):
+    """A finished 6-step run with its checkpoint (step 4; the last step is not saved) and without model/ and
+    results.json, as if killed before the end."""
+    import shutil
+
+    run = strop.train(None, _args(tiny_model, toy_splits, out, **{"train.max_steps": 6, "train.save_every": 4,
+                                                                    **extra}))
+    shutil.rmtree(run.run_dir / "model")
+    (run.run_dir / "results.json").unlink()
+    return run.run_dir
+
+
+def test_resume_refuses_changed_optimisation_settings(tiny_model, toy_splits, tmp_path):
+    """The checkpoint's optimizer restores the old learning rate whatever the config says, and its data position
+    assumes the old batches: a changed lr or batch size would be silently ignored or mixed, so it is refused."""
+    run_dir = _checkpointed_run(tiny_model, toy_splits, tmp_path / "runs")
+    before = (run_dir / "config.yaml").read_text()
+    for override in ("train.lr=0.5", "train.batch_size=4"):
+        with pytest.raises(RunError, match="with changed settings") as e:
+            strop.train(resume=run_dir, overrides=[override])
+        assert override.split("=")[0] in str(e.value)
+    assert (run_dir / "config.yaml").read_text() == before  # nothing rewritten
+    # the run's length and logging may change
+    run = strop.train(resume=run_dir, overrides=["train.max_steps=7", "train.log_every=1"])
+    assert run.results["resumed_from_step"] == 4 and run.results["steps"] == 7
+
+
+def test_adalora_runs_are_not_resumed_inexactly(tiny_model, toy_splits, tmp_path):
+    run_dir = _checkpointed_run(tiny_model, toy_splits, tmp_path / "runs", **{"peft.method": "adalora"})
+    with pytest.raises(RunError, match="AdaLoRA"):
+        strop.train(resume=run_dir)
+
+
+def test_keep_checkpoints_zero_is_refused():
+    from strop.config import load_config
+
+    with pytest.raises(ConfigError, match="train.keep_checkpoints=0 must be >= 1"):
+        load_config(None, ["data.train=x.csv", "train.keep_checkpoints=0"])
+
+
+def test_a_stopped_fewshot_run_resumes_where_it_stopped(tiny_model, toy_splits, tmp_path, monkeypatch):
+    """Ctrl-C in a few-shot run writes a checkpoint and says how to resume: the contrastive phase continues from it
+    (it used to start again from step 1), then the head is fitted."""
+    from strop.training import fewshot as fewshot_mod
+
+    args = {"train.mode": "fewshot", "fewshot.epochs": 2}
+    straight = strop.train(None, _args(tiny_model, toy_splits, tmp_path / "a", **args, **{"train.max_steps": -1}))
+    real = fewshot_mod.contrastive_config
+
+    def saving(cfg, n):  # the phase checkpoints only on a signal; here every 4 steps, as a stand-in for Ctrl-C
+        phase = real(cfg, n)
+        phase.train.save_every = 4
+        return phase
+
+    with monkeypatch.context() as m:
+        m.setattr(fewshot_mod, "contrastive_config", saving)
+        run_dir = _checkpointed_run(tiny_model, toy_splits, tmp_path / "b", **args)
+    resumed = strop.train(resume=run_dir, overrides=["train.max_steps=-1"])
+    assert resumed.results["resumed_from_step"] > 0
+    assert resumed.results["steps"] == straight.results["steps"]
+    assert resumed.results["test"]["accuracy"] == pytest.approx(straight.results["test"]["accuracy"])

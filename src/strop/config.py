@@ -497,6 +497,9 @@ def validate(cfg: Config) -> None:
                        }.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
+    if t.keep_checkpoints < 1:
+        raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be >= 1 (0 would delete each checkpoint "
+                          "as soon as it is written); to write none, set train.save_every=-1")
     if t.save_every < -1:
         raise ConfigError(f"train.save_every={t.save_every} must be -1 (never), 0 (at evaluations) or a step count")
     for key in ("dropout", "hidden_dropout", "attention_dropout"):

@@ -96,6 +96,7 @@ def resolve_run(config, overrides, overwrite: bool, resume) -> tuple[Config, Pat
     if wants_resume and run_dir.is_dir():
         ckpt = latest_checkpoint(run_dir, log=lambda m: console.print(f"[yellow]{escape(m)}[/yellow]"))
         if ckpt is not None:
+            check_resumable(cfg, run_dir)
             return cfg, run_dir, ckpt
     if resume:
         raise RunError(f"cannot resume {run_dir}: it has no complete checkpoint (checkpoints/step-N/COMPLETE); "
@@ -105,6 +106,40 @@ def resolve_run(config, overrides, overwrite: bool, resume) -> tuple[Config, Pat
     if run_dir.exists() and any(run_dir.iterdir()) and not (overwrite or restart):
         raise _existing_run_error(run_dir)
     return cfg, run_dir, None
+
+
+# settings a resumed run may change: they do not touch the optimisation, the data or its order (the run's length may
+# change: stopping earlier or training on is asked for, and the schedule follows the new length)
+SAFE_ON_RESUME = ("train.log_every", "train.threads", "train.keep_checkpoints", "train.save_every", "train.resume",
+                  "train.eval_every", "train.max_steps", "train.epochs", "train.early_stopping_patience", "track",
+                  "eval.report", "eval.report_explain", "eval.batch_size", "output_dir", "name")
+
+
+def check_resumable(cfg: Config, run_dir: Path) -> None:
+    """A resumed run continues the same optimisation: the checkpoint's optimizer and scheduler restore the old
+    learning rate whatever the config says, and its data position assumes the old batches. Refuse settings that
+    differ from the run's config.yaml, except those in SAFE_ON_RESUME."""
+    import dataclasses
+
+    def flat(obj, prefix=""):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            out.update(flat(value, f"{prefix}{f.name}.") if dataclasses.is_dataclass(value) else
+                       {prefix + f.name: list(value) if isinstance(value, tuple) else value})
+        return out
+
+    saved, now = flat(load_config(run_dir / "config.yaml")), flat(cfg)
+    changed = [k for k in now if now[k] != saved.get(k) and k not in SAFE_ON_RESUME and not k.startswith("tune.")]
+    if changed:
+        shown = ", ".join(f"{k}={saved.get(k)!r} -> {now[k]!r}" for k in changed[:5])
+        raise RunError(f"cannot resume {run_dir} with changed settings ({shown}): the checkpoint continues the "
+                       "optimisation it saved (its learning rate, schedule and data order). Resume without them, or "
+                       "start a new run (another name=..., or --overwrite)")
+    if cfg.peft.method == "adalora":
+        raise RunError(f"cannot resume {run_dir}: an AdaLoRA run's rank allocator keeps importance statistics that "
+                       "checkpoints do not hold, so a resumed run would allocate other ranks than an uninterrupted "
+                       "one; start it again with --overwrite (or use peft.method=lora, which resumes exactly)")
 
 
 def open_run_dir(run_dir: Path, ckpt: Path | None) -> int:
@@ -270,7 +305,8 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
             if "validation" not in encoded:
                 console.print("[yellow]no validation split: no evaluation during training[/yellow]")
             if mode == "fewshot":
-                fitted = train_fewshot(model, encoded["train"], cfg, ds.labels, device, precision, tracker, run_dir)
+                fitted = train_fewshot(model, encoded["train"], cfg, ds.labels, device, precision, tracker, run_dir,
+                                       resume_from=ckpt)
             else:
                 fitted = fit(model, encoded["train"], encoded.get("validation"), cfg, ds.task, ds.labels, device,
                              precision, tracker, metric, run_dir, resume_from=ckpt, peft_hook=peft_hook,

@@ -5,7 +5,9 @@ written last, and the folder renamed to `checkpoints/step-N/`. A crash at any mo
 checkpoints untouched or a `.tmp-*` / marker-less folder, which `latest_checkpoint` ignores and removes.
 
 Files: model.safetensors (weights), optimizer.pt and rng.pt (tensors and plain values only: loaded with
-`weights_only=True`, so a pickle that would run code is refused), state.json (counters, data position, early stopping).
+`weights_only=True`, so a pickle that would run code is refused), state.json (counters, data position, early stopping),
+and best.safetensors (the best evaluation's trainable weights) only when that step has no checkpoint of its own
+(eval_every and save_every differ), so a resumed run restores the same best weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from strop.errors import RunError
 
 COMPLETE = "COMPLETE"
 PREFIX = "step-"
+BEST = "best.safetensors"
 
 
 @dataclass
@@ -93,9 +96,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainState, weights: dict | None = None,
-                    optimizer_state: dict | None = None) -> Path:
+                    optimizer_state: dict | None = None, best_weights: dict | None = None) -> Path:
     """Write checkpoints/step-<state.step>/ atomically; returns its path.
-    weights / optimizer_state: the state dicts to write instead of model's and optimizer's own (FSDP gathers them)."""
+    weights / optimizer_state: the state dicts to write instead of model's and optimizer's own (FSDP gathers them).
+    best_weights: the weights of evaluation step state.best_step, written as best.safetensors when that step has no
+    checkpoint of its own."""
     root = run_dir / "checkpoints"
     root.mkdir(exist_ok=True)
     final = root / f"{PREFIX}{state.step}"
@@ -104,6 +109,9 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, state: TrainStat
     tmp.mkdir()
     save_file(_weights(model) if weights is None else _unalias(weights), str(tmp / "model.safetensors"))
     _fsync_file(tmp / "model.safetensors")
+    if best_weights is not None:
+        save_file(_unalias(best_weights), str(tmp / BEST))
+        _fsync_file(tmp / BEST)
     _torch_save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
     _torch_save({"scheduler": scheduler.state_dict(), "rng": rng_state()}, tmp / "rng.pt")
     with open(tmp / "state.json", "w", encoding="utf-8") as f:
@@ -183,6 +191,11 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError) as e:
         raise RunError(f"{path} is corrupt or truncated ({e}); delete this checkpoint folder to use an older one"
                        ) from None
+
+
+def load_best_weights(path: Path) -> dict[str, torch.Tensor] | None:
+    """The best evaluation's weights stored in checkpoint `path` (see save_checkpoint's best_weights), or None."""
+    return load_weights(path / BEST) if (path / BEST).is_file() else None
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, load_state=None) -> TrainState:

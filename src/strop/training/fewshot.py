@@ -176,7 +176,7 @@ def contrastive_config(cfg, n_train: int):
 
 
 def train_fewshot(model: MeanPoolClassifier, train: Encoded, cfg, label_names: list[str], device: torch.device,
-                  precision: str, tracker, run_dir) -> FitResult:
+                  precision: str, tracker, run_dir, resume_from=None) -> FitResult:
     """Contrastive phase (the training loop with a pair loss), then the head fitted on the train embeddings and
     written into model.classifier. Returns the loop's FitResult with train_seconds covering both phases."""
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -192,7 +192,7 @@ def train_fewshot(model: MeanPoolClassifier, train: Encoded, cfg, label_names: l
     console.print(f"few-shot: contrastive phase ({f.loss} loss over all in-batch pairs), "
                   f"{phase.train.epochs:g} epochs of batch {phase.train.batch_size}, lr {f.lr:g}")
     fitted = fit(Embedder(model), train, None, phase, "single_label", label_names, device, precision, tracker,
-                 "loss", run_dir, loss_fn=loss_fn)
+                 "loss", run_dir, loss_fn=loss_fn, resume_from=resume_from)  # a stopped run continues (Ctrl-C)
     model.classifier.requires_grad_(True)
     x = embed_all(model, train, cfg.eval.batch_size, device, precision)
     y = torch.as_tensor(np.asarray(train.labels), dtype=torch.long)

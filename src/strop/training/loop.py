@@ -17,7 +17,8 @@ from strop.evaluate.evaluator import MODEL_INPUTS, evaluate
 from strop.evaluate.metrics import greater_is_better
 from strop.models.classifier import task_loss
 from strop.models.peft import PeftHook
-from strop.training.checkpoint import TrainState, load_checkpoint, load_weights, prune_checkpoints, save_checkpoint
+from strop.training.checkpoint import (COMPLETE, PREFIX, TrainState, load_best_weights, load_checkpoint, load_weights,
+                                       prune_checkpoints, save_checkpoint)
 from strop.training.distributed import (Dist, gather_full_state, is_sharded, load_full_state, shard,
                                         trainable_snapshot, wrap_model)
 from strop.training.ds_engine import deepspeed_engine
@@ -103,7 +104,8 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
     if resume_from and dist.rank:  # the checkpoint holds rank 0's RNG; the other ranks keep their own masks
         torch.manual_seed(t.seed + dist.rank + state.step)
     result = FitResult(state, steps_per_epoch)
-    best_state = None
+    # the best evaluation's weights; after a resume, those the checkpoint carries when the best step has none of its own
+    best_state = load_best_weights(resume_from) if resume_from and t.restore_best else None
     window_loss = torch.tensor(state.window[0], device=device)  # summed on-device; read once per log line
     window_start = time.perf_counter()
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -115,6 +117,11 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
             gathered["weights"], gathered["optimizer_state"] = gather_full_state(model, optimizer)
         if not dist.main:
             return
+        best_dir = run_dir / "checkpoints" / f"{PREFIX}{state.best_step}"
+        if (t.restore_best and best_state is not None and not sharded and state.best_step != state.step
+                and not (best_dir / COMPLETE).is_file()):
+            # eval_every != save_every: the best step was never checkpointed, so this checkpoint carries its weights
+            gathered["best_weights"] = best_state
         save_checkpoint(run_dir, model, optimizer, scheduler, state, **gathered)
         prune_checkpoints(run_dir, t.keep_checkpoints, {state.best_step} if state.best_step else set())
 
@@ -141,9 +148,13 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
                     where = f"step {state.step + 1} (epoch {state.epoch}, batch {state.batch_in_epoch}, training " \
                             f"examples {idx[:6].tolist()}{'...' if len(idx) > 6 else ''})"
                     if t.nonfinite == "stop" or state.skipped_steps > t.max_skipped_steps:
-                        raise NonFiniteError(f"non-finite loss ({float(loss)}) or gradient norm ({float(norm)}) at "
-                                             f"{where}; checkpoints written before it are kept. Lower train.lr, use "
-                                             "train.precision=fp32, check the data, or set train.nonfinite=skip")
+                        found = f"non-finite loss ({float(loss)}) or gradient norm ({float(norm)}) at {where}"
+                        if t.nonfinite == "skip":
+                            found += (f"; that makes {state.skipped_steps} skipped steps, more than "
+                                      f"train.max_skipped_steps={t.max_skipped_steps}")
+                        fix = "set train.nonfinite=skip" if t.nonfinite == "stop" else "raise train.max_skipped_steps"
+                        raise NonFiniteError(f"{found}; checkpoints written before it are kept. Lower train.lr, use "
+                                             f"train.precision=fp32, check the data, or {fix}")
                     progress.note(f"[yellow]skipped {where}: non-finite loss/gradient "
                                   f"({state.skipped_steps}/{t.max_skipped_steps})[/yellow]")
                     state.batch_in_epoch += 1

@@ -1,0 +1,90 @@
+"""Resuming a run whose best evaluation fell on a step that was never checkpointed (eval_every != save_every),
+and the message of the non-finite guard's skip cap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_overrides
+from safetensors.torch import load_file
+from test_fault_tolerance import _nan_at
+
+import strop
+from strop.errors import StropError
+from strop.training import checkpoint as ckpt_mod
+from strop.training import loop as loop_mod
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+def _best_at_step_2(monkeypatch):
+    """Script the validation metric so the best evaluation is step 2, which save_every=4 never checkpoints."""
+    real = loop_mod._track_best
+
+    def track(state, value, higher):
+        good = state.step == 2
+        return real(state, 1.0 if good == higher else 0.0, higher)
+
+    monkeypatch.setattr(loop_mod, "_track_best", track)
+
+
+@pytest.mark.parametrize("kill_step,keep", [(4, 5), (8, 1)], ids=["first-save", "best-pruned-window"])
+def test_resume_restores_a_best_step_that_has_no_checkpoint(kill_step, keep, tiny_model, toy_splits, tmp_path,
+                                                            monkeypatch):
+    """Straight run == crash after step k's checkpoint + resume, when the best step (2) was never checkpointed."""
+    _best_at_step_2(monkeypatch)
+    extra = {"data.train": toy_splits["train"], "data.validation": toy_splits["validation"], "train.max_steps": 12,
+             "train.eval_every": 2, "train.save_every": 4, "train.keep_checkpoints": keep}
+    straight = strop.train(None, tiny_overrides(tiny_model, tmp_path / "a", **extra))
+    assert straight.results["best_step"] == 2
+
+    real_save = ckpt_mod.save_checkpoint
+
+    def crash_after(run_dir, model, optimizer, scheduler, state, **kw):
+        path = real_save(run_dir, model, optimizer, scheduler, state, **kw)
+        if state.step == kill_step:
+            raise SimulatedCrash
+        return path
+
+    monkeypatch.setattr(loop_mod, "save_checkpoint", crash_after)
+    with pytest.raises(SimulatedCrash):
+        strop.train(None, tiny_overrides(tiny_model, tmp_path / "b", **extra))
+    monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
+    run_dir = tmp_path / "b" / "run"
+    saved = [p.name for p in ckpt_mod.complete_checkpoints(run_dir)]
+    assert "step-2" not in saved and f"step-{kill_step}" in saved
+    assert (run_dir / "checkpoints" / f"step-{kill_step}" / ckpt_mod.BEST).is_file()
+
+    resumed = strop.train(resume=run_dir)
+    assert resumed.results["resumed_from_step"] == kill_step
+    a = load_file(str(straight.model_dir / "model.safetensors"))
+    b = load_file(str(resumed.model_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for key in ("best_metric", "best_step", "steps"):
+        assert resumed.results[key] == straight.results[key], key
+
+
+def test_best_weights_are_written_only_when_the_best_step_has_no_checkpoint(tiny_model, toy_splits, tmp_path,
+                                                                            monkeypatch):
+    _best_at_step_2(monkeypatch)
+    run = strop.train(None, tiny_overrides(tiny_model, tmp_path / "runs", **{
+        "data.train": toy_splits["train"], "data.validation": toy_splits["validation"], "train.max_steps": 8,
+        "train.eval_every": 2, "train.save_every": 2, "train.keep_checkpoints": 1}))
+    saved = ckpt_mod.complete_checkpoints(run.run_dir)
+    assert [p.name for p in saved] == ["step-2", "step-6"]  # the best kept besides the newest; none at the last step
+    assert not any((p / ckpt_mod.BEST).exists() for p in saved)
+
+
+def test_skip_cap_names_max_skipped_steps(tiny_model, toy_splits, tmp_path, monkeypatch):
+    _nan_at(monkeypatch, set(range(1, 1000)))
+    with pytest.raises(StropError) as err:
+        strop.train(None, tiny_overrides(tiny_model, tmp_path / "runs", **{
+            "data.train": toy_splits["train"], "train.nonfinite": "skip", "train.max_skipped_steps": 3}))
+    msg = str(err.value)
+    assert "non-finite" in msg and "4 skipped steps, more than train.max_skipped_steps=3" in msg
+    assert "checkpoints written before it are kept" in msg and "raise train.max_skipped_steps" in msg
+    assert "set train.nonfinite=skip" not in msg
