@@ -320,3 +320,11 @@ def test_a_stopped_fewshot_run_resumes_where_it_stopped(tiny_model, toy_splits, 
     assert resumed.results["resumed_from_step"] > 0
     assert resumed.results["steps"] == straight.results["steps"]
     assert resumed.results["test"]["accuracy"] == pytest.approx(straight.results["test"]["accuracy"])
+
+
+def test_early_stopping_without_a_validation_split_is_refused_before_the_run(tiny_model, toy_splits, tmp_path):
+    out = tmp_path / "runs"
+    with pytest.raises(ConfigError, match="early_stopping_patience=2 needs a validation split"):
+        strop.train(None, _args(tiny_model, toy_splits, out, **{"train.early_stopping_patience": 2,
+                                                                "data.validation_ratio": 0}))
+    assert not out.exists()

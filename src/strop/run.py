@@ -250,6 +250,10 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
 
     train_labels = getattr(ds.splits["train"], "labels", None)  # token classification keeps tags per sentence
     mode = resolve_mode(cfg, ds.task, train_labels, ds.labels)
+    if cfg.train.early_stopping_patience and "validation" not in ds.splits and mode != "fewshot":
+        raise ConfigError(f"train.early_stopping_patience={cfg.train.early_stopping_patience} needs a validation "
+                          "split to watch, and this run has none; give data.validation, keep data.validation_ratio "
+                          "> 0, or set train.early_stopping_patience=0")
     if mode == "fewshot":
         check_fewshot(cfg, ds.task, train_labels, ds.labels, dist.world)
         if cfg.model.pooling != "mean":
