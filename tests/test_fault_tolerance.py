@@ -32,6 +32,25 @@ class SimulatedCrash(Exception):
     pass
 
 
+def crash_after_checkpoint(monkeypatch, kill_step: int, args: list[str]) -> Path:
+    """Train with `args` and crash right after step `kill_step`'s checkpoint is written, as a kill would; returns
+    the run folder (the checkpoint saver is put back for the resume)."""
+    real_save = ckpt_mod.save_checkpoint
+
+    def crash_after(run_dir, model, optimizer, scheduler, state, **kw):
+        path = real_save(run_dir, model, optimizer, scheduler, state, **kw)
+        if state.step == kill_step:
+            raise SimulatedCrash
+        return path
+
+    with monkeypatch.context() as m:
+        m.setattr(loop_mod, "save_checkpoint", crash_after)
+        with pytest.raises(SimulatedCrash):
+            strop.train(None, args)
+    options = dict(a.split("=", 1) for a in args)
+    return Path(options["output_dir"]) / options.get("name", "run")
+
+
 @pytest.mark.parametrize("kill_step,micro,method", [(5, None, "none"), (12, None, "none"), (17, None, "none"),
                                                    (10, 4, "none"), (7, None, "lora")],
                          ids=["mid-epoch", "epoch-boundary", "epoch-1", "accumulation", "lora"])
@@ -43,19 +62,7 @@ def test_resume_gives_the_same_run(kill_step, micro, method, tiny_model, toy_spl
         extra["train.micro_batch_size"] = micro
     straight = strop.train(None, tiny_overrides(tiny_model, tmp_path / "a", **extra))
 
-    real_save = ckpt_mod.save_checkpoint
-
-    def crash_after(run_dir, model, optimizer, scheduler, state):
-        path = real_save(run_dir, model, optimizer, scheduler, state)
-        if state.step == kill_step:
-            raise SimulatedCrash
-        return path
-
-    monkeypatch.setattr(loop_mod, "save_checkpoint", crash_after)
-    with pytest.raises(SimulatedCrash):
-        strop.train(None, tiny_overrides(tiny_model, tmp_path / "b", **extra))
-    monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
-    run_dir = tmp_path / "b" / "run"
+    run_dir = crash_after_checkpoint(monkeypatch, kill_step, tiny_overrides(tiny_model, tmp_path / "b", **extra))
     assert not (run_dir / "model").exists()
     resumed = strop.train(resume=run_dir)
 

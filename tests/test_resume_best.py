@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_overrides
 from safetensors.torch import load_file
-from test_fault_tolerance import _nan_at
+from test_fault_tolerance import _nan_at, crash_after_checkpoint
 
 import strop
 from strop.errors import StropError
@@ -40,19 +40,7 @@ def test_resume_restores_a_best_step_that_has_no_checkpoint(kill_step, keep, tin
     straight = strop.train(None, tiny_overrides(tiny_model, tmp_path / "a", **extra))
     assert straight.results["best_step"] == 2
 
-    real_save = ckpt_mod.save_checkpoint
-
-    def crash_after(run_dir, model, optimizer, scheduler, state, **kw):
-        path = real_save(run_dir, model, optimizer, scheduler, state, **kw)
-        if state.step == kill_step:
-            raise SimulatedCrash
-        return path
-
-    monkeypatch.setattr(loop_mod, "save_checkpoint", crash_after)
-    with pytest.raises(SimulatedCrash):
-        strop.train(None, tiny_overrides(tiny_model, tmp_path / "b", **extra))
-    monkeypatch.setattr(loop_mod, "save_checkpoint", real_save)
-    run_dir = tmp_path / "b" / "run"
+    run_dir = crash_after_checkpoint(monkeypatch, kill_step, tiny_overrides(tiny_model, tmp_path / "b", **extra))
     saved = [p.name for p in ckpt_mod.complete_checkpoints(run_dir)]
     assert "step-2" not in saved and f"step-{kill_step}" in saved
     assert (run_dir / "checkpoints" / f"step-{kill_step}" / ckpt_mod.BEST).is_file()
