@@ -168,6 +168,12 @@ ERRORS = [
              ("train.csv:32", "empty text", "remove the row or fill it in")),
     csv_case("regression-with-text-labels", "text,label\n" + GOOD_CSV,
              ("is not a number", "task=single_label"), task="regression"),
+    Case("regression-constant-validation-targets",
+         lambda c: c.train(task="regression", **{
+             "data.train": c.file("reg.csv", "text,label\n" + "".join(f"{r['text']},{i % 5}\n"
+                                                                      for i, r in enumerate(toy_rows(30, seed=1)))),
+             "data.validation": c.file("val.csv", "text,label\nrefund card,2.0\nhi there,2\n")}),
+         ("every validation target is 2", "pearson", "undefined", "train.metric=mse")),
     csv_case("no-text-column", "body,label\n" + GOOD_CSV, ("no text column found", "data.text_column")),
     csv_case("no-label-column", "text,answer\n" + GOOD_CSV, ("no label column found", "data.label_column")),
     csv_case("configured-column-missing", "text,label\n" + GOOD_CSV, ("data.label_column='lbl' not found",

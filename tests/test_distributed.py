@@ -220,6 +220,68 @@ def test_fsdp_checkpoint_resumes_in_one_process_and_one_process_checkpoint_in_fs
             [ref[s] for s in range(k + 1, STEPS + 1)], rel=1e-4)
 
 
+SCRIPTED_BEST = """
+import os, sys
+from strop.cli import main
+from strop.training import loop
+
+real_track, real_save = loop._track_best, loop.save_checkpoint
+kill = int(os.environ.get("KILL_AFTER_CHECKPOINT", "0"))
+
+def track(state, value, higher):  # the best evaluation is step 2, which save_every=4 never checkpoints
+    return real_track(state, 1.0 if (state.step == 2) == higher else 0.0, higher)
+
+def save(run_dir, model, optimizer, scheduler, state, **kw):
+    path = real_save(run_dir, model, optimizer, scheduler, state, **kw)
+    if state.step == kill:
+        os._exit(3)  # a kill right after the checkpoint
+    return path
+
+loop._track_best, loop.save_checkpoint = track, save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_resume_restores_a_best_step_that_has_no_checkpoint(tiny_model, splits, tmp_path):
+    """FSDP: straight run == kill after step 4's checkpoint + resume, when the best step (2) was never checkpointed:
+    the step-4 checkpoint carries the gathered best weights."""
+    from safetensors.torch import load_file
+
+    script = tmp_path / "scripted_best.py"
+    script.write_text(SCRIPTED_BEST)
+    extra = ["train.distributed=fsdp", "train.max_steps=8", "train.eval_every=2", "train.save_every=4",
+             "train.epochs=1", "train.log_every=1"]
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+
+    def launch(args, kill=0):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               "train", *args]
+        return subprocess.run(cmd, cwd=tmp_path, env={**env, "KILL_AFTER_CHECKPOINT": str(kill)},
+                              capture_output=True, text=True, timeout=600, check=False)
+
+    straight = launch(_args(tiny_model, splits, tmp_path, "straight") + extra)
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    killed = launch(_args(tiny_model, splits, tmp_path, "killed") + extra, kill=4)
+    assert killed.returncode != 0
+    run_dir = tmp_path / "killed"
+    assert (run_dir / "checkpoints" / "step-4" / "COMPLETE").is_file()
+    assert not (run_dir / "checkpoints" / "step-2").exists()
+    best = load_file(str(run_dir / "checkpoints" / "step-4" / "best.safetensors"))
+    assert best and all(v.ndim == 0 or v.shape[0] > 1 for v in best.values())  # whole tensors, not one rank's half
+    resumed = launch(["--resume", str(run_dir), "train.distributed=fsdp"])
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    a = json.loads((tmp_path / "straight" / "results.json").read_text())
+    b = json.loads((run_dir / "results.json").read_text())
+    assert a["best_step"] == b["best_step"] == 2 and b["resumed_from_step"] == 4
+    for name in ("model.safetensors",):
+        wa, wb = load_file(str(tmp_path / "straight" / "model" / name)), load_file(str(run_dir / "model" / name))
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-6)
+
+
 def yaml_value(run_dir: Path, section: str, key: str):
     import yaml
 

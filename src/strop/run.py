@@ -18,7 +18,7 @@ from strop.config import Config, check_run_name, dump_yaml, load_config
 from strop.data.batching import collate, encode
 from strop.data.prepare import Dataset, prepare
 from strop.device import resolve_device, resolve_precision
-from strop.errors import ConfigError, RunError
+from strop.errors import ConfigError, DataError, RunError
 from strop.evaluate.evaluator import MODEL_INPUTS, evaluate
 from strop.evaluate.metrics import primary_metric, tune_threshold
 from strop.models.backbone import load_tokenizer, read_model_config, resolve_model_path
@@ -201,6 +201,17 @@ def check_room_for_text(tokenizer, max_length: int, pairs: bool) -> None:
                           f"{'each text' if pairs else 'it'} is {need}; set model.max_length>={need} (128 is usual)")
 
 
+def check_correlation_defined(ds: Dataset, metric: str) -> None:
+    """A correlation against constant validation targets is undefined: it would read 0.0 at every validation and
+    early stopping and best-model choice would act on noise."""
+    if ds.task != "regression" or metric not in ("pearson", "spearman") or "validation" not in ds.splits:
+        return
+    targets = np.asarray(ds.splits["validation"].labels, dtype=np.float64)
+    if len(targets) and np.all(targets == targets[0]):
+        raise DataError(f"every validation target is {targets[0]:g}, so {metric} (the model-selection metric) is "
+                        "undefined; set train.metric=mse (or rmse, mae), or give a validation set whose targets vary")
+
+
 def data_summary(ds: Dataset, encoded: dict) -> dict:
     out = {"task": ds.task, "labels": ds.labels, "columns": vars(ds.columns), "splits": {}}
     for split, ex in ds.splits.items():
@@ -247,6 +258,7 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     metric = primary_metric(ds.task) if cfg.train.metric == "auto" else cfg.train.metric
     if metric not in TASK_METRICS[ds.task]:
         raise ConfigError(f"train.metric={metric!r} is not a {ds.task} metric; choose from {TASK_METRICS[ds.task]}")
+    check_correlation_defined(ds, metric)
 
     train_labels = getattr(ds.splits["train"], "labels", None)  # token classification keeps tags per sentence
     mode = resolve_mode(cfg, ds.task, train_labels, ds.labels)

@@ -154,6 +154,13 @@ def trainable_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def full_tensors(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors of a trainable_snapshot (FSDP shards are gathered: collective, every rank must call it)."""
+    from torch.distributed.tensor import DTensor
+
+    return {n: (v.full_tensor() if isinstance(v, DTensor) else v).cpu() for n, v in weights.items()}
+
+
 def _full_options(full: bool = True, **extra):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 

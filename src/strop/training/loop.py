@@ -19,7 +19,7 @@ from strop.models.classifier import task_loss
 from strop.models.peft import PeftHook
 from strop.training.checkpoint import (COMPLETE, PREFIX, TrainState, load_best_weights, load_checkpoint, load_weights,
                                        prune_checkpoints, save_checkpoint)
-from strop.training.distributed import (Dist, gather_full_state, is_sharded, load_full_state, shard,
+from strop.training.distributed import (Dist, full_tensors, gather_full_state, is_sharded, load_full_state, shard,
                                         trainable_snapshot, wrap_model)
 from strop.training.ds_engine import deepspeed_engine
 from strop.training.fast import fast_dropout_in, tuned_allocator
@@ -113,15 +113,17 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
     def checkpoint():
         state.window = [float(window_loss), state.window[1], state.window[2]]
         gathered = {}
+        carry_best = t.restore_best and best_state is not None and state.best_step != state.step
         if sharded:  # every rank takes part; rank 0 gets the full state dicts
             gathered["weights"], gathered["optimizer_state"] = gather_full_state(model, optimizer)
+            best_full = full_tensors(best_state) if carry_best else None  # collective too, so on every rank
+        else:
+            best_full = best_state
         if not dist.main:
             return
-        best_dir = run_dir / "checkpoints" / f"{PREFIX}{state.best_step}"
-        if (t.restore_best and best_state is not None and not sharded and state.best_step != state.step
-                and not (best_dir / COMPLETE).is_file()):
+        if carry_best and not (run_dir / "checkpoints" / f"{PREFIX}{state.best_step}" / COMPLETE).is_file():
             # eval_every != save_every: the best step was never checkpointed, so this checkpoint carries its weights
-            gathered["best_weights"] = best_state
+            gathered["best_weights"] = best_full
         save_checkpoint(run_dir, model, optimizer, scheduler, state, **gathered)
         prune_checkpoints(run_dir, t.keep_checkpoints, {state.best_step} if state.best_step else set())
 
