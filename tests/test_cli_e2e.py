@@ -251,3 +251,11 @@ def test_bench_verb_reports_peaks_and_throughput(capsys):
     assert result["peak_gflops"]["fp32"] > 1 and result["peak_gflops"]["bf16"] > 1
     probe = result["training_probe"]
     assert probe["steps_timed"] == 2 and probe["samples_per_s"] > 0 and probe["tokens_per_s"] > probe["samples_per_s"]
+
+
+def test_python_dash_m_strop_is_the_cli():
+    """`python -m strop` (what `torchrun ... -m strop train` runs) is the same CLI as the `strop` command."""
+    proc = subprocess.run([sys.executable, "-m", "strop", "train", "--help"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "--resume" in proc.stdout
