@@ -17,6 +17,7 @@ from torch import nn
 
 from strop.errors import ExportError
 from strop.models.classifier import Output
+from strop.models.cls_only import first_token_only
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 OPSET = 18
@@ -81,7 +82,8 @@ def export_onnx(model: nn.Module, tokenizer, path: Path, max_length: int = 512) 
     # the exporter logs one line per torchvision op it skips and per pass; the parity check is what users need
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        # a first-token classifier's last layer computes position 0 only in the graph too (models/cls_only.py)
+        with warnings.catch_warnings(), torch.no_grad(), first_token_only(model):
             warnings.simplefilter("ignore")
             torch.onnx.export(wrapper, example_inputs(tokenizer, names, max_length), str(path),
                               input_names=list(names), output_names=["logits"],

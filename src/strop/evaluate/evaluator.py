@@ -11,6 +11,7 @@ from strop.data.batching import Encoded, collate, eval_batches
 from strop.device import autocast
 from strop.evaluate.metrics import ClassificationMetrics, MultiLabelMetrics, RegressionMetrics
 from strop.models.classifier import task_loss
+from strop.models.cls_only import first_token_only
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -25,7 +26,7 @@ def batched_logits(model, enc: Encoded, batch_size: int, device: torch.device, p
         for idx in eval_batches(enc.lengths, batch_size):
             batch = collate(enc, idx)
             inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
-            with autocast(device, precision):
+            with autocast(device, precision), first_token_only(model):
                 logits = model(**inputs).logits
             yield idx, logits.float().cpu(), batch
     finally:

@@ -16,6 +16,7 @@ from strop.device import autocast
 from strop.evaluate.evaluator import MODEL_INPUTS, evaluate
 from strop.evaluate.metrics import greater_is_better
 from strop.models.classifier import task_loss
+from strop.models.cls_only import first_token_only
 from strop.models.peft import PeftHook
 from strop.training.checkpoint import (COMPLETE, PREFIX, TrainState, load_best_weights, load_checkpoint, load_weights,
                                        prune_checkpoints, save_checkpoint)
@@ -128,7 +129,8 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
         prune_checkpoints(run_dir, t.keep_checkpoints, {state.best_step} if state.best_step else set())
 
     with tuned_allocator(t.tune_allocator), TrainProgress(total_steps, state.step) as progress, \
-            StopSignals() as signals, fast_dropout_in(model, t.fast_dropout), fused_lora_in(model, t.fused_lora):
+            StopSignals() as signals, fast_dropout_in(model, t.fast_dropout), fused_lora_in(model, t.fused_lora), \
+            first_token_only(model):
         while state.step < total_steps and not state.stopped_early:
             batches = epoch_batches(train.lengths, t.batch_size, t.seed, state.epoch, t.batching == "length_grouped")
             for idx in batches[state.batch_in_epoch:]:
