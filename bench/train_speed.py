@@ -36,6 +36,9 @@ Training FLOPs (useful work only: padding, softmax, layer norms and the optimize
   12 * L * H * s^2 = attention scores QK^T and the weighted sum AV: each 2 * s^2 * H FLOPs per layer forward (summed
             over heads), so 4 * s^2 * H forward + 8 * s^2 * H backward = 12 * s^2 * H per layer.
   A variant with model.frozen_layers = F counts its F frozen layers forward only (2 instead of 6, 4 instead of 12).
+  strop's last layer computes the first ([CLS]) position only past its keys and values (strop.models.cls_only: the
+  head reads nothing else), so for strop the other tokens count 2 of the last layer's 12 h^2 parameters and its
+  attention term one query row: strop is not credited with work it skips.
 Peak matmul FLOP/s: best of several (4096 x 4096) @ (4096 x 4096) matmuls (2 * n^3 FLOPs each) in fp32 and in bf16 on
 the same thread count as training; the larger of the two measurements (start, end) is used.
 
@@ -234,15 +237,23 @@ def flop_counts(model_folder: str, num_labels: int) -> dict:
     return {**counts, "layers": config.num_hidden_layers, "hidden": config.hidden_size}
 
 
-def training_flops(p: dict, data: dict, frozen: int = 0) -> float:
+def training_flops(p: dict, data: dict, frozen: int = 0, first_token: bool = False) -> float:
     """Useful training FLOPs of the whole run (see the module docstring for the formula). `frozen` bottom layers
     (model.frozen_layers) run forward only: they count 2 x their parameters per token (and a third of the attention
-    term) instead of 6 x, so a variant that freezes layers is not credited with work it skips."""
+    term) instead of 6 x, so a variant that freezes layers is not credited with work it skips. `first_token`: the
+    last layer runs the first position only past its keys and values (strop.models.cls_only), so its other tokens
+    count 2 of its 12 h^2 parameters per token (key, value) and its attention term one query row per example."""
     layers = p["layers"]
     per_layer_factor = (6 * (layers - frozen) + 2 * frozen) / layers
-    per_epoch = (per_layer_factor * p["per_token"] * data["tokens_per_epoch"]
-                 + 6 * p["per_example"] * data["train_examples"]
-                 + (12 * (layers - frozen) + 4 * frozen) * p["hidden"] * data["sq_tokens_per_epoch"])
+    tokens, examples, sq = data["tokens_per_epoch"], data["train_examples"], data["sq_tokens_per_epoch"]
+    per_epoch = (per_layer_factor * p["per_token"] * tokens
+                 + 6 * p["per_example"] * examples
+                 + (12 * (layers - frozen) + 4 * frozen) * p["hidden"] * sq)
+    if first_token and frozen < layers:
+        last_layer = p["per_token"] / layers
+        skipped_share = (12 - 2) / 12  # query, attention output and the FFN of the non-first tokens (of 12 h^2)
+        per_epoch -= 6 * last_layer * skipped_share * (tokens - examples)
+        per_epoch -= 12 * p["hidden"] * (sq - tokens)  # s^2 -> s per example in the last layer's attention
     return per_epoch * data["epochs_run"]
 
 
@@ -314,6 +325,7 @@ def bench(args, command: str) -> dict:
             side, label, extra = VARIANTS[v]
             v_over = {**shared, "name": f"train-speed-{v}", **extra}
             check_config(v, v_over, shared)
+            resolved = load_config(CONFIG, v_over)
             v_work = work(v_over)  # differs from base only if the variant changes what is trained on (max_length)
             load_before = os.getloadavg()[0]  # other work on the machine shows here; it skews that variant's timing
             raw = run_child(__file__, ["--side", side, "--overrides", json.dumps(v_over),
@@ -321,8 +333,9 @@ def bench(args, command: str) -> dict:
             raw["loadavg_1min_before_after"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
             check_run(v, raw, v_work, base)
             out[v] = {"side": side, "label": label, "overrides": v_over, "raw": raw, "work": v_work,
-                      "training_flops": training_flops(params, v_work, v_over.get("model.frozen_layers", 0)),
-                      "resolved_config": to_dict(load_config(CONFIG, v_over))}
+                      "training_flops": training_flops(params, v_work, v_over.get("model.frozen_layers", 0),
+                                                       first_token=side == "strop" and resolved.model.pooling == "cls"),
+                      "resolved_config": to_dict(resolved)}
         peaks_end = measure_peaks(threads, "end")
     peaks = {k: max(peaks_start[k], peaks_end[k]) for k in peaks_start}
     for res in out.values():
