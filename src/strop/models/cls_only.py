@@ -88,4 +88,6 @@ def first_token_only(model: nn.Module, enabled: bool = True):
     try:
         yield
     finally:
-        del layer.forward
+        # pop, not del: two serving threads entering at once may both have set it (either forward gives the same
+        # logits, so the one that restores first changes only the other's speed)
+        vars(layer).pop("forward", None)
