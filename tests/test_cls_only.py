@@ -116,3 +116,14 @@ def test_training_with_it_matches_training_without_it(tiny_model, toy_splits, tm
         # softmax ignores a shift, so their updates are rounding noise normalised to the lr's size)
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4, msg=key)
     assert fast.results["validation"]["accuracy"] == full.results["validation"]["accuracy"]
+
+
+def test_a_subclass_with_its_own_head_is_left_alone():
+    """Remote code may subclass a transformers classifier with a head that reads every position."""
+
+    class MeanHead(BertForSequenceClassification):
+        pass
+
+    torch.manual_seed(0)
+    assert applies_to(_model(BertForSequenceClassification, BertConfig))
+    assert not applies_to(MeanHead(BertConfig(**SMALL, num_labels=3)))

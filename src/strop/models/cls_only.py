@@ -23,11 +23,20 @@ FIRST_TOKEN_HEADS = frozenset({"BertForSequenceClassification", "RobertaForSeque
                                "CamembertForSequenceClassification"})
 
 
+def _is_first_token_head(cls: type) -> bool:
+    """transformers' own class (a subclass, say from remote code, may read more than position 0), or FSDP2's
+    wrapper class around it (named FSDP<name>)."""
+    for c in cls.__mro__:
+        if c.__name__ in FIRST_TOKEN_HEADS and c.__module__.startswith("transformers.models."):
+            return cls is c or cls.__name__ == f"FSDP{c.__name__}"
+    return False
+
+
 def _last_layer(model: nn.Module) -> nn.Module | None:
     """The last encoder layer of the first-token classifier inside `model` (PEFT wrappers included), when it has
     the BERT layer layout this module knows; else None (also for a model that is no nn.Module: ONNX Runtime's)."""
     for m in model.modules() if isinstance(model, nn.Module) else ():
-        if type(m).__name__ not in FIRST_TOKEN_HEADS:
+        if not _is_first_token_head(type(m)):
             continue
         config = m.config
         if config.is_decoder or getattr(config, "add_cross_attention", False) or \
