@@ -282,7 +282,9 @@ def test_resume_refuses_changed_optimisation_settings(tiny_model, toy_splits, tm
         assert override.split("=")[0] in str(e.value)
     assert (run_dir / "config.yaml").read_text() == before  # nothing rewritten
     # the run's length and logging may change
-    run = strop.train(resume=run_dir, overrides=["train.max_steps=7", "train.log_every=1"])
+    # and how the same steps are computed (engine, micro-batches, speed switches)
+    run = strop.train(resume=run_dir, overrides=["train.max_steps=7", "train.log_every=1", "train.distributed=ddp",
+                                                 "train.micro_batch_size=4", "train.fast_dropout=true"])
     assert run.results["resumed_from_step"] == 4 and run.results["steps"] == 7
 
 

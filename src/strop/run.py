@@ -112,7 +112,12 @@ def resolve_run(config, overrides, overwrite: bool, resume) -> tuple[Config, Pat
 # change: stopping earlier or training on is asked for, and the schedule follows the new length)
 SAFE_ON_RESUME = ("train.log_every", "train.threads", "train.keep_checkpoints", "train.save_every", "train.resume",
                   "train.eval_every", "train.max_steps", "train.epochs", "train.early_stopping_patience", "track",
-                  "eval.report", "eval.report_explain", "eval.batch_size", "output_dir", "name")
+                  "eval.report", "eval.report_explain", "eval.batch_size", "output_dir", "name",
+                  # how the same steps are computed: engine, process layout, device and speed switches (checkpoints
+                  # hold one-process state dicts, so they resume under any of them; tests/test_distributed.py)
+                  "train.distributed", "train.deepspeed", "train.micro_batch_size", "train.auto_batch_size",
+                  "train.device", "train.fast_dropout", "train.fused_lora", "train.tune_allocator",
+                  "train.nonfinite", "train.max_skipped_steps")
 
 
 def check_resumable(cfg: Config, run_dir: Path) -> None:
