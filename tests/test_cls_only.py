@@ -105,8 +105,12 @@ def test_training_with_it_matches_training_without_it(tiny_model, toy_splits, tm
         calls.append(applies_to(model))
         return real(model, enabled=False)
 
+    def no_layer(model):
+        calls.append(applies_to(model))
+        return None
+
     monkeypatch.setattr(loop_mod, "first_token_only", off)
-    monkeypatch.setattr("strop.evaluate.evaluator.first_token_only", off)
+    monkeypatch.setattr("strop.evaluate.evaluator.first_token_layer", no_layer)
     full = strop.train(None, tiny_overrides(tiny_model, tmp_path / "full", **extra))
     assert calls and all(calls)  # the tiny BERT classifier is a model it applies to
     a = load_file(str(fast.model_dir / "model.safetensors"))

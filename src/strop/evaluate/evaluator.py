@@ -11,7 +11,7 @@ from strop.data.batching import Encoded, collate, eval_batches
 from strop.device import autocast
 from strop.evaluate.metrics import ClassificationMetrics, MultiLabelMetrics, RegressionMetrics
 from strop.models.classifier import task_loss
-from strop.models.cls_only import first_token_only
+from strop.models.cls_only import computing_first_token, first_token_layer
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -22,11 +22,12 @@ def batched_logits(model, enc: Encoded, batch_size: int, device: torch.device, p
     """Yield (indices, logits (batch, num_labels) float32 on CPU, batch) in length-sorted order."""
     was_training = model.training
     model.eval()
+    fast_layer = first_token_layer(model)  # found once, swapped in per batch (the generator may be left unfinished)
     try:
         for idx in eval_batches(enc.lengths, batch_size):
             batch = collate(enc, idx)
             inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
-            with autocast(device, precision), first_token_only(model):
+            with autocast(device, precision), computing_first_token(fast_layer):
                 logits = model(**inputs).logits
             yield idx, logits.float().cpu(), batch
     finally:

@@ -32,7 +32,7 @@ def _is_first_token_head(cls: type) -> bool:
     return False
 
 
-def _last_layer(model: nn.Module) -> nn.Module | None:
+def first_token_layer(model: nn.Module) -> nn.Module | None:
     """The last encoder layer of the first-token classifier inside `model` (PEFT wrappers included), when it has
     the BERT layer layout this module knows; else None (also for a model that is no nn.Module: ONNX Runtime's)."""
     for m in model.modules() if isinstance(model, nn.Module) else ():
@@ -82,14 +82,19 @@ def _first_token_forward(self, hidden_states, attention_mask=None, *args, **kwar
 
 
 def applies_to(model: nn.Module) -> bool:
-    return _last_layer(model) is not None
+    return first_token_layer(model) is not None
 
 
-@contextlib.contextmanager
 def first_token_only(model: nn.Module, enabled: bool = True):
     """Within the block, a first-token classifier's last layer computes position 0 only (see the module doc);
     other models are left as they are."""
-    layer = _last_layer(model) if enabled else None
+    return computing_first_token(first_token_layer(model) if enabled else None)
+
+
+@contextlib.contextmanager
+def computing_first_token(layer: nn.Module | None):
+    """first_token_only for a layer found once with first_token_layer (None: nothing changes), so a loop over
+    batches does not search the model each time."""
     if layer is None or "forward" in vars(layer):
         yield
         return

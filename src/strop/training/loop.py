@@ -114,17 +114,17 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
     def checkpoint():
         state.window = [float(window_loss), state.window[1], state.window[2]]
         gathered = {}
-        carry_best = t.restore_best and best_state is not None and state.best_step != state.step
+        # eval_every != save_every: when the best step was never checkpointed, this checkpoint carries its weights
+        carry_best = (t.restore_best and best_state is not None and state.best_step != state.step and dist.main
+                      and not (run_dir / "checkpoints" / f"{PREFIX}{state.best_step}" / COMPLETE).is_file())
         if sharded:  # every rank takes part; rank 0 gets the full state dicts
             gathered["weights"], gathered["optimizer_state"] = gather_full_state(model, optimizer)
-            best_full = full_tensors(best_state) if carry_best else None  # collective too, so on every rank
-        else:
-            best_full = best_state
+            if dist.from_main(carry_best):  # rank 0 decides (it holds the run folder); gathering is collective
+                gathered["best_weights"] = full_tensors(best_state)
+        elif carry_best:
+            gathered["best_weights"] = best_state
         if not dist.main:
             return
-        if carry_best and not (run_dir / "checkpoints" / f"{PREFIX}{state.best_step}" / COMPLETE).is_file():
-            # eval_every != save_every: the best step was never checkpointed, so this checkpoint carries its weights
-            gathered["best_weights"] = best_full
         save_checkpoint(run_dir, model, optimizer, scheduler, state, **gathered)
         prune_checkpoints(run_dir, t.keep_checkpoints, {state.best_step} if state.best_step else set())
 
