@@ -103,7 +103,7 @@ def _register_attention() -> bool:
     return True
 
 
-def _attention_configs(model: nn.Module) -> list:
+def sdpa_configs(model: nn.Module) -> list:
     """The transformers configs inside `model` that run the `sdpa` attention (those fast dropout can take over)."""
     found, seen = [], set()
     for m in model.modules():
@@ -129,7 +129,7 @@ def fast_dropout_in(model: nn.Module, enabled: bool = True):
                 fast.train(child.training)
                 setattr(m, name, fast)
                 swapped.append((m, name, child))
-    configs = _attention_configs(model) if _register_attention() else []
+    configs = sdpa_configs(model) if _register_attention() else []
     for config in configs:
         config._attn_implementation = ATTENTION_NAME
     try:
