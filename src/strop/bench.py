@@ -54,8 +54,7 @@ def training_probe(steps: int = 20, batch_size: int = 32, precision: str = "auto
     from strop.models.backbone import load_tokenizer, resolve_model_path
     from strop.models.classifier import build_model
     from strop.models.peft import apply_peft, count_parameters
-    from strop.training.fast import fast_dropout_in, tuned_allocator
-    from strop.training.loop import accumulate_gradients
+    from strop.training.loop import accumulate_gradients, speed_ups
     from strop.training.optim import build_optimizer
 
     demo = __import__("pathlib").Path(__file__).parent / "demo" / "support_tickets.csv"
@@ -74,11 +73,7 @@ def training_probe(steps: int = 20, batch_size: int = 32, precision: str = "auto
                for b in epoch_batches(enc.lengths, batch_size, 0, e)][:steps]
     warm = min(5, steps - 1)
     examples = tokens = 0
-    from strop.training.fast_lora import fused_lora_in
-
-    # the same speed settings as the training loop (training/fast.py)
-    with tuned_allocator(cfg.train.tune_allocator), fast_dropout_in(model, cfg.train.fast_dropout), \
-            fused_lora_in(model, cfg.train.fused_lora):
+    with speed_ups(model, cfg.train, device):  # the same speed settings as the training loop
         for i, idx in enumerate(batches):
             if i == warm:
                 start, cpu_start = time.perf_counter(), time.process_time()

@@ -126,6 +126,10 @@ class TrainConfig:
     auto_batch_size: bool = doc(False, "on out-of-memory, halve the micro-batch (raising accumulation) and retry")
     fast_dropout: bool = doc(False, "draw dropout masks 3 elements per 64-bit random number (same distribution, p "
                              "rounded to 1/65536; 4-6% of a CPU step saved); false = torch's dropout")
+    fused_kernels: bool = doc(True, "CPU training of BERT-family encoders: run dropout + residual + layer norm and "
+                              "softmax + attention dropout as fused C++ kernels with hashed dropout masks (same "
+                              "distribution; built with the system C++ compiler on first use, ~30 s once; about 15% "
+                              "of a step saved); false = PyTorch's separate kernels and torch's dropout masks")
     fused_lora: bool = doc(True, "peft.method=lora: train the LoRA layers through one fused autograd function (the "
                            "same math as PEFT's forward in fewer kernels, frozen weights cast once); false = PEFT's "
                            "forward")

@@ -116,7 +116,7 @@ SAFE_ON_RESUME = ("train.log_every", "train.threads", "train.keep_checkpoints", 
                   # how the same steps are computed: engine, process layout, device and speed switches (checkpoints
                   # hold one-process state dicts, so they resume under any of them; tests/test_distributed.py)
                   "train.distributed", "train.deepspeed", "train.micro_batch_size", "train.auto_batch_size",
-                  "train.device", "train.fast_dropout", "train.fused_lora", "train.tune_allocator",
+                  "train.device", "train.fast_dropout", "train.fused_kernels", "train.fused_lora", "train.tune_allocator",
                   "train.nonfinite", "train.max_skipped_steps")
 
 

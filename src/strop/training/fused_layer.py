@@ -3,24 +3,25 @@
 A profile of a CPU training step of the default model (BENCHMARKS.md, issue 6) leaves about 40% of the time outside
 the matmuls, which already run at the core's bf16 peak. Most of that 40% is element-wise work that eager PyTorch does
 one pass at a time: dropout masks (ATen's `bernoulli_` draws one Mersenne-Twister number per element, about 9 ns per
-element here), the scale, the residual add, dtype casts, layer norm, bias + GELU, softmax. Inside this module's
-block, each encoder layer of a known BERT-layout model runs its own Linear modules (so LoRA and adapter wrappers
-still apply) and hands everything between them to three kernels that torch.compile (Inductor) generates once:
+element here), the scale, the residual add, dtype casts, layer norm, softmax. Inside `fused_layers_in`, each stock
+encoder layer of a BERT-layout model runs its own Linear modules (so LoRA, adapters and fused LoRA still apply) and
+hands the work between them to two C++ kernels (fused_kernels.cpp):
 
 - softmax(QK^T * scale, masked) + attention dropout, written in the matmul's dtype;
-- bias + GELU of the feed-forward block (when it is a plain nn.Linear and GELU);
-- dropout + residual add + LayerNorm, after the attention output and after the feed-forward output.
+- dropout + residual add + LayerNorm, after the attention output and after the feed-forward output, written in fp32
+  and, under autocast, also in bf16 for the next matmuls (so autocast has nothing to cast).
 
-Dropout keeps each element with probability 1 - p (to 2^-32) and scales it by 1 / (1 - p), as nn.Dropout does,
-but its mask comes from a counter-based hash (murmur3's 32-bit finaliser, twice, keyed by two 32-bit seeds drawn
-from torch's generator per call) instead of the generator itself. So the mask costs a few vector instructions per
-element, is recomputed in the backward pass instead of stored, and runs fully fused. The distribution is the same;
-the random stream differs from torch's, so a run is reproducible with itself (same seed, same masks; resume draws
-the same seeds) but not bit-for-bit with a run without fusion. With dropout off, the layer's outputs and gradients
-equal the stock layer's to rounding (tested).
+Dropout keeps each element with probability 1 - p (to 2^-32) and scales it by 1 / (1 - p), as nn.Dropout does, but
+its mask is a counter-based hash (murmur3's 32-bit finaliser, twice) of the element's flat index, keyed by two 32-bit
+seeds drawn from torch's generator per call. So a mask costs a few vector instructions per element and is recomputed
+in the backward pass instead of stored. Every other nn.Dropout of the model, and the attention of a layer that is
+not fused (first_token_only's), draw hashed masks too. The distribution is the same; the random stream differs from
+torch's, so a run is reproducible with itself (same seed, same masks; a resumed run draws the same seeds) but not
+bit-for-bit with a run without the kernels. With dropout off, outputs and gradients equal the stock layer's to
+rounding (tests/test_fused_layer.py).
 
-If torch.compile cannot build kernels here (no C++ compiler, an unsupported platform), the block warns once and
-trains with the stock layers.
+The kernels are built with the machine's C++ compiler on first use (torch.utils.cpp_extension, about 35 s, then
+cached). Where that fails (no compiler), the block warns once and trains with the stock layers.
 """
 
 from __future__ import annotations

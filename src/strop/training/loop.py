@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from strop.training.distributed import (Dist, full_tensors, gather_full_state, i
 from strop.training.ds_engine import deepspeed_engine
 from strop.training.fast import fast_dropout_in, tuned_allocator
 from strop.training.fast_lora import fused_lora_in
+from strop.training.fused_layer import fused_layers_in
 from strop.training.guards import MicroBatchSize, NonFiniteError, StopSignals, TrainingInterrupted, is_finite
 from strop.training.optim import build_optimizer, build_scheduler, warmup_steps
 from strop.training.progress import TrainProgress
@@ -43,6 +46,17 @@ def count_steps(t, n_train: int) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps) of a run with train config `t` on n_train examples."""
     steps_per_epoch = math.ceil(n_train / t.batch_size)
     return steps_per_epoch, t.max_steps if t.max_steps > 0 else math.ceil(t.epochs * steps_per_epoch)
+
+
+@contextlib.contextmanager
+def speed_ups(model: nn.Module, t, device: torch.device):
+    """The training loop's speed settings that keep the math (cfg.train `t`; `strop bench` uses the same): the
+    allocator, fast dropout masks, fused LoRA, the first-token last layer, fused CPU kernels. The order matters:
+    the fused kernels take over every dropout the earlier ones left and skip the layer first_token_only runs."""
+    with tuned_allocator(t.tune_allocator), fast_dropout_in(model, t.fast_dropout), \
+            fused_lora_in(model, t.fused_lora), first_token_only(model), \
+            fused_layers_in(model, t.fused_kernels and device.type == "cpu"):
+        yield
 
 
 def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_batch_size: int, task: str,
@@ -128,9 +142,7 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
         save_checkpoint(run_dir, model, optimizer, scheduler, state, **gathered)
         prune_checkpoints(run_dir, t.keep_checkpoints, {state.best_step} if state.best_step else set())
 
-    with tuned_allocator(t.tune_allocator), TrainProgress(total_steps, state.step) as progress, \
-            StopSignals() as signals, fast_dropout_in(model, t.fast_dropout), fused_lora_in(model, t.fused_lora), \
-            first_token_only(model):
+    with TrainProgress(total_steps, state.step) as progress, StopSignals() as signals, speed_ups(model, t, device):
         while state.step < total_steps and not state.stopped_early:
             batches = epoch_batches(train.lengths, t.batch_size, t.seed, state.epoch, t.batching == "length_grouped")
             for idx in batches[state.batch_in_epoch:]:
