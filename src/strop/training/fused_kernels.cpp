@@ -9,7 +9,9 @@
 #include <c10/util/BFloat16.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -60,6 +62,26 @@ inline float exp_nonpositive(float x) {
   return tiny ? 0.f : e * scale;
 }
 
+constexpr int64_t kWidth = 16;  // one AVX-512 register of floats: rows are padded to it, so no loop has a scalar tail
+
+inline int64_t padded(int64_t n) { return (n + kWidth - 1) / kWidth * kWidth; }
+
+// Sums in an order fixed by n alone (16 lane sums over whole chunks, then the lanes, then the tail), so a result
+// never depends on how a compiler peeled a loop for a buffer's alignment: the same inputs give the same bits, which
+// a resumed run needs to equal the straight one. f(j) is the j-th term.
+template <typename F>
+inline float ordered_sum(int64_t n, F f) {
+  float acc[kWidth] = {0.f};
+  const int64_t whole = n / kWidth * kWidth;
+  for (int64_t c = 0; c < whole; c += kWidth) {
+    for (int64_t j = 0; j < kWidth; ++j) acc[j] += f(c + j);
+  }
+  float total = 0.f;
+  for (int64_t j = 0; j < kWidth; ++j) total += acc[j];
+  for (int64_t j = whole; j < n; ++j) total += f(j);
+  return total;
+}
+
 inline float to_f(float v) { return v; }
 inline float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
 template <typename T> inline T from_f(float v) { return static_cast<T>(v); }
@@ -67,6 +89,24 @@ template <typename T> inline T from_f(float v) { return static_cast<T>(v); }
 void check_rows(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
 }
+
+// Per-thread scratch rows, 64-byte aligned like torch's own buffers: the vectoriser peels a loop differently for a
+// differently aligned buffer, which would change the order of a reduction's sum (and its last bit) from run to run.
+class Scratch {
+ public:
+  explicit Scratch(int64_t n, float fill = 0.f)
+      : p_(static_cast<float*>(std::aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64))) {
+    TORCH_CHECK(p_ != nullptr, "out of memory");
+    std::fill(p_, p_ + n, fill);
+  }
+  ~Scratch() { std::free(p_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  float* data() { return p_; }
+
+ private:
+  float* p_;
+};
 
 #define STROP_DISPATCH(dtype, ...)                                               \
   if ((dtype) == torch::kFloat32) {                                              \
@@ -111,27 +151,14 @@ std::vector<torch::Tensor> dropout_add_norm_fwd(torch::Tensor x, torch::Tensor r
       for (int64_t row = begin; row < end; ++row) {
         const int64_t base = row * H;
         float* __restrict__ yr = yp + base;
-        float sum = 0.f;
         if (drop.on) {
-_Pragma("omp simd reduction(+ : sum)")
-          for (int64_t j = 0; j < H; ++j) {
+          for (int64_t j = 0; j < H; ++j)
             yr[j] = to_f(xp[base + j]) * drop.factor(static_cast<uint32_t>(base + j)) + r[base + j];
-            sum += yr[j];
-          }
         } else {
-_Pragma("omp simd reduction(+ : sum)")
-          for (int64_t j = 0; j < H; ++j) {
-            yr[j] = to_f(xp[base + j]) + r[base + j];
-            sum += yr[j];
-          }
+          for (int64_t j = 0; j < H; ++j) yr[j] = to_f(xp[base + j]) + r[base + j];
         }
-        const float mu = sum / H;
-        float var = 0.f;
-_Pragma("omp simd reduction(+ : var)")
-        for (int64_t j = 0; j < H; ++j) {
-          const float d = yr[j] - mu;
-          var += d * d;
-        }
+        const float mu = ordered_sum(H, [&](int64_t j) { return yr[j]; }) / H;
+        const float var = ordered_sum(H, [&](int64_t j) { return (yr[j] - mu) * (yr[j] - mu); });
         const float rs = 1.f / std::sqrt(var / H + static_cast<float>(eps));
         mp[row] = mu;
         sp[row] = rs;
@@ -184,21 +211,22 @@ std::vector<torch::Tensor> dropout_add_norm_bwd(std::optional<torch::Tensor> g_o
       const int tid = at::get_thread_num();
       float* __restrict__ dw_t = dwp + tid * H;
       float* __restrict__ db_t = dbp + tid * H;
-      std::vector<float> gr(H);
+      Scratch gr_buf(H), xh_buf(H);
+      float* __restrict__ gr = gr_buf.data();
+      float* __restrict__ xh = xh_buf.data();
       for (int64_t row = begin; row < end; ++row) {
         const int64_t base = row * H;
         const float mu = mp[row], rs = sp[row];
-        float sum_gw = 0.f, sum_gwx = 0.f;
-_Pragma("omp simd reduction(+ : sum_gw, sum_gwx)")
         for (int64_t j = 0; j < H; ++j) {
           const float gj = (has_g ? gp[base + j] : 0.f) + (has_low ? to_f(gl[base + j]) : 0.f);
           const float xhat = (yp[base + j] - mu) * rs;
           gr[j] = gj;
+          xh[j] = xhat;
           dw_t[j] += gj * xhat;
           db_t[j] += gj;
-          sum_gw += gj * wp[j];
-          sum_gwx += gj * wp[j] * xhat;
         }
+        const float sum_gw = ordered_sum(H, [&](int64_t j) { return gr[j] * wp[j]; });
+        const float sum_gwx = ordered_sum(H, [&](int64_t j) { return gr[j] * wp[j] * xh[j]; });
         const float a = sum_gw / H, c = sum_gwx / H;
         for (int64_t j = 0; j < H; ++j) {
           const float xhat = (yp[base + j] - mu) * rs;
@@ -211,10 +239,6 @@ _Pragma("omp simd reduction(+ : sum_gw, sum_gwx)")
   });
   return {dx, dres, dw_parts.sum(0), db_parts.sum(0)};
 }
-
-constexpr int64_t kWidth = 16;  // one AVX-512 register of floats: rows are padded to it, so no loop has a scalar tail
-
-inline int64_t padded(int64_t n) { return (n + kWidth - 1) / kWidth * kWidth; }
 
 // factor[j] = drop.factor(base + j) for j < padded(K), in whole vectors.
 inline void dropout_factors(const Drop drop, uint32_t base, float* __restrict__ factor, int64_t Kp) {
@@ -242,15 +266,11 @@ inline void softmax_row(const T* __restrict__ x, const bool* __restrict__ m, flo
     _Pragma("omp simd reduction(max : mx)")
     for (int64_t j = 0; j < kWidth; ++j) mx = std::max(mx, v[c + j]);
   }
-  float sum = 0.f;
   for (int64_t c = 0; c < Kp; c += kWidth) {
-    _Pragma("omp simd reduction(+ : sum)")
-    for (int64_t j = 0; j < kWidth; ++j) {
-      const float e = exp_nonpositive(v[c + j] - mx);
-      v[c + j] = e;
-      sum += e;
-    }
+    _Pragma("omp simd")
+    for (int64_t j = 0; j < kWidth; ++j) v[c + j] = exp_nonpositive(v[c + j] - mx);
   }
+  const float sum = ordered_sum(Kp, [&](int64_t j) { return v[j]; });
   const float inv = 1.f / sum;
   if (drop.on) {
     dropout_factors(drop, base, factor, Kp);
@@ -296,7 +316,7 @@ std::vector<torch::Tensor> softmax_dropout_fwd(torch::Tensor scores, std::option
     scalar_t* __restrict__ dp = dropped.data_ptr<scalar_t>();
     at::parallel_for(0, B * Hd * Q, 16, [&](int64_t begin, int64_t end) {
       const Drop drop = drop_;
-      std::vector<float> v(padded(K)), factor(padded(K));
+      Scratch v(padded(K)), factor(padded(K));
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / (Hd * Q), q = row % Q;
         softmax_row(sc + row * K, has_mask ? mk + (b * Mq + (Mq == 1 ? 0 : q)) * K : nullptr, pp + row * K,
@@ -324,17 +344,14 @@ torch::Tensor softmax_dropout_bwd(torch::Tensor g, torch::Tensor probs, int64_t 
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       const Drop drop = drop_;
       const int64_t Kp = padded(K);
-      std::vector<float> dprob(Kp), factor(Kp, 1.f);
+      Scratch dprob(Kp), factor(Kp, 1.f);
       float* __restrict__ dpr = dprob.data();
       float* __restrict__ f = factor.data();
       for (int64_t row = begin; row < end; ++row) {
         const int64_t base = row * K;
         if (drop.on) dropout_factors(drop, static_cast<uint32_t>(base), f, Kp);
-        float dot = 0.f;
-        for (int64_t j = 0; j < K; ++j) {
-          dpr[j] = to_f(gp[base + j]) * f[j];
-          dot += dpr[j] * pp[base + j];
-        }
+        for (int64_t j = 0; j < K; ++j) dpr[j] = to_f(gp[base + j]) * f[j];
+        const float dot = ordered_sum(K, [&](int64_t j) { return dpr[j] * pp[base + j]; });
         for (int64_t j = 0; j < K; ++j) dp[base + j] = from_f<scalar_t>(pp[base + j] * (dpr[j] - dot) * s);
       }
     });
