@@ -7,6 +7,7 @@
     python bench/step_ab.py lora_vs_full          # a LoRA step (strop's default settings) vs a full fine-tuning step
     python bench/step_ab.py lora_norms_hd0_vs_full  # LoRA + trained norms without hidden dropout vs full
     python bench/step_ab.py compile               # torch.compile(dynamic=True) vs eager (both with fast dropout)
+    python bench/step_ab.py fused_kernels --threads 2  # the fused C++ kernels (train.fused_kernels) vs without
     python bench/step_ab.py fast_dropout --steps 40 --threads 1
 
 Two copies of the default model train on the same SST-2 batches (configs/sst2.yaml data, batch 32, bf16 autocast where
@@ -36,6 +37,7 @@ CHANGES = {  # name: (overrides of side A, overrides of side B); "compile": that
     "freeze_embeddings": ({}, {"model.freeze_embeddings": True}),
     "attention_dropout_0": ({}, {"model.attention_dropout": 0.0}),
     "compile": ({}, {"compile": True}),
+    "fused_kernels": ({"train.fused_kernels": False}, {"train.fused_kernels": True}),
 }
 
 
@@ -57,9 +59,8 @@ def main() -> None:
     from strop.models.backbone import load_tokenizer, resolve_model_path
     from strop.models.classifier import build_model
     from strop.models.peft import apply_peft
-    from strop.training.fast import fast_dropout_in, tune_allocator
-    from strop.training.fast_lora import fused_lora_in
-    from strop.training.loop import accumulate_gradients
+    from strop.training.fast import tune_allocator
+    from strop.training.loop import accumulate_gradients, speed_ups
     from strop.training.optim import build_optimizer
 
     torch.set_num_threads(args.threads)
@@ -81,8 +82,7 @@ def main() -> None:
         model, hook = apply_peft(build_model(cfg.model, ds.task, ds.labels), cfg.peft, 1000)
         model.train()
         ctx = contextlib.ExitStack()
-        ctx.enter_context(fast_dropout_in(model, cfg.train.fast_dropout))
-        ctx.enter_context(fused_lora_in(model, cfg.train.fused_lora))
+        ctx.enter_context(speed_ups(model, cfg.train, cpu))  # the training loop's own speed settings
         contexts.append(ctx)
         params = [q for q in model.parameters() if q.requires_grad]
         sides[side] = (torch.compile(model, dynamic=True) if compiled else model,
