@@ -70,21 +70,24 @@ def test_search_runs_trials_writes_best_yaml_that_reproduces_the_best(tiny_model
 @pytest.mark.slow
 def test_median_pruning_stops_a_worse_trial_and_the_search_resumes(tiny_model, toy_splits, tmp_path):
     out = tmp_path / "runs"
-    # minimise validation loss (continuous, so a trial that does not learn is strictly worse than one that does)
+    # minimise validation loss (continuous, so a trial that does not learn is strictly worse than one that does);
+    # 4 epochs (24 steps, 8 reports): the random tiny model's loss only drops below the untrained one's around step
+    # 12, so with 12 steps in all whether the bad trial is stopped before its end hung on the dropout noise
+    longer = {"train.epochs": 4}
     good = _base(tiny_model, toy_splits, out, **{"tune.space": "{train.lr: {log_uniform: [2e-2, 3e-2]}}",
-                                                 "tune.metric": "loss"})
+                                                 "tune.metric": "loss", **longer})
     first = tune(None, good, trials=1)
     assert first.best_value is not None and _study(out).direction.name == "MINIMIZE"
 
     # same storage and study name: the search continues with trial 1; an lr of ~1e-9 cannot learn
     bad = _base(tiny_model, toy_splits, out, **{"tune.space": "{train.lr: {log_uniform: [1e-9, 2e-9]}}",
-                                                "tune.metric": "loss"})
+                                                "tune.metric": "loss", **longer})
     result = tune(None, bad, trials=2)
     study = _study(out)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "PRUNED"]
     pruned = study.trials[1]
     last = max(pruned.intermediate_values)
-    assert last < 12  # stopped before the end (12 steps), at the first report worse than trial 0's at that step
+    assert last < 24  # stopped before the end (24 steps), at the first report worse than trial 0's at that step
     assert pruned.intermediate_values[last] > study.trials[0].intermediate_values[last]
     run_dir = out / "toy-trial-1"
     assert _validation(run_dir, "loss") == pytest.approx(pruned.intermediate_values)
