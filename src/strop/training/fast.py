@@ -92,14 +92,16 @@ def attention_with_fast_dropout(module, query, key, value, attention_mask, scali
 ATTENTION_NAME = "strop_fast_dropout"
 
 
-def _register_attention() -> bool:
+def register_attention(name: str, attention) -> bool:
+    """Register `attention` as a transformers attention function under `name`, fed the masks `sdpa` gets
+    (boolean, or None). False where transformers has no AttentionInterface."""
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError:
         return False
-    AttentionInterface.register(ATTENTION_NAME, attention_with_fast_dropout)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # the masks `sdpa` gets (boolean, or None)
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
     return True
 
 
@@ -115,23 +117,21 @@ def sdpa_configs(model: nn.Module) -> list:
 
 
 @contextlib.contextmanager
-def fast_dropout_in(model: nn.Module, enabled: bool = True):
-    """Within the block, every nn.Dropout in `model` draws fast_dropout's masks, and transformers models that use
-    `sdpa` attention run attention_with_fast_dropout; both are put back afterwards (saved models are unchanged)."""
-    if not enabled:
-        yield
-        return
+def dropout_swapped(model: nn.Module, dropout_cls: type, replaces: tuple, attention_name: str, attention):
+    """Within the block, every module of `model` whose type is in `replaces` is a `dropout_cls` (same p and mode),
+    and transformers models that use `sdpa` attention run `attention` (registered as `attention_name`); both are
+    put back afterwards, so saved models are unchanged."""
     swapped = []
     for m in model.modules():
         for name, child in m.named_children():
-            if type(child) is nn.Dropout:
-                fast = FastDropout(child.p, child.inplace)
-                fast.train(child.training)
-                setattr(m, name, fast)
+            if type(child) in replaces:
+                new = dropout_cls(child.p, child.inplace)
+                new.train(child.training)
+                setattr(m, name, new)
                 swapped.append((m, name, child))
-    configs = sdpa_configs(model) if _register_attention() else []
+    configs = sdpa_configs(model) if register_attention(attention_name, attention) else []
     for config in configs:
-        config._attn_implementation = ATTENTION_NAME
+        config._attn_implementation = attention_name
     try:
         yield
     finally:
@@ -140,6 +140,17 @@ def fast_dropout_in(model: nn.Module, enabled: bool = True):
         for m, name, child in swapped:
             child.train(getattr(m, name).training)
             setattr(m, name, child)
+
+
+@contextlib.contextmanager
+def fast_dropout_in(model: nn.Module, enabled: bool = True):
+    """Within the block, every nn.Dropout in `model` draws fast_dropout's masks, and transformers models that use
+    `sdpa` attention run attention_with_fast_dropout; both are put back afterwards (saved models are unchanged)."""
+    if not enabled:
+        yield
+        return
+    with dropout_swapped(model, FastDropout, (nn.Dropout,), ATTENTION_NAME, attention_with_fast_dropout):
+        yield
 
 
 _TUNED = False

@@ -203,17 +203,6 @@ def fused_attention(module, query, key, value, attention_mask, scaling=None, dro
 ATTENTION_NAME = "strop_fused"
 
 
-def _register_attention() -> bool:
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    except ImportError:
-        return False
-    AttentionInterface.register(ATTENTION_NAME, fused_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # the masks `sdpa` gets (boolean, or None)
-    return True
-
-
 def _fusable(layer: nn.Module) -> bool:
     """A stock BERT-layout encoder layer of transformers (not a subclass, no hooks on its parts), self-attention only,
     absolute positions, no chunked feed-forward."""
@@ -247,7 +236,7 @@ def fused_layers_in(model: nn.Module, enabled: bool = True, skip: nn.Module | No
     if not layers or kernels() is None:
         yield 0
         return
-    from strop.training.fast import FastDropout, sdpa_configs
+    from strop.training.fast import FastDropout, dropout_swapped
 
     def forward(self, *args, **kwargs):
         impl = fused_layer_forward if self.training else type(self).forward
@@ -255,24 +244,9 @@ def fused_layers_in(model: nn.Module, enabled: bool = True, skip: nn.Module | No
 
     for layer in layers:
         layer.forward = types.MethodType(forward, layer)
-    swapped = []  # every other dropout of the model (embeddings, head, unfused layers) draws hashed masks too
-    for m in model.modules():
-        for name, child in m.named_children():
-            if type(child) in (nn.Dropout, FastDropout):
-                fast = HashDropout(child.p, child.inplace)
-                fast.train(child.training)
-                setattr(m, name, fast)
-                swapped.append((m, name, child))
-    configs = sdpa_configs(model) if _register_attention() else []
-    for config in configs:
-        config._attn_implementation = ATTENTION_NAME
-    try:
-        yield len(layers)
+    try:  # every other dropout of the model (embeddings, head, unfused layers) draws hashed masks too
+        with dropout_swapped(model, HashDropout, (nn.Dropout, FastDropout), ATTENTION_NAME, fused_attention):
+            yield len(layers)
     finally:
-        for config in configs:
-            config._attn_implementation = "sdpa"
-        for m, name, child in swapped:
-            child.train(getattr(m, name).training)
-            setattr(m, name, child)
         for layer in layers:
             vars(layer).pop("forward", None)
