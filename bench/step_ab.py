@@ -2,6 +2,7 @@
 
     python bench/step_ab.py fast_dropout          # strop's fast dropout masks vs torch's dropout
     python bench/step_ab.py freeze_embeddings     # frozen word embeddings vs trained
+    python bench/step_ab.py sparse_embeddings     # word embeddings trained through sparse rows (lazy AdamW) vs dense
     python bench/step_ab.py attention_dropout_0   # no attention dropout (sdpa's fused kernel) vs 0.1
     python bench/step_ab.py fused_lora            # LoRA through strop's fused linear vs PEFT's forward
     python bench/step_ab.py lora_vs_full          # a LoRA step (strop's default settings) vs a full fine-tuning step
@@ -35,6 +36,7 @@ CHANGES = {  # name: (overrides of side A, overrides of side B); "compile": that
     "lora_norms_hd0_vs_full": ({}, {"peft.method": "lora", "peft.train_norms": True, "model.hidden_dropout": 0.0}),
     "fused_lora": ({"peft.method": "lora", "train.fused_lora": False}, {"peft.method": "lora", "train.fused_lora": True}),
     "freeze_embeddings": ({}, {"model.freeze_embeddings": True}),
+    "sparse_embeddings": ({}, {"model.sparse_embeddings": True}),
     "attention_dropout_0": ({}, {"model.attention_dropout": 0.0}),
     "compile": ({}, {"compile": True}),
     "fused_kernels": ({"train.fused_kernels": False}, {"train.fused_kernels": True}),
@@ -61,7 +63,7 @@ def main() -> None:
     from strop.models.peft import apply_peft
     from strop.training.fast import tune_allocator
     from strop.training.loop import accumulate_gradients, speed_ups
-    from strop.training.optim import build_optimizer
+    from strop.training.optim import build_optimizer, clip_grad_norm
 
     torch.set_num_threads(args.threads)
     tune_allocator()
@@ -91,7 +93,7 @@ def main() -> None:
     def step(side: str, i: int) -> None:
         model, optimizer, params, cfg = sides[side]
         accumulate_gradients(model, enc, batches[i], 32, ds.task, cpu, precision)
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        clip_grad_norm(params, cfg.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

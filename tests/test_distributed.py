@@ -377,3 +377,16 @@ def test_engine_settings_that_cannot_work_are_refused(overrides, words):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+@pytest.mark.slow
+def test_ddp_all_reduces_sparse_embedding_gradients(tiny_model, splits, tmp_path):
+    """model.sparse_embeddings under DDP: the sparse row gradients are all-reduced like dense ones, so 2 x 8 follows
+    1 x 16 (the lazy AdamW rows see the union of both ranks' tokens)."""
+    sparse = ["model.sparse_embeddings=true"]
+    one = train(None, _args(tiny_model, splits, tmp_path / "a", "one") + sparse).run_dir
+    torchrun(2, _args(tiny_model, splits, tmp_path / "b", "two") + sparse, tmp_path)
+    ref, ddp = _losses(one), _losses(tmp_path / "b" / "two")
+    assert sorted(ddp) == sorted(ref) == list(range(1, STEPS + 1))
+    assert [ddp[s] for s in sorted(ddp)] == pytest.approx([ref[s] for s in sorted(ref)], rel=1e-4)
+    assert ref[STEPS] < 0.8 * ref[1]

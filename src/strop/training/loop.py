@@ -29,7 +29,8 @@ from strop.training.fast import fast_dropout_in, tuned_allocator
 from strop.training.fast_lora import fused_lora_in
 from strop.training.fused_layer import fused_layers_in
 from strop.training.guards import MicroBatchSize, NonFiniteError, StopSignals, TrainingInterrupted, is_finite
-from strop.training.optim import build_optimizer, build_scheduler, warmup_steps
+from strop.training.optim import (build_optimizer, build_scheduler, check_sparse_engine, clip_grad_norm,
+                                  warmup_steps)
 from strop.training.progress import TrainProgress
 
 
@@ -101,6 +102,7 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
     eval_every = t.eval_every or steps_per_epoch
     save_every = eval_every if t.save_every == 0 else t.save_every
     model.to(device).train()
+    check_sparse_engine(model, t.distributed, dist.world)
     # DDP: a wrapper that all-reduces gradients, `model` evaluates and saves; FSDP: `model` itself, sharded in place
     ddp_model = wrap_model(model, dist, device, t.distributed)
     sharded = is_sharded(model)  # then saving and loading state gathers/splits it over the ranks
@@ -154,7 +156,7 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
                 loss = dist.mean(loss)  # the global batch's loss on every rank: same logs, same NaN decision
                 # clip_grad_norm_ returns the total norm: one pass that both clips and checks for NaN/Inf gradients
                 if engine is None:
-                    norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
+                    norm = clip_grad_norm(params, t.max_grad_norm if t.max_grad_norm > 0 else math.inf)
                     norm = norm.full_tensor() if sharded else norm  # FSDP: a DTensor, the global norm on every rank
                 else:  # ZeRO holds the reduced gradients in its partitions: it clips in its step, checked after it
                     norm = torch.zeros(())

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from strop.errors import ConfigError
 from strop.models.peft import is_head, is_norm
 
 
@@ -29,14 +30,88 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr: floa
              "lr": (head_lr if head else lr) * scale} for (no_decay, head, scale), ps in sorted(groups.items())]
 
 
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW, plus lazy row updates for parameters whose gradient is sparse (a word-embedding matrix under
+    model.sparse_embeddings): only the rows the batch looked up get the step (moments, decay, update), as in
+    TensorFlow's LazyAdam and torch's SparseAdam, but with AdamW's decoupled weight decay. The moments live in the
+    usual `exp_avg` / `exp_avg_sq` state (checkpointed with the rest); bias correction counts the parameter's steps.
+    Dense parameters take torch's own (fused) step unchanged."""
+
+    def step(self, closure=None):
+        lazy = [(group, p) for group in self.param_groups for p in group["params"]
+                if p.grad is not None and p.grad.is_sparse]
+        grads = [p.grad for _, p in lazy]
+        for _, p in lazy:
+            p.grad = None  # torch's step skips parameters without a gradient
+        try:
+            loss = super().step(closure)
+        finally:
+            for (_, p), g in zip(lazy, grads):
+                p.grad = g
+        with torch.no_grad():
+            for (group, p), g in zip(lazy, grads):
+                self._lazy_rows(group, p, g.coalesce())
+        return loss
+
+    def _lazy_rows(self, group: dict, p: torch.Tensor, grad: torch.Tensor) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        step = float(state["step"])
+        rows, g = grad.indices()[0], grad.values().to(p.dtype)
+        beta1, beta2 = group["betas"]
+        lr = float(group["lr"])
+        m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - beta1)
+        v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        state["exp_avg"].index_copy_(0, rows, m)
+        state["exp_avg_sq"].index_copy_(0, rows, v)
+        denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(group["eps"])
+        updated = p.index_select(0, rows).mul_(1 - lr * group["weight_decay"])
+        updated.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
+        p.index_copy_(0, rows, updated)
+
+
 def build_optimizer(model: nn.Module, cfg, lr_scales: dict[str, float] | None = None) -> torch.optim.Optimizer:
     """AdamW over trainable parameters only; fused kernels where this torch offers them on the device."""
     groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.head_lr, lr_scales)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
+        return AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+        return AdamW(groups, foreach=True, **kwargs)
+
+
+def check_sparse_engine(model: nn.Module, engine: str, world: int) -> None:
+    """Sparse gradients (model.sparse_embeddings) train in one process or under DDP, which all-reduces them; FSDP
+    and DeepSpeed shard dense gradients only."""
+    sparse = any(isinstance(m, nn.Embedding) and m.sparse and m.weight.requires_grad for m in model.modules())
+    if sparse and world > 1 and engine != "ddp":
+        raise ConfigError(f"model.sparse_embeddings=true works in one process or with train.distributed=ddp, not "
+                          f"train.distributed={engine}; set model.sparse_embeddings=false or train.distributed=ddp")
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch's clip_grad_norm_ (returns the total L2 norm before clipping), also over sparse gradients (coalesced
+    in place, so repeated rows count once with their summed gradient, as in the dense gradient)."""
+    sparse = [p for p in params if p.grad is not None and p.grad.is_sparse]
+    if not sparse:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    dense = [p for p in params if p.grad is not None and not p.grad.is_sparse]
+    for p in sparse:
+        p.grad = p.grad.coalesce()
+    norms = [torch.linalg.vector_norm(p.grad.values(), dtype=torch.float32) for p in sparse]
+    if dense:
+        norms.append(torch.nn.utils.get_total_norm([p.grad for p in dense]).float())
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    if dense:
+        torch.nn.utils.clip_grads_with_norm_(dense, max_norm, total)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for p in sparse:
+        p.grad.values().mul_(coef.to(p.grad.dtype))
+    return total
 
 
 def warmup_steps(warmup: float, total_steps: int) -> int:
