@@ -66,6 +66,14 @@ constexpr int64_t kWidth = 16;  // one AVX-512 register of floats: rows are padd
 
 inline int64_t padded(int64_t n) { return (n + kWidth - 1) / kWidth * kWidth; }
 
+// factor[j] = drop.factor(base + j) for j < padded(K), in whole vectors.
+inline void dropout_factors(const Drop drop, uint32_t base, float* __restrict__ factor, int64_t Kp) {
+  for (int64_t c = 0; c < Kp; c += kWidth) {
+    _Pragma("omp simd")
+    for (int64_t j = 0; j < kWidth; ++j) factor[c + j] = drop.factor(base + static_cast<uint32_t>(c + j));
+  }
+}
+
 // Sums in an order fixed by n alone (16 lane sums over whole chunks, then the lanes, then the tail), so a result
 // never depends on how a compiler peeled a loop for a buffer's alignment: the same inputs give the same bits, which
 // a resumed run needs to equal the straight one. f(j) is the j-th term.
@@ -82,9 +90,23 @@ inline float ordered_sum(int64_t n, F f) {
   return total;
 }
 
+// bf16 <-> fp32 as c10::BFloat16 converts (the high half; round to nearest even, NaN -> 0x7FC0), in plain integer
+// arithmetic on the bits so loops over them vectorise (c10's constructor does not, here)
 inline float to_f(float v) { return v; }
-inline float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
-template <typename T> inline T from_f(float v) { return static_cast<T>(v); }
+inline float to_f(c10::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+template <typename T> inline T from_f(float v);
+template <> inline float from_f<float>(float v) { return v; }
+template <> inline c10::BFloat16 from_f<c10::BFloat16>(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
 
 void check_rows(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
@@ -92,21 +114,23 @@ void check_rows(const torch::Tensor& t, const char* name) {
 
 // Per-thread scratch rows, 64-byte aligned like torch's own buffers: the vectoriser peels a loop differently for a
 // differently aligned buffer, which would change the order of a reduction's sum (and its last bit) from run to run.
-class Scratch {
+template <typename U>
+class Buffer {
  public:
-  explicit Scratch(int64_t n, float fill = 0.f)
-      : p_(static_cast<float*>(std::aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64))) {
+  explicit Buffer(int64_t n, U fill = U())
+      : p_(static_cast<U*>(std::aligned_alloc(64, ((n * sizeof(U) + 63) / 64) * 64))) {
     TORCH_CHECK(p_ != nullptr, "out of memory");
     std::fill(p_, p_ + n, fill);
   }
-  ~Scratch() { std::free(p_); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  float* data() { return p_; }
+  ~Buffer() { std::free(p_); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  U* data() { return p_; }
 
  private:
-  float* p_;
+  U* p_;
 };
+using Scratch = Buffer<float>;
 
 #define STROP_DISPATCH(dtype, ...)                                               \
   if ((dtype) == torch::kFloat32) {                                              \
@@ -148,15 +172,13 @@ std::vector<torch::Tensor> dropout_add_norm_fwd(torch::Tensor x, torch::Tensor r
     scalar_t* __restrict__ lp = low ? out_low.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
       const Drop drop = drop_;
+      Scratch factor_buf(padded(H), 1.f);
+      float* __restrict__ f = factor_buf.data();  // stays 1 without dropout
       for (int64_t row = begin; row < end; ++row) {
         const int64_t base = row * H;
         float* __restrict__ yr = yp + base;
-        if (drop.on) {
-          for (int64_t j = 0; j < H; ++j)
-            yr[j] = to_f(xp[base + j]) * drop.factor(static_cast<uint32_t>(base + j)) + r[base + j];
-        } else {
-          for (int64_t j = 0; j < H; ++j) yr[j] = to_f(xp[base + j]) + r[base + j];
-        }
+        if (drop.on) dropout_factors(drop, static_cast<uint32_t>(base), f, padded(H));
+        for (int64_t j = 0; j < H; ++j) yr[j] = to_f(xp[base + j]) * f[j] + r[base + j];
         const float mu = ordered_sum(H, [&](int64_t j) { return yr[j]; }) / H;
         const float var = ordered_sum(H, [&](int64_t j) { return (yr[j] - mu) * (yr[j] - mu); });
         const float rs = 1.f / std::sqrt(var / H + static_cast<float>(eps));
@@ -211,28 +233,36 @@ std::vector<torch::Tensor> dropout_add_norm_bwd(std::optional<torch::Tensor> g_o
       const int tid = at::get_thread_num();
       float* __restrict__ dw_t = dwp + tid * H;
       float* __restrict__ db_t = dbp + tid * H;
-      Scratch gr_buf(H), xh_buf(H);
+      // every pass below is branch-free over j, so each vectorises (a select inside the loop kept GCC from it)
+      Scratch gr_buf(H), xh_buf(H), factor_buf(padded(H), 1.f);
       float* __restrict__ gr = gr_buf.data();
       float* __restrict__ xh = xh_buf.data();
+      float* __restrict__ f = factor_buf.data();  // stays 1 without dropout
       for (int64_t row = begin; row < end; ++row) {
         const int64_t base = row * H;
         const float mu = mp[row], rs = sp[row];
+        if (has_g && has_low) {
+          for (int64_t j = 0; j < H; ++j) gr[j] = gp[base + j] + to_f(gl[base + j]);
+        } else if (has_g) {
+          for (int64_t j = 0; j < H; ++j) gr[j] = gp[base + j];
+        } else if (has_low) {
+          for (int64_t j = 0; j < H; ++j) gr[j] = to_f(gl[base + j]);
+        } else {
+          for (int64_t j = 0; j < H; ++j) gr[j] = 0.f;
+        }
         for (int64_t j = 0; j < H; ++j) {
-          const float gj = (has_g ? gp[base + j] : 0.f) + (has_low ? to_f(gl[base + j]) : 0.f);
-          const float xhat = (yp[base + j] - mu) * rs;
-          gr[j] = gj;
-          xh[j] = xhat;
-          dw_t[j] += gj * xhat;
-          db_t[j] += gj;
+          xh[j] = (yp[base + j] - mu) * rs;
+          dw_t[j] += gr[j] * xh[j];
+          db_t[j] += gr[j];
         }
         const float sum_gw = ordered_sum(H, [&](int64_t j) { return gr[j] * wp[j]; });
         const float sum_gwx = ordered_sum(H, [&](int64_t j) { return gr[j] * wp[j] * xh[j]; });
         const float a = sum_gw / H, c = sum_gwx / H;
+        if (drop.on) dropout_factors(drop, static_cast<uint32_t>(base), f, padded(H));
         for (int64_t j = 0; j < H; ++j) {
-          const float xhat = (yp[base + j] - mu) * rs;
-          const float dy = rs * (gr[j] * wp[j] - a - xhat * c);
+          const float dy = rs * (gr[j] * wp[j] - a - xh[j] * c);
           dr[base + j] = dy;
-          dxp[base + j] = from_f<scalar_t>(drop.on ? dy * drop.factor(static_cast<uint32_t>(base + j)) : dy);
+          dxp[base + j] = from_f<scalar_t>(dy * f[j]);
         }
       }
     });
@@ -240,27 +270,41 @@ std::vector<torch::Tensor> dropout_add_norm_bwd(std::optional<torch::Tensor> g_o
   return {dx, dres, dw_parts.sum(0), db_parts.sum(0)};
 }
 
-// factor[j] = drop.factor(base + j) for j < padded(K), in whole vectors.
-inline void dropout_factors(const Drop drop, uint32_t base, float* __restrict__ factor, int64_t Kp) {
-  for (int64_t c = 0; c < Kp; c += kWidth) {
-    _Pragma("omp simd")
-    for (int64_t j = 0; j < kWidth; ++j) factor[c + j] = drop.factor(base + static_cast<uint32_t>(c + j));
+// Per-thread rows for the attention kernels. Rows (keys) are short and rarely a multiple of 16, so a loop over K
+// would run mostly in its scalar tail; instead each row is copied into these padded buffers (memcpy), worked on in
+// whole vectors, and copied out.
+template <typename T>
+struct RowBuffers {
+  RowBuffers(int64_t K, int64_t Kp)
+      : in(Kp), out(Kp), keep(Kp), v(Kp), factor(Kp, 1.f), prob(Kp), pad(Kp, -std::numeric_limits<float>::infinity()) {
+    std::fill(pad.data(), pad.data() + K, 0.f);
   }
-}
+  Buffer<T> in, out;
+  Buffer<uint8_t> keep;  // the attention mask (1 = attend); 0 in the padding
+  Scratch v, factor, prob;  // factor stays 1 without dropout
+  Scratch pad;  // 0 for the row's K keys, -inf in the padding (so a fully masked row is uniform over its K keys)
+};
 
-// One row of softmax_dropout_fwd: prob = softmax(x * s, masked) (fp32), out = prob * dropout factor. `v` and
-// `factor`: scratch of padded(K) floats.
+// One row of softmax_dropout_fwd: prob = softmax(x * s, masked) (fp32), out = prob * dropout factor. m: the row's
+// bool mask, or null (all attend).
 template <typename T>
 inline void softmax_row(const T* __restrict__ x, const bool* __restrict__ m, float* __restrict__ prob,
-                        T* __restrict__ out, int64_t K, float s, const Drop drop, uint32_t base,
-                        float* __restrict__ v, float* __restrict__ factor) {
+                        T* __restrict__ out, int64_t K, float s, const Drop drop, uint32_t base, RowBuffers<T>& rb) {
   const float lowest = std::numeric_limits<float>::lowest();
   const int64_t Kp = padded(K);
-  for (int64_t j = 0; j < K; ++j) {
-    const float scaled = to_f(x[j]) * s;
-    v[j] = (m == nullptr || m[j]) ? scaled : lowest;
+  T* __restrict__ xin = rb.in.data();
+  uint8_t* __restrict__ keep = rb.keep.data();
+  float* __restrict__ v = rb.v.data();
+  float* __restrict__ factor = rb.factor.data();
+  float* __restrict__ pr = rb.prob.data();
+  const float* __restrict__ pad = rb.pad.data();
+  T* __restrict__ o = rb.out.data();
+  std::memcpy(xin, x, K * sizeof(T));
+  if (m != nullptr) std::memcpy(keep, m, K);  // else keep holds 1s (set once per thread)
+  for (int64_t c = 0; c < Kp; c += kWidth) {
+    _Pragma("omp simd")
+    for (int64_t j = 0; j < kWidth; ++j) v[c + j] = (keep[c + j] ? to_f(xin[c + j]) * s : lowest) + pad[c + j];
   }
-  for (int64_t j = K; j < Kp; ++j) v[j] = lowest;  // exp(lowest - max) = 0: padding adds nothing
   float mx = lowest;
   for (int64_t c = 0; c < Kp; c += kWidth) {
     _Pragma("omp simd reduction(max : mx)")
@@ -272,18 +316,16 @@ inline void softmax_row(const T* __restrict__ x, const bool* __restrict__ m, flo
   }
   const float sum = ordered_sum(Kp, [&](int64_t j) { return v[j]; });
   const float inv = 1.f / sum;
-  if (drop.on) {
-    dropout_factors(drop, base, factor, Kp);
-    for (int64_t j = 0; j < K; ++j) {
-      prob[j] = v[j] * inv;
-      out[j] = from_f<T>(prob[j] * factor[j]);
-    }
-  } else {
-    for (int64_t j = 0; j < K; ++j) {
-      prob[j] = v[j] * inv;
-      out[j] = from_f<T>(prob[j]);
+  if (drop.on) dropout_factors(drop, base, factor, Kp);
+  for (int64_t c = 0; c < Kp; c += kWidth) {
+    _Pragma("omp simd")
+    for (int64_t j = 0; j < kWidth; ++j) {
+      pr[c + j] = v[c + j] * inv;
+      o[c + j] = from_f<T>(pr[c + j] * factor[c + j]);
     }
   }
+  std::memcpy(prob, pr, K * sizeof(float));
+  std::memcpy(out, o, K * sizeof(T));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -316,11 +358,12 @@ std::vector<torch::Tensor> softmax_dropout_fwd(torch::Tensor scores, std::option
     scalar_t* __restrict__ dp = dropped.data_ptr<scalar_t>();
     at::parallel_for(0, B * Hd * Q, 16, [&](int64_t begin, int64_t end) {
       const Drop drop = drop_;
-      Scratch v(padded(K)), factor(padded(K));
+      RowBuffers<scalar_t> rb(K, padded(K));
+      std::fill(rb.keep.data(), rb.keep.data() + K, uint8_t{1});
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / (Hd * Q), q = row % Q;
         softmax_row(sc + row * K, has_mask ? mk + (b * Mq + (Mq == 1 ? 0 : q)) * K : nullptr, pp + row * K,
-                    dp + row * K, K, s, drop, static_cast<uint32_t>(row * K), v.data(), factor.data());
+                    dp + row * K, K, s, drop, static_cast<uint32_t>(row * K), rb);
       }
     });
   });
@@ -344,15 +387,27 @@ torch::Tensor softmax_dropout_bwd(torch::Tensor g, torch::Tensor probs, int64_t 
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       const Drop drop = drop_;
       const int64_t Kp = padded(K);
-      Scratch dprob(Kp), factor(Kp, 1.f);
-      float* __restrict__ dpr = dprob.data();
-      float* __restrict__ f = factor.data();
+      RowBuffers<scalar_t> rb(K, Kp);  // in: the gradient row; prob: the probabilities (0 in the padding)
+      scalar_t* __restrict__ gin = rb.in.data();
+      scalar_t* __restrict__ o = rb.out.data();
+      float* __restrict__ dpr = rb.v.data();
+      float* __restrict__ f = rb.factor.data();
+      float* __restrict__ pr = rb.prob.data();
       for (int64_t row = begin; row < end; ++row) {
         const int64_t base = row * K;
+        std::memcpy(gin, gp + base, K * sizeof(scalar_t));
+        std::memcpy(pr, pp + base, K * sizeof(float));
         if (drop.on) dropout_factors(drop, static_cast<uint32_t>(base), f, Kp);
-        for (int64_t j = 0; j < K; ++j) dpr[j] = to_f(gp[base + j]) * f[j];
-        const float dot = ordered_sum(K, [&](int64_t j) { return dpr[j] * pp[base + j]; });
-        for (int64_t j = 0; j < K; ++j) dp[base + j] = from_f<scalar_t>(pp[base + j] * (dpr[j] - dot) * s);
+        for (int64_t c = 0; c < Kp; c += kWidth) {
+          _Pragma("omp simd")
+          for (int64_t j = 0; j < kWidth; ++j) dpr[c + j] = to_f(gin[c + j]) * f[c + j];
+        }
+        const float dot = ordered_sum(Kp, [&](int64_t j) { return dpr[j] * pr[j]; });
+        for (int64_t c = 0; c < Kp; c += kWidth) {
+          _Pragma("omp simd")
+          for (int64_t j = 0; j < kWidth; ++j) o[c + j] = from_f<scalar_t>(pr[c + j] * (dpr[c + j] - dot) * s);
+        }
+        std::memcpy(dp + base, o, K * sizeof(scalar_t));
       }
     });
   });

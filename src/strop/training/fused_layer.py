@@ -46,7 +46,10 @@ _failure: list[str] = []
 
 
 def _build_flags() -> list[str]:
-    return ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+    # -fopenmp: at::parallel_for is a header template that runs its chunks in an OpenMP parallel region compiled into
+    # the caller, so without it every kernel runs on one thread. The extension then links libgomp.so.1, which
+    # resolves to the copy torch already loaded (one OpenMP runtime, one thread pool, torch.set_num_threads applies).
+    return ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 
 
 def kernels():
@@ -61,8 +64,9 @@ def kernels():
         # the build is specific to this CPU (-march=native) and this source: both name the cached build
         cpu = Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").exists() else ""
         flags = next((line for line in cpu.splitlines() if line.startswith("flags")), "")
-        key = hashlib.sha256((SOURCE.read_text() + flags + torch.__version__).encode()).hexdigest()[:12]
-        _ops = load(name=f"strop_fused_{key}", sources=[str(SOURCE)], extra_cflags=_build_flags(), verbose=False)
+        key = hashlib.sha256((SOURCE.read_text() + flags + torch.__version__ + " ".join(_build_flags())).encode())
+        _ops = load(name=f"strop_fused_{key.hexdigest()[:12]}", sources=[str(SOURCE)], extra_cflags=_build_flags(),
+                    extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # noqa: BLE001  any build failure means: train with the stock layers
         _failure.append(f"{type(e).__name__}: {e}")
         log.warning("train.fused_kernels: the fused CPU kernels could not be built here (%s); training with the "
