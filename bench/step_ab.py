@@ -36,7 +36,7 @@ CHANGES = {  # name: (overrides of side A, overrides of side B); "compile": that
     "lora_norms_hd0_vs_full": ({}, {"peft.method": "lora", "peft.train_norms": True, "model.hidden_dropout": 0.0}),
     "fused_lora": ({"peft.method": "lora", "train.fused_lora": False}, {"peft.method": "lora", "train.fused_lora": True}),
     "freeze_embeddings": ({}, {"model.freeze_embeddings": True}),
-    "sparse_embeddings": ({}, {"model.sparse_embeddings": True}),
+    "sparse_embeddings": ({"model.sparse_embeddings": False}, {"model.sparse_embeddings": True}),
     "attention_dropout_0": ({}, {"model.attention_dropout": 0.0}),
     "compile": ({}, {"compile": True}),
     "fused_kernels": ({"train.fused_kernels": False}, {"train.fused_kernels": True}),
@@ -63,7 +63,7 @@ def main() -> None:
     from strop.models.peft import apply_peft
     from strop.training.fast import tune_allocator
     from strop.training.loop import accumulate_gradients, speed_ups
-    from strop.training.optim import build_optimizer, clip_grad_norm
+    from strop.training.optim import build_optimizer, clip_grad_norm, sparse_embeddings_in
 
     torch.set_num_threads(args.threads)
     tune_allocator()
@@ -84,6 +84,7 @@ def main() -> None:
         model, hook = apply_peft(build_model(cfg.model, ds.task, ds.labels), cfg.peft, 1000)
         model.train()
         ctx = contextlib.ExitStack()
+        ctx.enter_context(sparse_embeddings_in(model, cfg.model.sparse_embeddings))
         ctx.enter_context(speed_ups(model, cfg.train, cpu))  # the training loop's own speed settings
         contexts.append(ctx)
         params = [q for q in model.parameters() if q.requires_grad]

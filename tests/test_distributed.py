@@ -45,7 +45,9 @@ def _args(tiny_model, splits, out, name):
     return tiny_overrides(tiny_model, out, **{"data.train": splits["train"], "data.validation": splits["validation"],
                                               "train.epochs": 4, "train.batch_size": 16, "train.log_every": 1,
                                               "train.threads": 1, "model.dropout": 0, "model.hidden_dropout": 0,
-                                              "model.attention_dropout": 0, "name": name, "track": "tensorboard"})
+                                              "model.attention_dropout": 0, "name": name, "track": "tensorboard",
+                                              # dense, as FSDP and DeepSpeed train them, so all curves compare
+                                              "model.sparse_embeddings": False})
 
 
 def torchrun(nproc: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -383,7 +385,7 @@ def test_engine_settings_that_cannot_work_are_refused(overrides, words):
 def test_ddp_all_reduces_sparse_embedding_gradients(tiny_model, splits, tmp_path):
     """model.sparse_embeddings under DDP: the sparse row gradients are all-reduced like dense ones, so 2 x 8 follows
     1 x 16 (the lazy AdamW rows see the union of both ranks' tokens)."""
-    sparse = ["model.sparse_embeddings=true"]
+    sparse = ["model.sparse_embeddings=true"]  # after _args' false
     one = train(None, _args(tiny_model, splits, tmp_path / "a", "one") + sparse).run_dir
     torchrun(2, _args(tiny_model, splits, tmp_path / "b", "two") + sparse, tmp_path)
     ref, ddp = _losses(one), _losses(tmp_path / "b" / "two")

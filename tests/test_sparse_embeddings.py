@@ -11,7 +11,6 @@ from conftest import tiny_overrides
 from safetensors.torch import load_file
 
 import strop
-from strop.errors import ConfigError
 from strop.training.optim import AdamW, clip_grad_norm
 
 
@@ -121,10 +120,27 @@ def test_training_with_sparse_embeddings_updates_only_seen_rows(tiny_model, toy_
     assert run.results["validation"]
 
 
-def test_sparse_embeddings_refuse_sharded_engines():
-    from strop.training.optim import check_sparse_engine
+def test_sparse_embeddings_only_where_they_work_and_only_inside_the_block():
+    """On inside the block and off after it; left dense for frozen or tied embeddings, for FSDP / DeepSpeed with
+    several processes, and when switched off."""
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
-    model = torch.nn.Embedding(4, 2, sparse=True)
-    with pytest.raises(ConfigError, match="model.sparse_embeddings"):
-        check_sparse_engine(model, "fsdp", world=2)
-    check_sparse_engine(model, "fsdp", world=1)  # one process: nothing to shard
+    from strop.training.optim import sparse_embeddings_in
+
+    config = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    model = BertForSequenceClassification(config)
+    words = model.get_input_embeddings()
+    with sparse_embeddings_in(model, True) as on:
+        assert on and words.sparse
+    assert not words.sparse
+    for engine, world, expect in (("ddp", 2, True), ("fsdp", 2, False), ("deepspeed", 2, False), ("fsdp", 1, True)):
+        with sparse_embeddings_in(model, True, engine, world) as on:
+            assert on is expect and words.sparse is expect, (engine, world)
+    with sparse_embeddings_in(model, False) as on:
+        assert not on and not words.sparse
+    words.weight.requires_grad_(False)
+    with sparse_embeddings_in(model, True) as on:
+        assert not on and not words.sparse
+    tied = BertForMaskedLM(config)  # the decoder shares the embedding matrix: its gradient is dense anyway
+    with sparse_embeddings_in(tied, True) as on:
+        assert not on and not tied.get_input_embeddings().sparse

@@ -55,7 +55,7 @@ def training_probe(steps: int = 20, batch_size: int = 32, precision: str = "auto
     from strop.models.classifier import build_model
     from strop.models.peft import apply_peft, count_parameters
     from strop.training.loop import accumulate_gradients, speed_ups
-    from strop.training.optim import build_optimizer
+    from strop.training.optim import build_optimizer, clip_grad_norm, sparse_embeddings_in
 
     demo = __import__("pathlib").Path(__file__).parent / "demo" / "support_tickets.csv"
     cfg = load_config(None, {"data.train": str(data or demo), "model.max_length": max_length,
@@ -73,11 +73,14 @@ def training_probe(steps: int = 20, batch_size: int = 32, precision: str = "auto
                for b in epoch_batches(enc.lengths, batch_size, 0, e)][:steps]
     warm = min(5, steps - 1)
     examples = tokens = 0
-    with speed_ups(model, cfg.train, device):  # the same speed settings as the training loop
+    params = [p for p in model.parameters() if p.requires_grad]
+    # the same speed settings and step (clipping included) as the training loop
+    with sparse_embeddings_in(model, cfg.model.sparse_embeddings), speed_ups(model, cfg.train, device):
         for i, idx in enumerate(batches):
             if i == warm:
                 start, cpu_start = time.perf_counter(), time.process_time()
             accumulate_gradients(model, enc, idx, batch_size, ds.task, device, precision, hook.regularizer)
+            clip_grad_norm(params, cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else math.inf)
             optimizer.step()
             hook(i + 1)
             optimizer.zero_grad(set_to_none=True)

@@ -111,8 +111,6 @@ def build_model(model_cfg, task: str, label_names: list[str], ner_cfg=None) -> n
         model = _build(model_cfg, task, label_names)
     if model_cfg.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
-    elif model_cfg.sparse_embeddings:  # training/optim.py's AdamW updates only the looked-up rows
-        model.get_input_embeddings().sparse = True
     if model_cfg.frozen_layers:
         freeze_bottom(model, model_cfg.frozen_layers)
     return model

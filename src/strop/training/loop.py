@@ -29,7 +29,7 @@ from strop.training.fast import fast_dropout_in, tuned_allocator
 from strop.training.fast_lora import fused_lora_in
 from strop.training.fused_layer import fused_layers_in
 from strop.training.guards import MicroBatchSize, NonFiniteError, StopSignals, TrainingInterrupted, is_finite
-from strop.training.optim import (build_optimizer, build_scheduler, check_sparse_engine, clip_grad_norm,
+from strop.training.optim import (build_optimizer, build_scheduler, clip_grad_norm, sparse_embeddings_in,
                                   warmup_steps)
 from strop.training.progress import TrainProgress
 
@@ -86,10 +86,20 @@ def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_
     return total
 
 
-def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, label_names: list[str],
-        device: torch.device, precision: str, tracker, metric: str, run_dir: Path,
-        resume_from: Path | None = None, peft_hook: PeftHook | None = None, loss_fn=None, on_eval=None,
-        dist: Dist | None = None) -> FitResult:
+def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, *args, dist: Dist | None = None,
+        **kwargs) -> FitResult:
+    """Train `model` in place on `train`, evaluating on `val` and checkpointing into run_dir/checkpoints (the
+    arguments of _fit). The word embeddings give sparse gradients during it (model.sparse_embeddings; set before
+    DDP wraps the model, which must know which parameters have them)."""
+    dist = dist or Dist()
+    with sparse_embeddings_in(model, cfg.model.sparse_embeddings, cfg.train.distributed, dist.world):
+        return _fit(model, train, val, cfg, *args, dist=dist, **kwargs)
+
+
+def _fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, label_names: list[str],
+         device: torch.device, precision: str, tracker, metric: str, run_dir: Path,
+         resume_from: Path | None = None, peft_hook: PeftHook | None = None, loss_fn=None, on_eval=None,
+         dist: Dist | None = None) -> FitResult:
     """Train `model` in place on `train`, evaluating on `val` and checkpointing into run_dir/checkpoints.
     `peft_hook` (models/peft.py) adds its regulariser to the loss and runs after each optimizer step.
     loss_fn(logits, batch): a training loss other than the task loss (e.g. distillation); evaluation is unchanged.
@@ -102,7 +112,6 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, l
     eval_every = t.eval_every or steps_per_epoch
     save_every = eval_every if t.save_every == 0 else t.save_every
     model.to(device).train()
-    check_sparse_engine(model, t.distributed, dist.world)
     # DDP: a wrapper that all-reduces gradients, `model` evaluates and saves; FSDP: `model` itself, sharded in place
     ddp_model = wrap_model(model, dist, device, t.distributed)
     sharded = is_sharded(model)  # then saving and loading state gathers/splits it over the ranks

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 
 import torch
 from torch import nn
 
-from strop.errors import ConfigError
 from strop.models.peft import is_head, is_norm
+
+log = logging.getLogger(__name__)
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr: float | None = None,
@@ -84,13 +87,30 @@ def build_optimizer(model: nn.Module, cfg, lr_scales: dict[str, float] | None = 
         return AdamW(groups, foreach=True, **kwargs)
 
 
-def check_sparse_engine(model: nn.Module, engine: str, world: int) -> None:
-    """Sparse gradients (model.sparse_embeddings) train in one process or under DDP, which all-reduces them; FSDP
-    and DeepSpeed shard dense gradients only."""
-    sparse = any(isinstance(m, nn.Embedding) and m.sparse and m.weight.requires_grad for m in model.modules())
-    if sparse and world > 1 and engine != "ddp":
-        raise ConfigError(f"model.sparse_embeddings=true works in one process or with train.distributed=ddp, not "
-                          f"train.distributed={engine}; set model.sparse_embeddings=false or train.distributed=ddp")
+@contextlib.contextmanager
+def sparse_embeddings_in(model: nn.Module, enabled: bool, engine: str = "ddp", world: int = 1):
+    """Within the block, the word-embedding lookup of `model` gives sparse gradients (model.sparse_embeddings), which
+    AdamW above turns into lazy row updates. Left dense where that cannot work or gains nothing: embeddings that are
+    frozen or tied to an output layer (its gradient is dense anyway), and FSDP / DeepSpeed, which shard dense
+    gradients only (DDP all-reduces sparse ones). Enter it before wrapping the model in DDP."""
+    get = getattr(model, "get_input_embeddings", None)
+    words = get() if enabled and callable(get) else None
+    if not isinstance(words, nn.Embedding) or not words.weight.requires_grad or words.sparse:
+        yield False
+        return
+    if sum(p is words.weight for m in model.modules() for p in m.parameters(recurse=False)) > 1:
+        yield False  # tied (a language-model head): dense gradients reach it anyway
+        return
+    if world > 1 and engine != "ddp":
+        log.info("model.sparse_embeddings: train.distributed=%s shards dense gradients only; the word embeddings "
+                 "train densely", engine)
+        yield False
+        return
+    words.sparse = True
+    try:
+        yield True
+    finally:
+        words.sparse = False
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
