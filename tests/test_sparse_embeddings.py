@@ -144,3 +144,44 @@ def test_sparse_embeddings_only_where_they_work_and_only_inside_the_block():
     tied = BertForMaskedLM(config)  # the decoder shares the embedding matrix: its gradient is dense anyway
     with sparse_embeddings_in(tied, True) as on:
         assert not on and not tied.get_input_embeddings().sparse
+
+
+def test_a_run_from_before_sparse_embeddings_resumes_as_it_trained(tiny_model, toy_splits, tmp_path, monkeypatch):
+    """A run folder whose config.yaml predates model.sparse_embeddings was trained with dense embeddings: resuming it
+    keeps them dense (the value that run used, not today's default), without a changed-settings refusal."""
+    import yaml
+
+    from strop.training import loop as loop_mod
+
+    extra = {"data.train": toy_splits["train"], "data.validation": toy_splits["validation"], "train.max_steps": 8,
+             "train.save_every": 2, "model.sparse_embeddings": False}
+    real_save = loop_mod.save_checkpoint
+
+    class Crash(Exception):
+        pass
+
+    def crash_after(run_dir, model, optimizer, scheduler, state, **kw):
+        real_save(run_dir, model, optimizer, scheduler, state, **kw)
+        if state.step == 4:
+            raise Crash
+
+    with monkeypatch.context() as m:
+        m.setattr(loop_mod, "save_checkpoint", crash_after)
+        with pytest.raises(Crash):
+            strop.train(None, tiny_overrides(tiny_model, tmp_path / "out", **extra))
+    run_dir = tmp_path / "out" / "run"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["model"]["sparse_embeddings"]  # as written before the setting existed
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+
+    seen = []
+    real_fit = loop_mod._fit
+
+    def spy(model, *args, **kwargs):
+        seen.append(model.get_input_embeddings().sparse)
+        return real_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(loop_mod, "_fit", spy)
+    resumed = strop.train(resume=run_dir)
+    assert resumed.results["resumed_from_step"] == 4 and resumed.results["steps"] == 8
+    assert seen == [False]

@@ -444,6 +444,28 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
     return mapping
 
 
+# settings whose default changed: the value a run trained with when its config.yaml predates the setting
+FORMER_DEFAULTS = {"model.sparse_embeddings": False}
+
+
+def load_run_config(path: str | Path, overrides: list[str] | dict | None = None) -> Config:
+    """A run folder's config.yaml (as load_config), with settings it predates at the value that run trained with
+    (FORMER_DEFAULTS), so resuming an older run continues the same optimisation."""
+    mapping = read_yaml(Path(path)) if Path(path).is_file() else {}
+
+    def has(key: str) -> bool:
+        node = mapping
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    former = {k: v for k, v in FORMER_DEFAULTS.items() if not has(k)}
+    items = list(overrides.items()) if isinstance(overrides, dict) else list(map(parse_override, overrides or []))
+    return load_config(path, {**former, **dict(items)})
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
     """Resolve a config: defaults <- YAML file at `path` <- overrides ('a.b=v' strings or a {'a.b': v} dict)."""
     cfg = Config()

@@ -14,7 +14,7 @@ import torch
 from rich.markup import escape
 
 from strop import __version__
-from strop.config import Config, check_run_name, dump_yaml, load_config
+from strop.config import Config, check_run_name, dump_yaml, load_config, load_run_config
 from strop.data.batching import collate, encode
 from strop.data.prepare import Dataset, prepare
 from strop.device import resolve_device, resolve_precision
@@ -87,7 +87,7 @@ def resolve_run(config, overrides, overwrite: bool, resume) -> tuple[Config, Pat
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise RunError(f"cannot resume {run_dir}: no config.yaml there; give the run folder (runs/<name>)")
-        cfg = load_config(run_dir / "config.yaml", overrides)
+        cfg = load_run_config(run_dir / "config.yaml", overrides)
         cfg.output_dir, cfg.name = str(run_dir.parent), run_dir.name
     else:
         cfg = config if isinstance(config, Config) else load_config(config, overrides)
@@ -134,7 +134,7 @@ def check_resumable(cfg: Config, run_dir: Path) -> None:
                        {prefix + f.name: list(value) if isinstance(value, tuple) else value})
         return out
 
-    saved, now = flat(load_config(run_dir / "config.yaml")), flat(cfg)
+    saved, now = flat(load_run_config(run_dir / "config.yaml")), flat(cfg)
     changed = [k for k in now if now[k] != saved.get(k) and k not in SAFE_ON_RESUME and not k.startswith("tune.")]
     if changed:
         shown = ", ".join(f"{k}={saved.get(k)!r} -> {now[k]!r}" for k in changed[:5])
