@@ -25,7 +25,10 @@ What is measured, per variant:
   peak RSS        VmHWM of the child (its own address space; ru_maxrss is stored too, see common.peak_rss_mb)
   dev accuracy    on the full dev set after training (HF: from predict()'s label_ids, which follow its length-grouped
                   row order under group_by_length; strop: its final evaluation)
-  MFU             model FLOPs per second / the measured peak matmul FLOP/s for the variant's precision (fp32 or bf16)
+  MFU             model FLOPs per second / the measured peak matmul FLOP/s for the variant's precision (fp32 or bf16),
+                  twice: "work done" (the FLOPs below, frozen layers and strop's first-token last layer not credited
+                  with what they skip) and "issue's formula" (the stock model's FLOPs, as issue 6 defines MFU; the
+                  target is checked on this one)
 
 Training FLOPs (useful work only: padding, softmax, layer norms and the optimizer are not counted), per epoch:
     6 * N_token * T  +  6 * N_example * E  +  12 * L * H * sum_i s_i^2
@@ -261,16 +264,19 @@ def training_flops(p: dict, data: dict, frozen: int = 0, first_token: bool = Fal
     return per_epoch * data["epochs_run"]
 
 
-def derive(raw: dict, data: dict, flops: float, peaks: dict) -> dict:
-    """Per-variant numbers from one child's raw result."""
+def derive(raw: dict, data: dict, flops: float, peaks: dict, stock_flops: float | None = None) -> dict:
+    """Per-variant numbers from one child's raw result. `mfu`: the FLOPs the variant does (frozen layers and strop's
+    first-token last layer not credited with the work they skip); `mfu_issue`: issue 6's formula, the stock model's
+    6 x non-embedding parameters x real tokens + attention term, whatever the variant skips."""
     secs = raw["train_seconds"]
     achieved = flops / secs
+    issue = {} if stock_flops is None else {"mfu_issue": stock_flops / secs / peaks[raw["precision"]]}
     return {"samples_per_s": data["train_examples"] * data["epochs_run"] / secs,
             "tokens_per_s": data["tokens_per_epoch"] * data["epochs_run"] / secs,
             "seconds_per_epoch": secs / data["epochs_run"], "train_seconds": secs,
             "peak_rss_mb": raw["rss_mb"].get("vmhwm", raw["rss_mb"]["ru_maxrss"]),
             "dev_accuracy": raw["dev_accuracy"], "model_flops_per_s": achieved,
-            "peak_flops_per_s": peaks[raw["precision"]], "mfu": achieved / peaks[raw["precision"]]}
+            "peak_flops_per_s": peaks[raw["precision"]], "mfu": achieved / peaks[raw["precision"]], **issue}
 
 
 def ratios(out: dict) -> dict:
@@ -296,8 +302,8 @@ def targets(out: dict) -> list[tuple[str, bool]]:
         if "D" in d:
             checks += [("D >= 4x A samples/s", d["D"]["samples_per_s"] >= 4 * d["A"]["samples_per_s"]),
                        ("D dev accuracy >= best(A, B) - 0.5 points", d["D"]["dev_accuracy"] >= best - 0.005)]
-    if "D" in d:
-        checks.append(("D MFU >= 50%", d["D"]["mfu"] >= 0.5))
+    if "D" in d and "mfu_issue" in d["D"]:  # the issue's formula; the stricter count is printed beside it
+        checks.append(("D MFU (issue's formula) >= 50%", d["D"]["mfu_issue"] >= 0.5))
     return checks
 
 
@@ -339,11 +345,12 @@ def bench(args, command: str) -> dict:
             out[v] = {"side": side, "label": label, "overrides": v_over, "raw": raw, "work": v_work,
                       "training_flops": training_flops(params, v_work, v_over.get("model.frozen_layers", 0),
                                                        first_token=side == "strop" and resolved.model.pooling == "cls"),
+                      "stock_training_flops": training_flops(params, v_work),
                       "resolved_config": to_dict(resolved)}
         peaks_end = measure_peaks(threads, "end")
     peaks = {k: max(peaks_start[k], peaks_end[k]) for k in peaks_start}
     for res in out.values():
-        res["derived"] = derive(res["raw"], res["work"], res["training_flops"], peaks)
+        res["derived"] = derive(res["raw"], res["work"], res["training_flops"], peaks, res["stock_training_flops"])
     out = keep_earlier_variants(out, args.epochs < 1)
     mach["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report = {"command": command, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": mach,
@@ -398,7 +405,8 @@ def print_report(rep: dict) -> None:
             ("real tokens/s", lambda r: r["derived"]["tokens_per_s"], ".0f"),
             ("model GFLOP/s", lambda r: r["derived"]["model_flops_per_s"] / 1e9, ".1f"),
             ("peak GFLOP/s (precision)", lambda r: r["derived"]["peak_flops_per_s"] / 1e9, ".1f"),
-            ("MFU %", lambda r: 100 * r["derived"]["mfu"], ".1f"),
+            ("MFU % (work done)", lambda r: 100 * r["derived"]["mfu"], ".1f"),
+            ("MFU % (issue's formula)", lambda r: 100 * r["derived"].get("mfu_issue", float("nan")), ".1f"),
             ("dev accuracy %", lambda r: 100 * r["derived"]["dev_accuracy"], ".2f"),
             ("dev eval seconds", lambda r: r["raw"]["dev_eval_seconds"], ".1f"),
             ("peak RSS MiB", lambda r: r["derived"]["peak_rss_mb"], ".0f"),
