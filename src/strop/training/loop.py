@@ -115,10 +115,12 @@ def _fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, 
     # DDP: a wrapper that all-reduces gradients, `model` evaluates and saves; FSDP: `model` itself, sharded in place
     ddp_model = wrap_model(model, dist, device, t.distributed)
     sharded = is_sharded(model)  # then saving and loading state gathers/splits it over the ranks
-    optimizer = build_optimizer(model, t, peft_hook.lr_scales)  # after wrapping: FSDP replaces the parameters
+    deepspeed = t.distributed == "deepspeed" and dist.world > 1
+    # after wrapping: FSDP replaces the parameters; ZeRO takes only torch's own AdamW class
+    optimizer = build_optimizer(model, t, peft_hook.lr_scales, lazy_rows=not deepspeed)
     scheduler = build_scheduler(optimizer, t.scheduler, warmup_steps(t.warmup, total_steps), total_steps)
     engine = None  # DeepSpeed's engine: reduces gradients in its backward, clips in its step
-    if t.distributed == "deepspeed" and dist.world > 1:
+    if deepspeed:
         engine, optimizer = deepspeed_engine(model, optimizer, t, dist.world)  # ZeRO wraps the AdamW
         ddp_model = engine
     step = optimizer.step if engine is None else engine.step  # the engine's step also clips (gradient_clipping)

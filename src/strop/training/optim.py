@@ -77,14 +77,18 @@ class AdamW(torch.optim.AdamW):
         p.index_copy_(0, rows, updated)
 
 
-def build_optimizer(model: nn.Module, cfg, lr_scales: dict[str, float] | None = None) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters only; fused kernels where this torch offers them on the device."""
+def build_optimizer(model: nn.Module, cfg, lr_scales: dict[str, float] | None = None,
+                    lazy_rows: bool = True) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters only; fused kernels where this torch offers them on the device. `lazy_rows`:
+    strop's AdamW (sparse gradients get lazy row steps); False = torch's own class, which DeepSpeed's ZeRO requires
+    (it accepts only optimizer types it knows, and its gradients are dense)."""
     groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.head_lr, lr_scales)
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    cls = AdamW if lazy_rows else torch.optim.AdamW
     try:
-        return AdamW(groups, fused=True, **kwargs)
+        return cls(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError):
-        return AdamW(groups, foreach=True, **kwargs)
+        return cls(groups, foreach=True, **kwargs)
 
 
 @contextlib.contextmanager
