@@ -94,8 +94,10 @@ def hf_arguments(cfg, steps: int, out_dir: str):
     """
     from transformers import TrainingArguments
 
+    from strop.config import resolve_method_defaults
     from strop.training.optim import warmup_steps
 
+    resolve_method_defaults(cfg)  # train.lr left empty: the method's default, as strop's run uses
     t = cfg.train
     if t.head_lr is not None or cfg.model.pooling != "cls":
         raise SystemExit("the HF side matches only train.head_lr=None and model.pooling=cls")

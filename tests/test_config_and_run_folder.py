@@ -330,3 +330,19 @@ def test_early_stopping_without_a_validation_split_is_refused_before_the_run(tin
         strop.train(None, _args(tiny_model, toy_splits, out, **{"train.early_stopping_patience": 2,
                                                                 "data.validation_ratio": 0}))
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# an unset train.lr takes the method's default: printed at the start, written to config.yaml
+
+
+def test_run_prints_and_records_the_methods_default_lr(tiny_model, toy_splits, tmp_path, capsys):
+    args = [a for a in tiny_overrides(tiny_model, tmp_path, **{"data.train": toy_splits["train"],
+                                                               "peft.method": "lora", "train.max_steps": 2,
+                                                               "eval.report": False})
+            if not a.startswith("train.lr=")]
+    run = strop.train(None, args)
+    printed = " ".join(capsys.readouterr().err.split())  # the console writes to stderr
+    assert "train.lr=0.0005 (default for peft.method=lora; set train.lr to override)" in printed
+    saved = load_config(run.run_dir / "config.yaml")
+    assert saved.train.lr == 5e-4  # the resolved value, so `strop train runs/x/config.yaml` reproduces the run

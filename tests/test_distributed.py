@@ -227,11 +227,11 @@ import os, sys
 from strop.cli import main
 from strop.training import loop
 
-real_track, real_save = loop._track_best, loop.save_checkpoint
+real_track, real_save = loop.track_best, loop.save_checkpoint
 kill = int(os.environ.get("KILL_AFTER_CHECKPOINT", "0"))
 
-def track(state, value, higher):  # the best evaluation is step 2, which save_every=4 never checkpoints
-    return real_track(state, 1.0 if (state.step == 2) == higher else 0.0, higher)
+def track(state, value, loss, higher):  # the best evaluation is step 2, which save_every=4 never checkpoints
+    return real_track(state, 1.0 if (state.step == 2) == higher else 0.0, loss, higher)
 
 def save(run_dir, model, optimizer, scheduler, state, **kw):
     path = real_save(run_dir, model, optimizer, scheduler, state, **kw)
@@ -239,7 +239,7 @@ def save(run_dir, model, optimizer, scheduler, state, **kw):
         os._exit(3)  # a kill right after the checkpoint
     return path
 
-loop._track_best, loop.save_checkpoint = track, save
+loop.track_best, loop.save_checkpoint = track, save
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -124,3 +124,23 @@ def test_bad_search_space_names_the_key(space, words):
 def test_empty_space_says_how_to_declare_one(tmp_path):
     with pytest.raises(ConfigError, match="log_uniform"):
         tune(None, ["data.train=x.csv", f"output_dir={tmp_path}"], trials=1)
+
+
+def test_a_tie_of_trial_values_goes_to_the_lower_validation_loss(tmp_path):
+    """The training loop's rule, applied to trials: equal accuracy (1.0 on a small validation set) picks the trial
+    whose best step had the lower validation loss; unknown losses rank last, then the earlier trial wins."""
+    from strop.tune import ranking, write_outputs
+
+    rows = []
+    for number, value, loss in ((0, 1.0, 0.91), (1, 1.0, 0.07), (2, 0.9, 0.01), (3, 1.0, None)):
+        run_dir = tmp_path / f"toy-trial-{number}"
+        run_dir.mkdir()
+        (run_dir / "results.json").write_text(json.dumps({"best_loss": loss}))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump({"name": run_dir.name, "train": {"lr": number}}))
+        rows.append({"number": number, "state": "COMPLETE", "value": value, "params": {}, "run_dir": str(run_dir),
+                     "intermediate": {}})
+    assert [r["number"] for r in sorted(rows, key=lambda r: ranking(r, "maximize"))] == [1, 0, 3, 2]
+    assert [r["number"] for r in sorted(rows, key=lambda r: ranking(r, "minimize"))] == [2, 1, 0, 3]
+    result = write_outputs(rows, "toy", "maximize", tmp_path, "toy")
+    assert result.best_run == tmp_path / "toy-trial-1" and result.best_value == 1.0
+    assert yaml.safe_load((tmp_path / "toy-tune" / "best.yaml").read_text())["train"]["lr"] == 1

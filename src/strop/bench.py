@@ -47,7 +47,7 @@ def training_probe(steps: int = 20, batch_size: int = 32, precision: str = "auto
     import numpy as np
     import torch
 
-    from strop.config import load_config
+    from strop.config import load_config, resolve_method_defaults
     from strop.data.batching import encode, epoch_batches
     from strop.data.prepare import prepare
     from strop.device import resolve_device, resolve_precision
@@ -61,6 +61,7 @@ def training_probe(steps: int = 20, batch_size: int = 32, precision: str = "auto
     cfg = load_config(None, {"data.train": str(data or demo), "model.max_length": max_length,
                              "train.batch_size": batch_size, "data.validation_ratio": 0, "data.test_ratio": 0,
                              **(overrides or {})})
+    resolve_method_defaults(cfg)
     ds = prepare(cfg)
     enc = encode(load_tokenizer(resolve_model_path(cfg.model.path)), ds.splits["train"], cfg.model.max_length)
     device = resolve_device("auto")

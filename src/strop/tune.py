@@ -93,6 +93,21 @@ def trial_value(results: dict) -> float:
     return final
 
 
+def validation_loss(run_dir: str | None) -> float:
+    """The validation loss at a finished run's best step (results.json), +inf when it is not known."""
+    try:
+        loss = json.loads((Path(run_dir) / "results.json").read_text(encoding="utf-8")).get("best_loss")
+    except (OSError, TypeError, ValueError):
+        return math.inf
+    return math.inf if loss is None else float(loss)
+
+
+def ranking(row: dict, direction: str) -> tuple:
+    """Sort key of a finished trial, best first: its value, then its validation loss, then its number."""
+    value = -row["value"] if direction == "maximize" else row["value"]
+    return value, validation_loss(row.get("run_dir")), row["number"]
+
+
 def study_settings(cfg: Config) -> tuple[str, str, str, str]:
     """(folder prefix, storage URL, study name, direction) of the search the config describes.
 
@@ -339,9 +354,8 @@ def write_outputs(rows: list[dict], study_name: str, direction: str, output_dir:
     (tune_dir / "study.json").write_text(json.dumps({"study": study_name, "direction": direction}), encoding="utf-8")
     (tune_dir / "trials.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
     complete = [r for r in rows if r["state"] == "COMPLETE"]
-    better = max if direction == "maximize" else min
-    # the first of equal values wins, as in Optuna's best_trial
-    best = better(complete, key=lambda r: r["value"]) if complete else None
+    # as in the training loop: a tie of the metric goes to the lower validation loss, then to the first trial
+    best = min(complete, key=lambda r: ranking(r, direction)) if complete else None
     best_run = Path(best["run_dir"]) if best else None
     if best is not None:
         cfg = yaml.safe_load((best_run / "config.yaml").read_text(encoding="utf-8"))

@@ -39,6 +39,7 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of the current epoch already consumed
     best_metric: float | None = None
     best_step: int | None = None
+    best_loss: float | None = None  # validation loss of the best step: breaks ties of best_metric (lower wins)
     bad_evals: int = 0  # evaluations since the last improvement (early stopping)
     skipped_steps: int = 0  # steps skipped for a non-finite loss/gradient
     train_tokens: int = 0

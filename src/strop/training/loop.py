@@ -214,7 +214,7 @@ def _fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, 
 
                 if val is not None and (state.step % eval_every == 0 or state.step == total_steps):
                     metrics, _ = evaluate(model, val, task, label_names, cfg.eval.batch_size, device, precision)
-                    improved = _track_best(state, metrics[metric], greater_is_better(metric))
+                    improved = track_best(state, metrics[metric], metrics.get("loss"), greater_is_better(metric))
                     if improved and t.restore_best:
                         # only what training changes: with PEFT a few MB instead of a second copy of the model
                         best_state = trainable_snapshot(model)
@@ -251,10 +251,15 @@ def _fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, 
     return result
 
 
-def _track_best(state: TrainState, value: float, higher: bool) -> bool:
-    improved = state.best_metric is None or (value > state.best_metric if higher else value < state.best_metric)
-    if improved:
-        state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
+def track_best(state: TrainState, value: float, loss: float | None, higher: bool) -> bool:
+    """Record an evaluation; True when it is the new best. A tie of the metric goes to the lower validation loss:
+    accuracy saturates on small validation sets (1.0 at every evaluation), and the first of equal values would keep
+    the least-trained weights."""
+    better = state.best_metric is None or (value > state.best_metric if higher else value < state.best_metric)
+    tie_won = (not better and value == state.best_metric and loss is not None
+               and (state.best_loss is None or loss < state.best_loss))
+    if better or tie_won:
+        state.best_metric, state.best_step, state.best_loss, state.bad_evals = value, state.step, loss, 0
     else:
         state.bad_evals += 1
-    return improved
+    return better or tie_won
