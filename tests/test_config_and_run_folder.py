@@ -13,7 +13,8 @@ import strop
 from strop import run as run_mod
 from strop.config import Config, load_config, parse_override, validate
 from strop.errors import ConfigError, RunError
-from strop.tune import _overrides_dict
+from strop.tasks.classification import check_room_for_text
+from strop.tune_study import overrides_dict
 
 
 def config_error(overrides: list[str]) -> str:
@@ -58,7 +59,7 @@ def test_text_fields_take_the_override_as_typed(override, key, expected):
 
 
 def test_text_overrides_reach_tune_trials_as_typed():
-    assert _overrides_dict(["name=007", "data.label_delimiter=-", "train.epochs=2"]) == \
+    assert overrides_dict(["name=007", "data.label_delimiter=-", "train.epochs=2"]) == \
         {"name": "007", "data.label_delimiter": "-", "train.epochs": 2}
 
 
@@ -134,13 +135,13 @@ def test_max_length_below_the_special_tokens_is_refused(tiny_model):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model))  # BERT: [CLS] a [SEP], pairs [CLS] a [SEP] b [SEP]
-    run_mod.check_room_for_text(tok, 3, pairs=False)
-    run_mod.check_room_for_text(tok, 5, pairs=True)
-    run_mod.check_room_for_text(tok, 128, pairs=True)
+    check_room_for_text(tok, 3, pairs=False)
+    check_room_for_text(tok, 5, pairs=True)
+    check_room_for_text(tok, 128, pairs=True)
     with pytest.raises(ConfigError, match=r"model.max_length=2 .*model.max_length>=3"):
-        run_mod.check_room_for_text(tok, 2, pairs=False)
+        check_room_for_text(tok, 2, pairs=False)
     with pytest.raises(ConfigError, match=r"model.max_length=4 .*model.max_length>=5"):
-        run_mod.check_room_for_text(tok, 4, pairs=True)
+        check_room_for_text(tok, 4, pairs=True)
 
 
 @pytest.mark.parametrize("pairs, max_length", [(False, 1), (True, 4)])

@@ -13,7 +13,7 @@ from conftest import tiny_overrides, toy_rows, write_csv, write_jsonl
 import strop
 from strop.cli import main
 from strop.errors import StropError
-from strop.evaluate import report
+from strop.evaluate import report_parts as report
 
 # labels that are syntax elsewhere: `$...$` is mathtext to matplotlib; MLflow allows only [/\w.\- ] in metric names
 ODD_LABELS = ["$x^$", "US$ & CA$", "C++", "what?", "a&b", "a?b", "neg (1)", "<script>"]
@@ -142,8 +142,7 @@ def test_multi_label_calibration_uses_the_tuned_threshold():
 
 def test_report_calibrates_the_decisions_at_the_model_threshold(tiny_model, tmp_path):
     from strop.config import load_config
-    from strop.data.prepare import prepare
-    from strop.predict import Predictor
+    from strop.tasks import prepare
 
     rows = toy_rows(60, seed=4)
     for i, r in enumerate(rows):
@@ -152,7 +151,7 @@ def test_report_calibrates_the_decisions_at_the_model_threshold(tiny_model, tmp_
     run = strop.train(None, tiny_overrides(tiny_model, tmp_path / "runs", **{
         "data.train": src, "train.epochs": 1, "eval.report_explain": 0}))
     ex = prepare(load_config(run.run_dir / "config.yaml")).splits["test"]  # the split the report calibrates on
-    probs = Predictor.load(run.run_dir)._raw(ex, 64).astype(np.float64)
+    probs = strop.load(run.run_dir).outputs_of(ex, 64).astype(np.float64)
     # a threshold with probabilities on both sides of it below 0.5, where |p - 0.5| + 0.5 is the wrong confidence
     threshold = float(np.round(np.quantile(probs[probs < 0.5], 0.5), 3))
     assert ((probs >= threshold) & (probs < 0.5)).any() and threshold != 0.5
@@ -204,7 +203,6 @@ def test_explain_an_onnx_export_asks_for_the_run(fewshot_run, capsys):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from strop.explain.attribution import explain, explain_entities
-    from strop.predict import Predictor
 
     run_dir = fewshot_run.run_dir
     assert main(["export", str(run_dir), "--no-int8", "--no-timing", "--threads", "1",
@@ -213,7 +211,7 @@ def test_explain_an_onnx_export_asks_for_the_run(fewshot_run, capsys):
     assert main(["explain", str(run_dir / "export"), "--text", "refund my card"]) == 2
     message = " ".join(capsys.readouterr().err.split())
     assert "need the run's PyTorch model" in message and f"strop explain {run_dir}" in message
-    predictor = Predictor.load(run_dir / "export")
+    predictor = strop.load(run_dir / "export")
 
     def no_work(*args, **kwargs):
         raise AssertionError("the export was run before the error")

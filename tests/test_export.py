@@ -20,7 +20,9 @@ from strop.data.batching import encode
 from strop.data.examples import Examples
 from strop.errors import ExportError, RunError
 from strop.models.backbone import load_tokenizer
-from strop.models.classifier import build_model, load_model, save_model, task_loss
+from strop.config import Config
+from strop.models.classifier import save_model
+from strop.tasks import build_model, get_task, load_trained
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -178,7 +180,7 @@ def test_pruned_model_is_smaller_and_loads(exported, tmp_path):
     info = parity["variants"]["pruned"]["pruning"]
     assert info["attention_heads_kept"] == 1 and info["ffn_neurons_kept"] == 32  # of 2 heads, 64 neurons
     assert info["parameters_after"] < info["parameters_before"] and info["recovery"]["steps"] == 12
-    model, _, meta = load_model(run / "export" / "pruned")
+    model, _, meta, _ = load_trained(run / "export" / "pruned")
     for layer in encoder_layers(model):
         assert layer.attention.self.query.weight.shape == (16, 32)  # 1 head x 16 dims
         assert layer.attention.output.dense.weight.shape == (32, 16)
@@ -208,7 +210,7 @@ def test_structured_pruning_shrinks_matrices_and_plain_transformers_loads_ffn_pr
     pruned = logits_of(model, enc)
     save_model(model, tok, tmp_path / "h", {"task": "single_label", "labels": ["a", "b", "c"], "pooling": "cls",
                                             "max_length": 64, "attention_heads_kept": 1})
-    np.testing.assert_allclose(logits_of(load_model(tmp_path / "h")[0], enc), pruned, atol=1e-6)
+    np.testing.assert_allclose(logits_of(load_trained(tmp_path / "h")[0], enc), pruned, atol=1e-6)
     # and the shrunk model still exports to ONNX with exact parity
     export_onnx(model, tok, tmp_path / "p.onnx", 64)
     np.testing.assert_allclose(logits_of(OnnxModel(tmp_path / "p.onnx", 1), enc), pruned, atol=1e-5)
@@ -332,7 +334,7 @@ def test_default_model_exports_with_parity(tmp_path):
     from strop.compress.quantize import quantize_onnx_dynamic
 
     torch.manual_seed(0)
-    model = build_model(ModelConfig(path="default"), "single_label", ["neg", "pos"]).eval()
+    model = build_model(get_task("single_label"), Config(model=ModelConfig(path="default")), ["neg", "pos"]).eval()
     from strop.models.backbone import default_model_path
 
     tok = load_tokenizer(default_model_path())
@@ -387,6 +389,6 @@ def test_distillation_loss_uses_gold_labels_only_where_they_exist(tiny_model, ta
     torch.testing.assert_close(none, 0.7 * 0 + 0.3 * soft_only(logits, {**batch, "labels": missing}))
     half = torch.cat([gold[:3], missing[3:]])
     # the hard loss of the gold rows, averaged over the whole batch (rows without gold count 0)
-    expected_hard = task_loss(logits[:3], gold[:3], task) * 0.5
+    expected_hard = get_task(task).loss(logits[:3], {"labels": gold[:3]}) * 0.5
     torch.testing.assert_close(fn(logits, {**batch, "labels": half}), none + 0.7 * expected_hard)
     assert torch.isfinite(full) and torch.isfinite(none)

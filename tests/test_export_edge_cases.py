@@ -22,7 +22,8 @@ from strop.data.batching import encode
 from strop.data.examples import Examples
 from strop.errors import ExportError
 from strop.models.backbone import load_tokenizer
-from strop.models.classifier import build_model
+from strop.config import Config
+from strop.tasks import build_model, get_task
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

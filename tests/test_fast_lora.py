@@ -7,8 +7,7 @@ import torch
 from conftest import toy_rows, write_csv
 
 from strop.config import load_config
-from strop.data.prepare import prepare
-from strop.models.classifier import build_model
+from strop.tasks import build_model, get_task, prepare
 from strop.models.peft import apply_peft
 from strop.training.fast_lora import fused_lora_in
 
@@ -18,7 +17,7 @@ def _lora_model(tiny_model, tmp_path, **over):
     cfg = load_config(None, {"data.train": str(src), "model.path": str(tiny_model), "peft.method": "lora", **over})
     ds = prepare(cfg)
     torch.manual_seed(0)
-    model, _ = apply_peft(build_model(cfg.model, ds.task, ds.labels), cfg.peft, 10)
+    model, _ = apply_peft(build_model(get_task(ds.task), cfg, ds.labels), cfg.peft, 10)
     with torch.no_grad():  # B starts at zero: move it so the LoRA branch matters
         for name, p in model.named_parameters():
             if "lora_B" in name:

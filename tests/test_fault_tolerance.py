@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import strop
 from strop.cli import main
 from strop.errors import ModelError, RunError, StropError
+from strop.tasks import get_task
 from strop.training import checkpoint as ckpt_mod
 from strop.training import loop as loop_mod
 
@@ -148,15 +149,17 @@ def test_sigterm_checkpoints_and_says_how_to_resume(tiny_model, tmp_path):
 
 
 def _nan_at(monkeypatch, bad_calls: set[int]):
-    real = loop_mod.task_loss
+    """The toy runs' task (single-label) returns a NaN loss at the training calls `bad_calls` (1-based)."""
+    task = get_task("single_label")
+    real = task.loss
     calls = {"n": 0}
 
-    def loss(logits, labels, task):
+    def loss(logits, batch):
         calls["n"] += 1
-        value = real(logits, labels, task)
+        value = real(logits, batch)
         return value * float("nan") if calls["n"] in bad_calls else value
 
-    monkeypatch.setattr(loop_mod, "task_loss", loss)
+    monkeypatch.setattr(task, "loss", loss)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tiny_model, toy_splits, tmp_path,
@@ -188,14 +191,15 @@ def test_nan_skip_policy_skips_and_caps(tiny_model, toy_splits, tmp_path, monkey
 
 
 def _oom_above(monkeypatch, limit: int):
-    real = loop_mod.collate
+    task = get_task("single_label")
+    real = task.collate
 
-    def collate(enc, idx):
+    def collate(enc, idx, rng=None):
         if len(idx) > limit:
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
-        return real(enc, idx)
+        return real(enc, idx, rng)
 
-    monkeypatch.setattr(loop_mod, "collate", collate)
+    monkeypatch.setattr(task, "collate", collate)
 
 
 def test_out_of_memory_says_what_to_lower(tiny_model, toy_splits, tmp_path, monkeypatch):

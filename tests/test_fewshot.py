@@ -10,6 +10,7 @@ import torch
 import yaml
 from conftest import tiny_overrides, toy_rows, write_csv
 
+import strop
 from strop.cli import main
 from strop.config import load_config
 from strop.errors import ConfigError, DataError
@@ -54,10 +55,9 @@ def test_fewshot_writes_a_normal_run_folder_and_predict_matches(tiny_model, tmp_
     assert results["train_seconds"] > 0 and results["train_cpu_seconds"] > 0
 
     # the saved run predicts exactly what training evaluated in memory (fp32): same accuracy, same confusion matrix
-    from strop.predict import Predictor
 
     test = [r for r in toy_rows(30, 3)]
-    preds = Predictor.load(run_dir).predict([r["text"] for r in test])
+    preds = strop.load(run_dir).predict([r["text"] for r in test])
     labels = meta["labels"]
     confusion = np.zeros((3, 3), dtype=int)
     for r, p in zip(test, preds):
@@ -85,9 +85,8 @@ def _fewshot_model(tiny_model, tmp_path, seed=7, **extra):
     tmp_path.mkdir(exist_ok=True)
     """(model after train_fewshot, train Encoded, cfg) without the run machinery around it."""
     from strop.data.batching import encode
-    from strop.data.prepare import prepare
     from strop.models.backbone import load_tokenizer
-    from strop.models.classifier import build_model
+    from strop.tasks import build_model, get_task, prepare
     from strop.track import NoTracker
     from strop.training.fewshot import train_fewshot
 
@@ -98,19 +97,20 @@ def _fewshot_model(tiny_model, tmp_path, seed=7, **extra):
     tok = load_tokenizer(tiny_model)
     enc = encode(tok, ds.splits["train"], cfg.model.max_length)
     torch.manual_seed(seed)
-    model = build_model(cfg.model, ds.task, ds.labels)
+    model = build_model(get_task(ds.task), cfg, ds.labels)
     model.normalize = True
-    train_fewshot(model, enc, cfg, ds.labels, torch.device("cpu"), "fp32", NoTracker(), tmp_path)
+    train_fewshot(model, enc, cfg, get_task(ds.task), ds.labels, torch.device("cpu"), "fp32", NoTracker(), tmp_path)
     return model.eval(), enc, tok, ds
 
 
 def test_saved_model_gives_the_in_memory_logits_and_the_head_is_the_fitted_regression(tiny_model, tmp_path):
-    from strop.data.batching import collate
-    from strop.models.classifier import load_model, save_model
+    from strop.data.batching import collate_inputs
+    from strop.models.classifier import save_model
+    from strop.tasks import load_trained
     from strop.training.fewshot import embed_all, fit_logistic
 
     model, enc, tok, ds = _fewshot_model(tiny_model, tmp_path)
-    batch = {k: v for k, v in collate(enc, np.arange(len(enc))).items() if k != "labels"}
+    batch = collate_inputs(enc, np.arange(len(enc)))
     with torch.no_grad():
         logits = model(**batch).logits
     # the linear head on the normalised embeddings is the logistic regression fitted on them
@@ -120,7 +120,7 @@ def test_saved_model_gives_the_in_memory_logits_and_the_head_is_the_fitted_regre
 
     save_model(model, tok, tmp_path / "model", {"task": "single_label", "labels": ds.labels, "pooling": "mean",
                                                 "normalize": True})
-    loaded, _, _ = load_model(tmp_path / "model")
+    loaded, _, _, _ = load_trained(tmp_path / "model")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, logits)
 

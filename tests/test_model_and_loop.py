@@ -10,10 +10,9 @@ import torch
 from conftest import tiny_overrides, toy_rows, write_csv
 
 from strop.config import load_config
-from strop.data.batching import collate, encode, epoch_batches, eval_batches
-from strop.data.prepare import prepare
+from strop.data.batching import collate_inputs, encode, epoch_batches, eval_batches
+from strop.tasks import build_model, get_task, load_trained, prepare
 from strop.models.backbone import load_tokenizer
-from strop.models.classifier import build_model, load_model
 from strop.training.loop import accumulate_gradients
 from strop.training.optim import build_scheduler, param_groups
 
@@ -35,12 +34,12 @@ def _grads(model):
 def test_gradient_accumulation_equals_one_large_batch(setup, micro):
     cfg, ds, enc = setup
     torch.manual_seed(0)
-    model = build_model(cfg.model, ds.task, ds.labels).eval()  # eval: no dropout, so both paths see the same net
+    model = build_model(get_task(ds.task), cfg, ds.labels).eval()  # eval: no dropout, so both paths see the same net
     idx = np.arange(10)  # 10 examples: micro 3 and 4 leave a smaller last micro-batch
-    full_loss = accumulate_gradients(model, enc, idx, 10, ds.task, torch.device("cpu"), "fp32")
+    full_loss = accumulate_gradients(model, enc, idx, 10, get_task(ds.task), torch.device("cpu"), "fp32")
     full = _grads(model)
     model.zero_grad(set_to_none=True)
-    acc_loss = accumulate_gradients(model, enc, idx, micro, ds.task, torch.device("cpu"), "fp32")
+    acc_loss = accumulate_gradients(model, enc, idx, micro, get_task(ds.task), torch.device("cpu"), "fp32")
     acc = _grads(model)
     torch.testing.assert_close(acc_loss, full_loss, rtol=1e-5, atol=1e-6)
     assert full.keys() == acc.keys() and len(full) > 10
@@ -73,7 +72,7 @@ def test_mean_pooling_round_trip(tiny_model, toy_splits, tmp_path):
     run = strop.train(None, tiny_overrides(tiny_model, tmp_path / "runs", **{"data.train": toy_splits["train"],
                                                                                "model.pooling": "mean"}))
     assert (run.model_dir / "head.safetensors").is_file()
-    model, tok, meta = load_model(run.model_dir)
+    model, tok, meta, _ = load_trained(run.model_dir)
     assert meta["pooling"] == "mean"
     # the saved run's test accuracy is reproduced by the reloaded model on the same carved test split
     metrics = strop.load(run.run_dir).predict(["refund card", "parcel courier"])
@@ -105,7 +104,7 @@ def test_same_config_and_seed_give_the_same_losses(tiny_model, toy_splits, tmp_p
 
 def test_no_weight_decay_on_bias_and_layernorm(setup):
     cfg, ds, _ = setup
-    model = build_model(cfg.model, ds.task, ds.labels)
+    model = build_model(get_task(ds.task), cfg, ds.labels)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = param_groups(model, 0.01, 1e-4, head_lr=1e-3)
     for g in groups:
@@ -171,7 +170,7 @@ def test_eval_batches_cover_everything_once_and_bound_padding():
 def test_collate_pads_to_longest(setup):
     _, _, enc = setup
     idx = np.array([0, 1, 2])
-    batch = collate(enc, idx)
+    batch = collate_inputs(enc, idx)
     width = int(enc.lengths[idx].max())
     assert batch["input_ids"].shape == (3, width) and batch["attention_mask"].sum(1).tolist() == \
         enc.lengths[idx].tolist()
@@ -219,12 +218,12 @@ def test_frozen_layers_stop_backprop_above_them(setup, pooling):
     cfg, ds, enc = setup
     cfg.model.pooling, cfg.model.frozen_layers = pooling, 1
     torch.manual_seed(0)
-    model = build_model(cfg.model, ds.task, ds.labels)
+    model = build_model(get_task(ds.task), cfg, ds.labels)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert any("embeddings.position_embeddings" in n for n in frozen)
     assert any("embeddings.LayerNorm" in n for n in frozen)
     assert any(".layer.0." in n for n in frozen) and not any(".layer.1." in n for n in frozen)
-    accumulate_gradients(model, enc, np.arange(8), 8, ds.task, torch.device("cpu"), "fp32")
+    accumulate_gradients(model, enc, np.arange(8), 8, get_task(ds.task), torch.device("cpu"), "fp32")
     grads = _grads(model)
     assert grads and not any(n in grads for n in frozen)
     assert any(".layer.1." in n for n in grads) and any("classifier" in n for n in grads)
@@ -232,7 +231,7 @@ def test_frozen_layers_stop_backprop_above_them(setup, pooling):
     layer1_in = {}
     handle = model.get_submodule(next(n for n, _ in model.named_modules() if n.endswith("layer.1"))
                                  ).register_forward_pre_hook(lambda m, args: layer1_in.update(x=args[0]))
-    batch = collate(enc, np.arange(4))
+    batch = collate_inputs(enc, np.arange(4))
     model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     handle.remove()
     assert not layer1_in["x"].requires_grad
@@ -249,7 +248,7 @@ def test_frozen_layers_misuse_is_refused(setup, over, message):
     cfg, ds, _ = setup
     with pytest.raises(ConfigError, match=message):
         c = load_config(None, {"data.train": cfg.data.train, "model.path": cfg.model.path, **over})
-        build_model(c.model, ds.task, ds.labels)
+        build_model(get_task(ds.task), c, ds.labels)
 
 
 @pytest.mark.parametrize("method", ["none", "lora"])

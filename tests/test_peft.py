@@ -16,9 +16,8 @@ from conftest import tiny_overrides, toy_rows, write_csv, write_jsonl
 import strop
 from strop.cli import main
 from strop.config import load_config
-from strop.data.prepare import prepare
+from strop.tasks import build_model, get_task, prepare
 from strop.errors import ConfigError
-from strop.models.classifier import build_model
 from strop.models.peft import apply_peft, count_parameters, resolve_targets
 from strop.training.optim import build_optimizer
 
@@ -30,7 +29,7 @@ def _model(tiny_model, tmp_path, **over):
     cfg = load_config(None, {"data.train": str(src), "model.path": str(tiny_model), **over})
     ds = prepare(cfg)
     torch.manual_seed(0)
-    return cfg, build_model(cfg.model, ds.task, ds.labels)
+    return cfg, build_model(get_task(ds.task), cfg, ds.labels)
 
 
 def _train(tiny_model, tmp_path, method: str, src=None, **extra):
@@ -137,7 +136,7 @@ def test_reloaded_run_predicts_what_the_trained_model_did(tiny_model, tmp_path, 
     assert split.is_file()
     again = strop.load(run.run_dir)
     # the run carved validation from train; evaluate the same rows again through the saved model
-    from strop.data.prepare import prepare as prep
+    from strop.tasks import prepare as prep
 
     cfg = load_config(run.run_dir / "config.yaml")
     rows = prep(cfg).splits["validation"]

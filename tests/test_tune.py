@@ -129,7 +129,7 @@ def test_empty_space_says_how_to_declare_one(tmp_path):
 def test_a_tie_of_trial_values_goes_to_the_lower_validation_loss(tmp_path):
     """The training loop's rule, applied to trials: equal accuracy (1.0 on a small validation set) picks the trial
     whose best step had the lower validation loss; unknown losses rank last, then the earlier trial wins."""
-    from strop.tune import ranking, write_outputs
+    from strop.tune_study import ranking, write_outputs
 
     rows = []
     for number, value, loss in ((0, 1.0, 0.91), (1, 1.0, 0.07), (2, 0.9, 0.01), (3, 1.0, None)):

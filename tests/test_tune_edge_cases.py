@@ -15,7 +15,8 @@ from conftest import tiny_overrides, toy_rows, write_csv
 from strop.cli import main
 from strop.config import load_config
 from strop.errors import ConfigError, RunError
-from strop.tune import OWNER, _fail_stale, study_settings, this_process, tune
+from strop.tune import OWNER, _fail_stale, this_process, tune
+from strop.tune_study import study_settings
 
 optuna = pytest.importorskip("optuna")
 psutil = pytest.importorskip("psutil")

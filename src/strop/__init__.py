@@ -26,7 +26,7 @@ def train(config=None, overrides=None, overwrite: bool = False, resume=False):
 
 
 def load(path, device: str = "cpu", precision: str = "fp32"):
-    """A Predictor for a finished run folder (runs/<name>) or its model/ folder."""
-    from strop.predict import Predictor
+    """The predictor of a finished run folder (runs/<name>), its model/ folder or an export folder."""
+    from strop.tasks import load_predictor
 
-    return Predictor.load(path, device=device, precision=precision)
+    return load_predictor(path, device=device, precision=precision)

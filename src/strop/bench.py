@@ -48,12 +48,11 @@ def training_probe(steps: int = 20, batch_size: int = 32, precision: str = "auto
     import torch
 
     from strop.config import load_config, resolve_method_defaults
-    from strop.data.batching import encode, epoch_batches
-    from strop.data.prepare import prepare
+    from strop.data.batching import epoch_batches
     from strop.device import resolve_device, resolve_precision
     from strop.models.backbone import load_tokenizer, resolve_model_path
-    from strop.models.classifier import build_model
     from strop.models.peft import apply_peft, count_parameters
+    from strop.tasks import build_model, get_task, prepare
     from strop.training.loop import accumulate_gradients, speed_ups
     from strop.training.optim import build_optimizer, clip_grad_norm, sparse_embeddings_in
 
@@ -63,11 +62,13 @@ def training_probe(steps: int = 20, batch_size: int = 32, precision: str = "auto
                              **(overrides or {})})
     resolve_method_defaults(cfg)
     ds = prepare(cfg)
-    enc = encode(load_tokenizer(resolve_model_path(cfg.model.path)), ds.splits["train"], cfg.model.max_length)
+    task = get_task(ds.task)
+    enc = task.encode(load_tokenizer(resolve_model_path(cfg.model.path)), ds.splits["train"],
+                      {"max_length": cfg.model.max_length, "labels": ds.labels})
     device = resolve_device("auto")
     precision = resolve_precision(precision, device)
     torch.manual_seed(0)
-    model, hook = apply_peft(build_model(cfg.model, ds.task, ds.labels), cfg.peft, max(steps, 100))
+    model, hook = apply_peft(build_model(task, cfg, ds.labels), cfg.peft, max(steps, 100))
     model = model.to(device).train()
     optimizer = build_optimizer(model, cfg.train, hook.lr_scales)
     batches = [b for e in range(math.ceil(steps * batch_size / len(enc)) + 1)
@@ -80,7 +81,7 @@ def training_probe(steps: int = 20, batch_size: int = 32, precision: str = "auto
         for i, idx in enumerate(batches):
             if i == warm:
                 start, cpu_start = time.perf_counter(), time.process_time()
-            accumulate_gradients(model, enc, idx, batch_size, ds.task, device, precision, hook.regularizer)
+            accumulate_gradients(model, enc, idx, batch_size, task, device, precision, hook.regularizer)
             clip_grad_norm(params, cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else math.inf)
             optimizer.step()
             hook(i + 1)

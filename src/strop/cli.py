@@ -90,7 +90,7 @@ ENCODING_HELP = "text encoding of the input file, e.g. latin-1 (a Python codec n
 
 def _write_out(out: Path, text: str) -> None:
     """Write a result file whole or not at all, creating its folder."""
-    from strop.run import write_atomic
+    from strop.runs import write_atomic
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -126,11 +126,12 @@ def eval_(
     encoding: str = typer.Option("utf-8", "--encoding", help=ENCODING_HELP),
 ):
     """Evaluate a finished run on a labelled file; prints the metrics as JSON."""
-    from strop.predict import Predictor, check_output
+    from strop.predict import check_output
+    from strop.tasks import load_predictor
 
     if out is not None:
         check_output(out, (".json",), ".json")
-    metrics = Predictor.load(run).evaluate_file(data, batch_size, fmt=fmt, encoding=encoding)
+    metrics = load_predictor(run).evaluate_file(data, batch_size, fmt=fmt, encoding=encoding)
     text = json.dumps(metrics, indent=2)
     if out is not None:
         _write_out(out, text)
@@ -150,11 +151,12 @@ def predict(
 
     An output named like an input column (a gold 'label', say) is written as 'pred_label' beside it.
     """
-    from strop.predict import Predictor, check_output
+    from strop.predict import check_output
+    from strop.tasks import load_predictor
 
     if out is not None:
         check_output(out)
-    predictor = Predictor.load(run)
+    predictor = load_predictor(run)
     if data is not None and out is not None:
         n = predictor.predict_file(data, out, batch_size, fmt=fmt, encoding=encoding)
         err.print(f"wrote {n} predictions to {escape(str(out))}")
@@ -174,7 +176,7 @@ def predict(
     if out is not None:
         from strop.predict import write_predictions
 
-        write_predictions(out, ["text"], [{"text": t} for t in texts], preds, predictor.labels, predictor.task)
+        write_predictions(out, ["text"], [{"text": t} for t in texts], preds, predictor.flat)
         return
     for text, pred in zip(texts, preds):
         print(json.dumps({"text": text, **pred}, ensure_ascii=False))
@@ -187,7 +189,7 @@ def report(
 ):
     """(Re)build RUN/report.html: config, data, curves, metrics, confusion matrix, calibration, worst errors."""
     from strop.evaluate.report import build_report
-    from strop.run import open_run
+    from strop.runs import open_run
 
     model_dir = open_run(run)
     out = build_report(model_dir.parent if model_dir.name == "model" else run, explain_k=explain_k)
@@ -210,9 +212,8 @@ def explain(
     """
     from rich.console import Console
 
-    from strop.explain.attribution import explain as explain_one
     from strop.explain.attribution import explanations_html, require_captum
-    from strop.predict import Predictor
+    from strop.tasks import load_predictor
 
     require_captum()
     if (text is None) == (data is None):
@@ -221,27 +222,14 @@ def explain(
         from strop.predict import check_output
 
         check_output(out, (".html", ".json", ".jsonl"), ".html or .json")
-    predictor = Predictor.load(run)
-    if text is not None:
-        inputs = [(text, pair)]
-    elif predictor.task == "token_classification":  # NER: one raw text per line
-        from strop.data.load import read_lines
-
-        inputs = [(row["text"], None) for row in read_lines(data).rows]
-    else:
-        _, ex = predictor._file_examples(data, False)
-        inputs = list(zip(ex.texts, ex.pairs or [None] * len(ex.texts)))
+    predictor = load_predictor(run)
+    inputs = [(text, pair)] if text is not None else predictor.explain_inputs(data)
     console = Console(stderr=out is None)
     results = []
     for t, p in inputs:
-        if predictor.task == "token_classification":  # one explanation per predicted entity
-            from strop.explain.attribution import explain_entities
-
-            found = explain_entities(predictor, t, steps=steps)
-            if not found:
-                console.print(f"no entities predicted in: {escape(t)}")
-        else:
-            found = [explain_one(predictor, t, p, target=target, steps=steps)]
+        found = predictor.explain(t, p, target=target, steps=steps)  # NER: one per predicted entity
+        if not found:
+            console.print(f"nothing to explain (no prediction) in: {escape(t)}")
         for ex in found:
             results.append(ex)
             _print_explanation(console, ex)

@@ -1,4 +1,7 @@
-"""Use a finished model: predict texts or files (input order kept), evaluate labelled files."""
+"""Use a finished sequence classifier: predict texts or files (input order kept), evaluate labelled files.
+
+Predictors are made by the task registry (`strop.load` / `strop.tasks.load_predictor`), which also handles ONNX
+exports; what differs between single-label, multi-label and regression (outputs, their format) is the task's."""
 
 from __future__ import annotations
 
@@ -9,46 +12,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from strop.data.batching import encode
 from strop.data.examples import Columns, Examples, resolve_columns, to_examples
 from strop.data.load import Table, read_lines, read_table
-from strop.device import resolve_device
 from strop.errors import DataError
-from strop.evaluate.evaluator import batched_logits, evaluate, outputs
-from strop.models.classifier import load_model
-from strop.run import open_run
+from strop.evaluate.evaluator import batched_logits
+from strop.explain.attribution import explain
 
 
 class Predictor:
-    """A loaded model with its tokenizer and strop.json metadata (task, labels, columns, threshold)."""
+    """A loaded model with its tokenizer, strop.json metadata (labels, columns, threshold) and task object."""
 
-    def __init__(self, model, tokenizer, meta: dict, device: torch.device, precision: str = "fp32"):
+    def __init__(self, model, tokenizer, meta: dict, device: torch.device, precision: str = "fp32", task=None):
         self.model, self.tokenizer, self.meta = model.to(device), tokenizer, meta
         self.device, self.precision = device, precision
-        self.task, self.labels = meta["task"], meta["labels"]
+        self.task, self.labels = task, meta["labels"]
 
-    @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", precision: str = "fp32") -> "Predictor":
-        """From a run folder, its model/ folder, or an export folder (RUN/export, or one of its .onnx files)."""
-        from strop.compress.onnx import export_file_of, load_export
-
-        onnx_file = export_file_of(path)
-        if onnx_file is not None:  # ONNX Runtime behind the same interface (CPU, fp32 graph or int8)
-            model, tokenizer, meta = load_export(onnx_file)
-        else:
-            model, tokenizer, meta = load_model(open_run(path))
-        if meta["task"] == "token_classification":  # entities instead of labels: its own predictor, same verbs
-            from strop.predict_tokens import TokenPredictor
-
-            return TokenPredictor(model, tokenizer, meta, resolve_device(device), precision)
-        return cls(model, tokenizer, meta, resolve_device(device), precision)
-
-    def _raw(self, examples: Examples, batch_size: int) -> np.ndarray:
+    def outputs_of(self, examples: Examples, batch_size: int) -> np.ndarray:
         """Outputs in input order: (n, L) probabilities, or (n,) values for regression."""
-        enc = encode(self.tokenizer, examples, self.meta["max_length"])
+        enc = self.task.encode(self.tokenizer, examples, self.meta)
         out = None
         for idx, logits, _ in batched_logits(self.model, enc, batch_size, self.device, self.precision):
-            values = outputs(logits, self.task).numpy()
+            values = self.task.outputs(logits).numpy()
             if out is None:
                 out = np.zeros((len(enc),) + values.shape[1:], dtype=np.float32)
             out[idx] = values
@@ -66,19 +50,10 @@ class Predictor:
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
                 raise DataError(f"text {i} is empty; every input needs some text")
-        raw = self._raw(Examples(list(texts), pairs, None, list(range(len(texts)))), batch_size)
-        return [self._format(row) for row in raw]
+        raw = self.outputs_of(Examples(list(texts), pairs, None, list(range(len(texts)))), batch_size)
+        return [self.task.format(row, self.labels, self.meta) for row in raw]
 
-    def _format(self, row) -> dict:
-        if self.task == "regression":
-            return {"value": float(row)}
-        probs = {name: float(p) for name, p in zip(self.labels, row)}
-        if self.task == "multi_label":
-            return {"labels": [n for n, p in probs.items() if p >= self.meta["threshold"]], "probs": probs}
-        best = int(np.argmax(row))
-        return {"label": self.labels[best], "score": float(row[best]), "probs": probs}
-
-    def _file_examples(self, path, need_label: bool, text_column=None, pair_column=None, label_column=None,
+    def file_examples(self, path, need_label: bool, text_column=None, pair_column=None, label_column=None,
                        fmt: str = "auto", encoding: str = "utf-8") -> tuple[Table, Examples]:
         if fmt == "auto" and Path(path).suffix.lower() == ".txt":  # one text per line, as on stdin
             table = read_lines(path, encoding, self.meta["text_column"])
@@ -95,14 +70,20 @@ class Predictor:
                             f"{table.columns}; expected {m['text_pair_column']!r}")
         if not m.get("text_pair_column"):
             cols = Columns(cols.text, None, cols.label)
-        return table, to_examples(table, cols, self.task, self.labels, m.get("label_delimiter"), "input", need_label)
+        return table, to_examples(table, cols, self.task.name, self.labels, m.get("label_delimiter"), "input",
+                                  need_label)
+
+    def labelled_encoding(self, path, **columns):
+        """A labelled file encoded as training encoded its data (export's parity checks use it)."""
+        _, ex = self.file_examples(path, True, **columns)
+        return self.task.encode(self.tokenizer, ex, self.meta)
 
     def evaluate_file(self, path, batch_size: int = 128, **columns) -> dict:
         """Metrics of this model on a labelled file (same metrics as training's final evaluation)."""
-        _, ex = self._file_examples(path, True, **columns)
-        enc = encode(self.tokenizer, ex, self.meta["max_length"])
-        metrics, _ = evaluate(self.model, enc, self.task, self.labels, batch_size, self.device, self.precision,
-                              self.meta.get("threshold", 0.5))
+        _, ex = self.file_examples(path, True, **columns)
+        enc = self.task.encode(self.tokenizer, ex, self.meta)
+        metrics, _ = self.task.evaluate(self.model, enc, self.labels, batch_size, self.device, self.precision,
+                                        self.meta.get("threshold", 0.5))
         metrics["truncated"] = enc.n_truncated
         return metrics
 
@@ -110,27 +91,27 @@ class Predictor:
         """Write predictions for every row of `path` to `out` (.jsonl or .csv), keeping the input columns (an
         output named like an input column, such as a gold 'label', is written as 'pred_label')."""
         check_output(out)  # before the work, not after it
-        table, ex = self._file_examples(path, False, **columns)
-        rows = [self._format(r) for r in self._raw(ex, batch_size)]
-        write_predictions(out, table.columns, table.rows, rows, self.labels, self.task)
+        table, ex = self.file_examples(path, False, **columns)
+        rows = [self.task.format(r, self.labels, self.meta) for r in self.outputs_of(ex, batch_size)]
+        write_predictions(out, table.columns, table.rows, rows, self.flat)
         return len(rows)
+
+    def explain(self, text: str, pair: str | None = None, target=None, steps: int = 50) -> list:
+        """Integrated-gradients attributions for one input (explain/attribution.py), as a one-item list."""
+        return [explain(self, text, pair, target=target, steps=steps)]
+
+    def explain_inputs(self, path) -> list[tuple[str, str | None]]:
+        """The (text, pair) inputs of a file to explain."""
+        _, ex = self.file_examples(path, False)
+        return list(zip(ex.texts, ex.pairs or [None] * len(ex.texts)))
+
+    def flat(self, pred: dict) -> dict:
+        """A prediction as flat CSV columns."""
+        return self.task.flat(pred, self.labels)
 
 
 def _present(table: Table, name: str | None) -> str | None:
     return name if name and name in table.columns else None
-
-
-def _flat(pred: dict, labels: list[str], task: str) -> dict:
-    """Prediction dict -> flat CSV columns."""
-    if task == "token_classification":
-        return {"entities": json.dumps(pred["entities"], ensure_ascii=False)}
-    if task == "regression":
-        return {"prediction": pred["value"]}
-    flat = {"prediction": pred["label"] if task == "single_label" else "|".join(pred["labels"])}
-    if task == "single_label":
-        flat["score"] = pred["score"]
-    flat.update({f"prob_{n}": pred["probs"][n] for n in labels})
-    return flat
 
 
 OUT_SUFFIXES = (".csv", ".jsonl", ".json", ".ndjson")
@@ -162,18 +143,19 @@ def _renamed(keys, columns) -> dict[str, str]:
     return names
 
 
-def write_predictions(out, columns, inputs, preds, labels, task) -> None:
-    """Each input row with its prediction, in input order; the input's own columns are never overwritten."""
+def write_predictions(out, columns, inputs, preds, flat) -> None:
+    """Each input row with its prediction, in input order; the input's own columns are never overwritten.
+    `flat(pred)`: the prediction as CSV columns (the predictor's `flat`)."""
     out = check_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     if out.suffix.lower() == ".csv":
-        flat = [_flat(pred, labels, task) for pred in preds]
-        names = _renamed(flat[0] if flat else [], columns)
+        rows = [flat(pred) for pred in preds]
+        names = _renamed(rows[0] if rows else [], columns)
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(columns) + list(names.values()))
             writer.writeheader()
-            for row, values in zip(inputs, flat):
+            for row, values in zip(inputs, rows):
                 writer.writerow({**row, **{names[k]: v for k, v in values.items()}})
     else:
         names = _renamed(preds[0] if preds else [], columns)

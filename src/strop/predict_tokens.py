@@ -18,32 +18,32 @@ from strop.data.conll import CONLL_SUFFIXES, looks_like_conll, read_sentences
 from strop.data.load import read_lines, read_table
 from strop.data.ner import TokenExamples, check_sentences, to_token_examples
 from strop.data.tags import from_iob2, spans
-from strop.data.tokens import TokenEncoded, encode_tokens, split_words, word_logits
+from strop.data.tokens import TokenEncoded, split_words, word_logits
 from strop.errors import DataError
-from strop.evaluate.entities import TagDecoder, evaluate_tokens
+from strop.evaluate.entities import TagDecoder
+from strop.explain.attribution import explain_entities
 from strop.evaluate.evaluator import batched_logits
+from strop.runs import write_atomic
 
 
 class TokenPredictor:
     """A loaded token classifier with its tokenizer and strop.json metadata (labels, scheme, casing, decoding)."""
 
-    def __init__(self, model, tokenizer, meta: dict, device: torch.device, precision: str = "fp32"):
+    def __init__(self, model, tokenizer, meta: dict, device: torch.device, precision: str = "fp32", task=None):
         self.model, self.tokenizer, self.meta = model.to(device), tokenizer, meta
         self.device, self.precision = device, precision
-        self.task, self.labels = meta["task"], meta["labels"]
+        self.task, self.labels = task, meta["labels"]
         self.decode = TagDecoder(self.labels, meta.get("decoding", "constrained"))
 
-    def _encode(self, examples: TokenExamples):
-        m = self.meta
-        return encode_tokens(self.tokenizer, examples, m["max_length"], m.get("stride", 32), "first",
-                             m.get("casing", False), self.labels, m.get("decoding", "constrained"))
+    def encode_examples(self, examples: TokenExamples):
+        return self.task.encode(self.tokenizer, examples, self.meta)  # as the run encoded its data
 
     def tag(self, sentences: list[list[str]], batch_size: int = 64) -> list[tuple[np.ndarray, np.ndarray]]:
         """(IOB2 tag ids, probability of each chosen tag) per sentence of words."""
         for i, words in enumerate(sentences):
             if not words or not all(isinstance(w, str) and w.strip() for w in words):
                 raise DataError(f"input {i}: needs a non-empty list of non-empty words, got {str(words)[:80]}")
-        enc = self._encode(TokenExamples([list(s) for s in sentences], None, []))
+        enc = self.encode_examples(TokenExamples([list(s) for s in sentences], None, []))
         stream = ((idx, logits.numpy()) for idx, logits, _ in
                   batched_logits(self.model, enc, batch_size, self.device, self.precision))
         return [self.decode(logits) for logits in word_logits(enc, stream)]
@@ -99,12 +99,16 @@ class TokenPredictor:
         notes: list[str] = []
         iob2 = check_sentences(sentences, self.meta.get("scheme", "iob2"), "repair", "input", notes)
         ex = to_token_examples(sentences, iob2, {n: i for i, n in enumerate(self.labels)}, "input")
-        return self._encode(ex), notes
+        return self.encode_examples(ex), notes
+
+    def labelled_encoding(self, path, encoding: str = "utf-8"):
+        """A labelled CoNLL / JSONL file as subword windows with gold tags (export's parity checks use it)."""
+        return self.encode_file(path, encoding)[0]
 
     def evaluate_file(self, path, batch_size: int = 128, encoding: str = "utf-8", **_) -> dict:
         """Entity metrics of this model on a labelled CoNLL or JSONL file (tags in the training files' scheme)."""
         enc, notes = self.encode_file(path, encoding)
-        metrics, _ = evaluate_tokens(self.model, enc, self.labels, batch_size, self.device, self.precision)
+        metrics, _ = self.task.evaluate(self.model, enc, self.labels, batch_size, self.device, self.precision)
         metrics["repaired_tags"] = notes
         return metrics
 
@@ -116,12 +120,21 @@ class TokenPredictor:
         if out.suffix.lower() not in (".jsonl", ".json", ".ndjson"):
             raise DataError(f"--out {out}: token classification writes JSON lines; use a .jsonl file name")
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row, pred in zip(rows, preds):
-                f.write(json.dumps({**row, **pred}, ensure_ascii=False, default=str) + "\n")
-        tmp.replace(out)
+        write_atomic(out, "".join(json.dumps({**row, **pred}, ensure_ascii=False, default=str) + "\n"
+                                  for row, pred in zip(rows, preds)))
         return len(preds)
+
+    def explain(self, text: str, pair: str | None = None, target=None, steps: int = 50) -> list:
+        """One explanation per predicted entity (explain/attribution.py)."""
+        return explain_entities(self, text, steps=steps)
+
+    def explain_inputs(self, path) -> list[tuple[str, None]]:
+        """The texts of a file to explain: one raw text per line."""
+        return [(row["text"], None) for row in read_lines(path).rows]
+
+    def flat(self, pred: dict) -> dict:
+        """A prediction as flat CSV columns."""
+        return {"entities": json.dumps(pred["entities"], ensure_ascii=False)}
 
     def _file_predictions(self, path: Path, batch_size: int, encoding: str) -> tuple[list[dict], list[dict]]:
         if not path.is_file():

@@ -15,15 +15,15 @@ from rich.markup import escape
 
 from strop import __version__
 from strop.config import Config, check_run_name, dump_yaml, load_config, load_run_config
-from strop.data.batching import collate, encode
-from strop.data.prepare import Dataset, prepare
+from strop.data.prepare import Dataset
 from strop.device import resolve_device, resolve_precision
 from strop.errors import ConfigError, DataError, RunError
-from strop.evaluate.evaluator import MODEL_INPUTS, evaluate
-from strop.evaluate.metrics import primary_metric, tune_threshold
+from strop.evaluate.metrics import tune_threshold
 from strop.models.backbone import load_tokenizer, read_model_config, resolve_model_path
-from strop.models.classifier import build_model
 from strop.models.peft import apply_peft, count_parameters, save_trained
+from strop.runs import write_atomic
+from strop.tasks import Task, build_model, get_task
+from strop.tasks import prepare as prepare_task_data
 from strop.track import NoTracker, Trackers, check_trackers
 from strop.training.checkpoint import complete_checkpoints, latest_checkpoint
 from strop.training.distributed import init_distributed, is_sharded, unshard
@@ -32,13 +32,6 @@ from strop.training.fast_lora import fused_lora_in
 from strop.training.fewshot import check_fewshot, resolve_mode, train_fewshot
 from strop.training.loop import count_steps, fit
 from strop.training.progress import console
-
-
-TASK_METRICS = {"single_label": ["accuracy", "macro_f1", "micro_f1", "weighted_f1", "mcc", "loss"],
-                "multi_label": ["micro_f1", "macro_f1", "micro_precision", "micro_recall", "exact_match",
-                                "hamming_loss", "loss"],
-                "regression": ["pearson", "spearman", "mse", "rmse", "mae", "loss"],
-                "token_classification": ["f1", "precision", "recall", "macro_f1", "token_accuracy", "loss"]}
 
 
 @dataclass
@@ -195,21 +188,10 @@ def check_max_length(cfg: Config, model_folder: Path) -> None:
                           f"positions); set model.max_length<={limit}")
 
 
-def check_room_for_text(tokenizer, max_length: int, pairs: bool) -> None:
-    """model.max_length must hold the tokenizer's special tokens plus one real token of each text; below the special
-    tokens alone the tokenizer does not truncate at all."""
-    need = tokenizer.num_special_tokens_to_add(pair=pairs) + (2 if pairs else 1)
-    if max_length < need:
-        what = "a text pair" if pairs else "a text"
-        raise ConfigError(f"model.max_length={max_length} leaves no room for the text: this tokenizer adds "
-                          f"{need - (2 if pairs else 1)} special tokens to {what}, so the least that keeps a token of "
-                          f"{'each text' if pairs else 'it'} is {need}; set model.max_length>={need} (128 is usual)")
-
-
 def check_correlation_defined(ds: Dataset, metric: str) -> None:
     """A correlation against constant validation targets is undefined: it would read 0.0 at every validation and
     early stopping and best-model choice would act on noise."""
-    if ds.task != "regression" or metric not in ("pearson", "spearman") or "validation" not in ds.splits:
+    if metric not in ("pearson", "spearman") or "validation" not in ds.splits:  # correlations: regression
         return
     targets = np.asarray(ds.splits["validation"].labels, dtype=np.float64)
     if len(targets) and np.all(targets == targets[0]):
@@ -217,19 +199,25 @@ def check_correlation_defined(ds: Dataset, metric: str) -> None:
                         "undefined; set train.metric=mse (or rmse, mae), or give a validation set whose targets vary")
 
 
-def data_summary(ds: Dataset, encoded: dict) -> dict:
+def data_summary(ds: Dataset, task: Task, encoded: dict) -> dict:
     out = {"task": ds.task, "labels": ds.labels, "columns": vars(ds.columns), "splits": {}}
     for split, ex in ds.splits.items():
         enc = encoded[split]
         info = {"examples": len(ex), "truncated": enc.n_truncated, "mean_tokens": float(enc.lengths.mean()),
-                "max_tokens": int(enc.lengths.max())}
-        if ds.task == "token_classification":  # windows: rows the model sees; split: sentences over max_length
-            info.update(sentences=enc.n_examples, windows=len(enc), split_into_windows=enc.n_split)
-        if ds.task == "single_label":
-            counts = np.bincount(ex.labels, minlength=len(ds.labels))
-            info["label_counts"] = dict(zip(ds.labels, counts.tolist()))
+                "max_tokens": int(enc.lengths.max()), **task.split_summary(ds, split, enc)}
         out["splits"][split] = info
     return out
+
+
+def run_meta(cfg: Config, ds: Dataset, task: Task, mode: str) -> dict:
+    """strop.json of the run's model: what every task records, plus the task's own fields. The data are encoded
+    with it during training, as predict and serve encode with the saved copy."""
+    meta = {"strop_version": __version__, "task": ds.task, "labels": ds.labels, "pooling": cfg.model.pooling,
+            "label_column": ds.columns.label, "base_model": str(cfg.model.path), "train_mode": mode,
+            **task.meta(cfg, ds)}
+    if mode == "fewshot":
+        meta["normalize"] = True  # the head reads the unit-length embeddings that contrastive training shapes
+    return meta
 
 
 def train(config: Config | str | Path | None = None, overrides: list[str] | dict | None = None,
@@ -248,38 +236,33 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     cfg.name = run_dir.name
     set_threads(cfg.train.threads)
     # everything a user can get wrong is checked before the run folder is created, so bad input leaves nothing
-    ds = prepare(cfg)
+    ds = prepare_task_data(cfg)
+    task = get_task(ds.task)
     model_folder = resolve_model_path(cfg.model.path, cfg.model.allow_pickle)
     tokenizer = load_tokenizer(model_folder, cfg.model.trust_remote_code)
     check_max_length(cfg, model_folder)
-    if ds.task == "token_classification":
-        from strop.data.tokens import window_size
-
-        window_size(tokenizer, cfg.model.max_length, cfg.ner.stride)  # a stride too large for the windows stops here
-    else:
-        check_room_for_text(tokenizer, cfg.model.max_length, ds.columns.pair is not None)
+    task.check_settings(cfg, ds, tokenizer)
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
-    metric = primary_metric(ds.task) if cfg.train.metric == "auto" else cfg.train.metric
-    if metric not in TASK_METRICS[ds.task]:
-        raise ConfigError(f"train.metric={metric!r} is not a {ds.task} metric; choose from {TASK_METRICS[ds.task]}")
+    metric = task.primary_metric if cfg.train.metric == "auto" else cfg.train.metric
+    if metric not in task.metrics:
+        raise ConfigError(f"train.metric={metric!r} is not a {task.name} metric; choose from {list(task.metrics)}")
     check_correlation_defined(ds, metric)
 
     train_labels = getattr(ds.splits["train"], "labels", None)  # token classification keeps tags per sentence
-    mode = resolve_mode(cfg, ds.task, train_labels, ds.labels)
+    mode = resolve_mode(cfg, task, train_labels, ds.labels)
     if cfg.train.early_stopping_patience and "validation" not in ds.splits and mode != "fewshot":
         raise ConfigError(f"train.early_stopping_patience={cfg.train.early_stopping_patience} needs a validation "
                           "split to watch, and this run has none; give data.validation, keep data.validation_ratio "
                           "> 0, or set train.early_stopping_patience=0")
     if mode == "fewshot":
-        check_fewshot(cfg, ds.task, train_labels, ds.labels, dist.world)
+        check_fewshot(cfg, task, train_labels, ds.labels, dist.world)
         if cfg.model.pooling != "mean":
             console.print("[dim]train.mode=fewshot: model.pooling=mean (the sentence encoder's own pooling)[/dim]")
             cfg.model.pooling = "mean"
 
     torch.manual_seed(cfg.train.seed)  # the new head's initial weights (and the adapters')
-    model = build_model(cfg.model, ds.task, ds.labels,  # before the run folder: broken weights leave nothing behind
-                        cfg.ner)
+    model = build_model(task, cfg, ds.labels)  # before the run folder: broken weights leave nothing behind
     if mode == "fewshot":
         model.normalize = True  # the head reads the unit-length embeddings that contrastive training shapes
     model, peft_hook = apply_peft(model, cfg.peft, count_steps(cfg.train, len(ds.splits["train"]))[1])
@@ -291,8 +274,8 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
         read_ds_config(cfg.train.deepspeed, cfg.train, dist.world)  # a bad DeepSpeed JSON stops here
     dist.barrier()  # every rank has checked the run folder before rank 0 (re)creates it
     if not dist.main:
-        return _train_other_rank(model, ds, tokenizer, cfg, ckpt, run_dir, device, precision, metric, peft_hook,
-                                 dist)
+        return _train_other_rank(model, ds, task, tokenizer, cfg, ckpt, run_dir, device, precision, metric,
+                                 peft_hook, dist)
     start_step = open_run_dir(run_dir, ckpt)
     caller_stopped = False
 
@@ -308,8 +291,9 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
         write_atomic(run_dir / "config.yaml", dump_yaml(cfg))  # first file of a new run: the resolved config
         for note in ds.notes:
             console.print(f"[dim]{escape(note)}[/dim]")
-        encoded = {split: encode_split(cfg, ds, tokenizer, ex) for split, ex in ds.splits.items()}
-        write_atomic(run_dir / "data.json", json.dumps(data_summary(ds, encoded), indent=2))
+        meta = run_meta(cfg, ds, task, mode)
+        encoded = {split: task.encode(tokenizer, ex, meta) for split, ex in ds.splits.items()}
+        write_atomic(run_dir / "data.json", json.dumps(data_summary(ds, task, encoded), indent=2))
         for split, enc in encoded.items():
             if enc.n_truncated:
                 console.print(f"[yellow]{split}: {enc.n_truncated} of {len(enc)} examples are longer than "
@@ -326,36 +310,28 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
             if "validation" not in encoded:
                 console.print("[yellow]no validation split: no evaluation during training[/yellow]")
             if mode == "fewshot":
-                fitted = train_fewshot(model, encoded["train"], cfg, ds.labels, device, precision, tracker, run_dir,
-                                       resume_from=ckpt)
+                fitted = train_fewshot(model, encoded["train"], cfg, task, ds.labels, device, precision, tracker,
+                                       run_dir, resume_from=ckpt)
             else:
-                fitted = fit(model, encoded["train"], encoded.get("validation"), cfg, ds.task, ds.labels, device,
+                fitted = fit(model, encoded["train"], encoded.get("validation"), cfg, task, ds.labels, device,
                              precision, tracker, metric, run_dir, resume_from=ckpt, peft_hook=peft_hook,
                              on_eval=report if on_eval else None, dist=dist)
             if is_sharded(model):  # FSDP: the full weights into a plain model for the final evaluation and model/
-                model = unshard(model, dist, lambda: build_model(cfg.model, ds.task, ds.labels, cfg.ner).to(device))
+                model = unshard(model, dist, lambda: build_model(task, cfg, ds.labels).to(device))
             # LoRA through the fused linear, as the evaluations during training ran: the same numbers, and PEFT's
             # forward would cast every frozen weight on every batch (about 100 MB more at the peak on SST-2)
             with fused_lora_in(model, cfg.train.fused_lora):
-                threshold, final = final_evaluation(model, encoded, ds, cfg, device, precision)
+                threshold, final = final_evaluation(model, encoded, ds, task, cfg, device, precision)
             for split, metrics in final.items():
                 tracker.log({"step": fitted.state.step, "split": f"final_{split}", **metrics})
         except BaseException:
             tracker.close(failed=True)
             raise
 
-        meta = {"strop_version": __version__, "task": ds.task, "labels": ds.labels, "pooling": cfg.model.pooling,
-                "max_length": cfg.model.max_length, "text_column": ds.columns.text,
-                "text_pair_column": ds.columns.pair, "label_column": ds.columns.label,
-                "label_delimiter": cfg.data.label_delimiter, "threshold": threshold,
-                "base_model": str(cfg.model.path), "train_mode": mode}
-        if mode == "fewshot":
-            meta["normalize"] = True
-        if ds.task == "token_classification":
-            meta.update(ner_meta(cfg, ds))
+        meta["threshold"] = threshold
         probe = next(iter(encoded.values()))  # a few real examples check that merging adapters changes no logits
-        probe_inputs = {k: v.to(device) for k, v in collate(probe, np.arange(min(8, len(probe)))).items()
-                        if k in MODEL_INPUTS}
+        probe_inputs = {k: v.to(device) for k, v in task.collate(probe, np.arange(min(8, len(probe)))).items()
+                        if k in task.model_inputs}
         meta = save_trained(model, tokenizer, run_dir, meta, cfg.peft, probe_inputs, str(model_folder))
     except BaseException:
         if ckpt is None and not caller_stopped:
@@ -379,49 +355,32 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     return RunResult(run_dir, results)
 
 
-def _train_other_rank(model, ds: Dataset, tokenizer, cfg: Config, ckpt, run_dir: Path, device, precision, metric,
-                      peft_hook, dist) -> RunResult:
+def _train_other_rank(model, ds: Dataset, task: Task, tokenizer, cfg: Config, ckpt, run_dir: Path, device,
+                      precision, metric, peft_hook, dist) -> RunResult:
     """Ranks > 0 of a multi-process run: the same loop on their slice of each batch; they write and log nothing."""
-    encoded = {split: encode_split(cfg, ds, tokenizer, ex) for split, ex in ds.splits.items()}
-    fit(model, encoded["train"], encoded.get("validation"), cfg, ds.task, ds.labels, device, precision, NoTracker(),
+    meta = run_meta(cfg, ds, task, "standard")
+    encoded = {split: task.encode(tokenizer, ex, meta) for split, ex in ds.splits.items()}
+    fit(model, encoded["train"], encoded.get("validation"), cfg, task, ds.labels, device, precision, NoTracker(),
         metric, run_dir, resume_from=ckpt, peft_hook=peft_hook, dist=dist)
     if is_sharded(model):
         unshard(model, dist, rebuild=None)  # collective: rank 0 gathers the full weights
     return RunResult(run_dir, {"rank": dist.rank})
 
 
-def encode_split(cfg: Config, ds: Dataset, tokenizer, examples):
-    """Tokenized split: `Encoded` rows, or subword windows of sentences for token classification."""
-    if ds.task != "token_classification":
-        return encode(tokenizer, examples, cfg.model.max_length)
-    from strop.data.tokens import encode_tokens
-
-    n = cfg.ner
-    return encode_tokens(tokenizer, examples, cfg.model.max_length, n.stride, n.label_subwords, n.casing, ds.labels,
-                         n.decoding)
-
-
-def ner_meta(cfg: Config, ds) -> dict:
-    """strop.json fields a token-classification model needs at prediction time."""
-    n = cfg.ner
-    return {"text_column": "tokens", "label_column": "tags", "scheme": ds.scheme, "casing": n.casing,
-            "decoding": n.decoding, "stride": n.stride, "word_split": n.word_split,
-            "label_subwords": n.label_subwords, "token_column": n.token_column, "tag_column": n.tag_column,
-            "tokens_key": n.tokens_key, "tags_key": n.tags_key}
-
-
-def final_evaluation(model, encoded: dict, ds: Dataset, cfg: Config, device, precision) -> tuple[float, dict]:
-    """(decision threshold, {split: metrics}) with the final weights; multi-label tunes the threshold on validation."""
+def final_evaluation(model, encoded: dict, ds: Dataset, task: Task, cfg: Config, device, precision
+                     ) -> tuple[float, dict]:
+    """(decision threshold, {split: metrics}) with the final weights; a task that thresholds its outputs
+    (multi-label) has the threshold tuned on validation."""
     threshold, val = 0.5, encoded.get("validation")
-    if ds.task == "multi_label" and val is not None:
-        _, probs = evaluate(model, val, ds.task, ds.labels, cfg.eval.batch_size, device, precision, keep_outputs=True)
+    if task.tunes_threshold and val is not None:
+        _, probs = task.evaluate(model, val, ds.labels, cfg.eval.batch_size, device, precision, keep_outputs=True)
         threshold = tune_threshold(probs, val.labels)
-        console.print(f"multi-label decision threshold tuned on validation: {threshold:.2f}")
+        console.print(f"decision threshold tuned on validation: {threshold:.2f}")
     final = {}
     for split in ("validation", "test"):
         if split in encoded:
-            final[split], _ = evaluate(model, encoded[split], ds.task, ds.labels, cfg.eval.batch_size, device,
-                                       precision, threshold)
+            final[split], _ = task.evaluate(model, encoded[split], ds.labels, cfg.eval.batch_size, device,
+                                            precision, threshold)
     return threshold, final
 
 
@@ -435,12 +394,6 @@ def run_results(fitted, n_train: int, metric: str, precision: str, threshold: fl
             "train_cpu_seconds": fitted.train_cpu_seconds,
             "train_samples_per_s": steps_here * n_train / fitted.steps_per_epoch / secs if secs else 0.0,
             "train_tokens": s.train_tokens, "precision": precision, "threshold": threshold, **final}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _print_summary(run_dir: Path, results: dict, metric: str) -> None:
@@ -461,16 +414,3 @@ def _print_summary(run_dir: Path, results: dict, metric: str) -> None:
     console.print(f"run folder: [bold]{escape(str(run_dir))}[/bold]  (model: {escape(str(run_dir / 'model'))})")
     if (run_dir / "report.html").is_file():
         console.print(f"report: {escape(str(run_dir / 'report.html'))}")
-
-
-def open_run(path: str | Path) -> Path:
-    """A finished run's model folder from a run folder or a model folder."""
-    path = Path(path)
-    if not path.exists():
-        raise RunError(f"{path} not found; give a run folder (runs/<name>) or its model/ folder")
-    if (path / "model" / "strop.json").is_file():
-        return path / "model"
-    if (path / "strop.json").is_file():
-        return path
-    raise RunError(f"{path} has no finished model (no model/strop.json); did the run finish? "
-                   f"Its config.yaml and metrics.jsonl show how far it got")

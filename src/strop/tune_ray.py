@@ -55,7 +55,7 @@ def define_space(trial, space: dict) -> dict:
     """OptunaSearch's define-by-run space: tune.py's `suggest`, plus the Optuna trial number as a constant that Ray
     passes to the trial (its run folder is <prefix>-trial-<number>, as with the Optuna backend). A module-level
     function so Ray can pickle the searcher into its experiment state."""
-    from strop.tune import suggest
+    from strop.tune_study import suggest
 
     suggest(trial, space)
     return {TRIAL_NUMBER: trial.number}
@@ -71,7 +71,7 @@ def make_trainable(config, base: dict, cfg: Config, prefix: str, study_name: str
         from ray import tune
 
         from strop.run import train
-        from strop.tune import check_trial_folder, trial_overrides, trial_value
+        from strop.tune_study import check_trial_folder, trial_overrides, trial_value
 
         os.chdir(workdir)  # Ray starts trials in their own folder; relative data paths are the caller's
         number = params[TRIAL_NUMBER]
@@ -94,7 +94,7 @@ def tune_with_ray(config, base: dict, cfg: Config, n_trials: int):
     """Run `n_trials` trials as one Ray Tune experiment; write the same outputs as the Optuna backend."""
     import optuna
 
-    from strop.tune import check_tune_folder, study_settings, write_outputs
+    from strop.tune_study import check_tune_folder, study_settings, write_outputs
 
     prefix, _, study_name, direction = study_settings(cfg)
     if cfg.tune.storage:

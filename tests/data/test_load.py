@@ -409,7 +409,7 @@ def test_hf_class_label_names_become_the_label_names(tmp_path):
     import datasets
 
     from strop.config import load_config
-    from strop.data.prepare import prepare
+    from strop.tasks import prepare
 
     features = datasets.Features({"text": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=["negative", "positive"])})

@@ -9,7 +9,7 @@ import pytest
 from strop.config import load_config
 from strop.data.conll import jsonl_has_token_lists, read_conll, read_token_jsonl
 from strop.data.load import read_table
-from strop.data.prepare import prepare
+from strop.tasks import prepare
 from strop.errors import DataError
 from strop.predict_tokens import TokenPredictor
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from strop.config import load_config
-from strop.data.prepare import prepare
+from strop.tasks import prepare
 from strop.errors import DataError
 
 

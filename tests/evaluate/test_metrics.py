@@ -25,7 +25,6 @@ from strop.evaluate.metrics import (
     MultiLabelMetrics,
     RegressionMetrics,
     greater_is_better,
-    primary_metric,
     tune_threshold,
 )
 
@@ -299,12 +298,7 @@ def test_regression_constant_and_empty():
 # --------------------------------------------------------------------- helpers
 
 
-def test_primary_metric_and_direction():
-    assert primary_metric("single_label") == "accuracy"
-    assert primary_metric("multi_label") == "micro_f1"
-    assert primary_metric("regression") == "pearson"
-    with pytest.raises(ValueError):
-        primary_metric("ranking")
+def test_metric_direction():
     for m in ("mse", "rmse", "mae", "loss", "hamming_loss"):
         assert greater_is_better(m) is False
     for m in ("accuracy", "micro_f1", "macro_f1", "mcc", "pearson", "spearman", "exact_match"):

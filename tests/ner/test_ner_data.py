@@ -11,7 +11,7 @@ from toy_ner import toy_sentences, write_conll, write_token_jsonl
 from strop.config import load_config
 from strop.data.conll import read_conll, read_token_jsonl
 from strop.data.ner import prepare_tokens
-from strop.data.prepare import prepare
+from strop.tasks import prepare
 from strop.data.tags import from_iob2
 from strop.errors import ConfigError, DataError
 

@@ -111,7 +111,7 @@ def test_saved_model_loads_with_plain_transformers(ner_run):
 
     run_dir, _, _ = ner_run
     model_dir = run_dir / "model"
-    ours = __import__("strop.models.classifier", fromlist=["load_model"]).load_model(model_dir)[0]
+    ours = __import__("strop.tasks", fromlist=["load_trained"]).load_trained(model_dir)[0]
     plain = AutoModelForTokenClassification.from_pretrained(str(model_dir)).eval()
     assert plain.config.type_vocab_size == 5  # the casing feature widened the token-type embedding
     tok = load_tokenizer(model_dir)

@@ -93,10 +93,10 @@ def test_ner_export_feeds_word_shapes(ner_export):
 
     run, _, _ = ner_export
     exported = strop.load(run / "export")
-    enc = exported._encode(TokenExamples([["John", "Smith", "visited", "PARIS"]], None, []))
-    from strop.data.batching import collate
+    enc = exported.encode_examples(TokenExamples([["John", "Smith", "visited", "PARIS"]], None, []))
+    from strop.data.batching import collate_inputs
 
-    batch = collate(enc, np.arange(len(enc)))
+    batch = collate_inputs(enc, np.arange(len(enc)))
     with_shapes = exported.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits
     without = exported.model(batch["input_ids"], batch["attention_mask"], 0 * batch["token_type_ids"]).logits
     assert batch["token_type_ids"].max() > 0 and not np.allclose(with_shapes.numpy(), without.numpy())
@@ -132,7 +132,7 @@ def test_ner_export_refuses_pruning_and_distillation(ner_export, capsys):
     from strop.compress.export import ExportOptions, export_run
 
     run, _, _ = ner_export
-    with pytest.raises(ExportError, match="token-classification run: --prune and --distill"):
+    with pytest.raises(ExportError, match="token_classification run: --prune and --distill"):
         export_run(run, ExportOptions(distill=1, timing=False), log=lambda m: None)
     assert main(["export", str(run), "--prune", "heads=0.5"]) != 0
     assert "--prune and --distill support classification runs only" in capsys.readouterr().err

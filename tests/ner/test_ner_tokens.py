@@ -9,10 +9,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from strop.data.batching import collate
 from strop.data.ner import TokenExamples
 from strop.data.tags import spans
-from strop.data.tokens import IGNORE, encode_tokens, split_words, windows, word_logits, word_shape
+from strop.data.tokens import IGNORE, collate_tokens, encode_tokens, split_words, windows, word_logits, word_shape
 from strop.errors import ConfigError
 from strop.evaluate.entities import TagDecoder
 from strop.models.backbone import default_model_path
@@ -46,7 +45,7 @@ def test_labels_sit_on_first_subwords(tokenizer):
     rest = [k for k in range(1, len(ids) - 1) if k not in firsts]
     assert {LABELS[every.labels[0][k]] for k in rest if words[k] == 3} == {"I-LOC"}
     assert every.labels[0][0] == IGNORE and every.labels[0][-1] == IGNORE
-    batch = collate(enc, np.array([0]))
+    batch = collate_tokens(enc, np.array([0]))
     assert batch["labels"].shape == batch["input_ids"].shape and int(batch["labels"][0, 0]) == IGNORE
 
 
@@ -107,7 +106,7 @@ def test_word_shapes_and_casing_type_ids(tokenizer):
     assert types[0] == 0 and types[-1] == 0  # special tokens
     firsts = [types[k] for k in range(len(types)) if enc.first[0][k]]
     assert firsts == [3, 1, 2, 1]
-    assert torch.equal(collate(enc, np.array([0]))["token_type_ids"][0], torch.tensor(types))
+    assert torch.equal(collate_tokens(enc, np.array([0]))["token_type_ids"][0], torch.tensor(types))
 
 
 def test_split_words_offsets_slice_back():

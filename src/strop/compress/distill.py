@@ -19,14 +19,11 @@ import random
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from strop.compress.prune import base_of, encoder_layers
 from strop.data.examples import Examples
 from strop.device import autocast
 from strop.errors import ExportError
-from strop.evaluate.evaluator import MODEL_INPUTS
-from strop.models.classifier import task_loss
 
 
 def kept_layers(n_teacher: int, n_student: int) -> list[int]:
@@ -68,13 +65,12 @@ def check_distill_settings(temperature: float, alpha: float) -> None:
                           "goes to the gold labels), e.g. --alpha 0.5")
 
 
-def distillation_loss(teacher: nn.Module, task: str, temperature: float, alpha: float, device: torch.device,
+def distillation_loss(teacher: nn.Module, task, temperature: float, alpha: float, device: torch.device,
                       precision: str):
     """loss_fn(student_logits, batch) for `fit`: alpha * soft loss + (1 - alpha) * task loss on gold labels.
 
-    Soft loss: KL(teacher || student) on temperature-softened distributions times T^2 (single-label, Hinton et al.
-    2015; T^2 keeps its gradient scale independent of T), BCE to the teacher's softened sigmoid (multi-label),
-    MSE to the teacher's output (regression).
+    The soft loss is the task's (`task.soft_loss`: KL on softened distributions for single-label, ...); rows
+    without a gold label (`task.gold_rows`: augmented copies) are trained by the soft loss alone.
     """
     check_distill_settings(temperature, alpha)
     teacher.eval().to(device)
@@ -82,34 +78,20 @@ def distillation_loss(teacher: nn.Module, task: str, temperature: float, alpha: 
 
     def loss_fn(logits: torch.Tensor, batch: dict) -> torch.Tensor:
         with torch.no_grad(), autocast(device, precision):
-            target = teacher(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).logits
+            target = teacher(**{k: v for k, v in batch.items() if k in task.model_inputs}).logits
         student, target = logits.float(), target.float()
-        if task == "single_label":
-            soft = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(target / t, -1), reduction="batchmean",
-                            log_target=True) * t * t
-        elif task == "multi_label":
-            soft = F.binary_cross_entropy_with_logits(student / t, torch.sigmoid(target / t)) * t * t
-        else:
-            soft = F.mse_loss(student, target)
+        soft = task.soft_loss(student, target, t)
         labels = batch["labels"]
-        gold = gold_rows(labels, task)  # augmented rows have no gold label: the soft loss alone trains them
+        gold = task.gold_rows(labels)  # augmented rows have no gold label: the soft loss alone trains them
         if bool(gold.all()):
-            hard = task_loss(student, labels, task)
+            hard = task.loss(student, batch)
         elif bool(gold.any()):  # mean over the batch, with the rows that lack a gold label counted as 0
-            hard = task_loss(student[gold], labels[gold], task) * gold.float().mean()
+            hard = task.loss(student[gold], {"labels": labels[gold]}) * gold.float().mean()
         else:
             hard = student.new_zeros(())
         return alpha * soft + (1 - alpha) * hard
 
     return loss_fn
-
-
-def gold_rows(labels: torch.Tensor, task: str) -> torch.Tensor:
-    """(batch,) bool: rows with a gold label (augmented rows hold -1 for single_label, NaN otherwise)."""
-    if task == "single_label":
-        return labels >= 0
-    missing = torch.isnan(labels.float())
-    return ~(missing.flatten(1).any(1) if missing.dim() > 1 else missing)
 
 
 def augment(examples: Examples, copies: int, seed: int, mask_token: str | None, p_mask: float = 0.1,

@@ -29,11 +29,12 @@ from strop.compress.folders import replace_folder, tidy_leftovers
 from strop.compress.onnx import OnnxModel, export_onnx
 from strop.compress.options import ExportOptions, check_options, check_options_for_model
 from strop.compress.timing import latency_ms, throughput
-from strop.data.batching import Encoded, encode
+from strop.data.batching import Encoded
 from strop.errors import ExportError, RunError, StropError
-from strop.evaluate.evaluator import batched_logits, evaluate
-from strop.evaluate.metrics import primary_metric
-from strop.models.classifier import META_FILE, load_model, save_model
+from strop.evaluate.evaluator import batched_logits
+from strop.models.classifier import META_FILE, save_model
+from strop.tasks import Task, get_task, load_trained
+from strop.tasks import prepare as prepare_task_data
 
 CPU = torch.device("cpu")
 
@@ -61,9 +62,8 @@ def _data(run: Path, model_dir: Path, meta: dict, tokenizer, opts: ExportOptions
     """(held Encoded, where it came from, train Encoded or None, train Examples or None); subword windows for
     token classification."""
     from strop.config import load_config
-    from strop.data.prepare import prepare
-    from strop.run import encode_split
 
+    task = get_task(meta["task"])
     held = source = None
     if opts.data:
         held, source = _held_file(opts.data, meta, tokenizer), str(opts.data)
@@ -73,7 +73,7 @@ def _data(run: Path, model_dir: Path, meta: dict, tokenizer, opts: ExportOptions
         raise RunError(f"{run} has no config.yaml, so its data is unknown; pass --data FILE (labelled held data)")
     try:
         cfg = load_config(run / "config.yaml")
-        ds = prepare(cfg)
+        ds = prepare_task_data(cfg)
     except StropError as e:
         raise type(e)(f"{e} (reading the data named in {run / 'config.yaml'}: run from the folder the run was "
                       "trained in, or pass --data FILE)") from None
@@ -81,45 +81,33 @@ def _data(run: Path, model_dir: Path, meta: dict, tokenizer, opts: ExportOptions
         split = "validation" if "validation" in ds.splits else "test" if "test" in ds.splits else None
         if split is None:
             raise ExportError(f"{run} has no validation or test split to check the export on; pass --data FILE")
-        held, source = encode_split(cfg, ds, tokenizer, ds.splits[split]), f"{split} split of {run}/config.yaml"
+        held, source = task.encode(tokenizer, ds.splits[split], meta), f"{split} split of {run}/config.yaml"
     if not need_train:
         return held, source, None, None
-    return held, source, encode_split(cfg, ds, tokenizer, ds.splits["train"]), ds.splits["train"]
+    return held, source, task.encode(tokenizer, ds.splits["train"], meta), ds.splits["train"]
 
 
 def _held_file(path: str, meta: dict, tokenizer) -> Encoded:
     """A labelled file encoded as the run's predictor encodes it (classification rows or NER windows)."""
-    from strop.predict import Predictor
-
-    if meta["task"] == "token_classification":
-        from strop.predict_tokens import TokenPredictor
-
-        return TokenPredictor(torch.nn.Identity(), tokenizer, meta, CPU).encode_file(path)[0]
-    _, ex = Predictor(torch.nn.Identity(), tokenizer, meta, CPU)._file_examples(path, need_label=True)
-    return encode(tokenizer, ex, meta["max_length"])
+    task = get_task(meta["task"])
+    return task.predictor(torch.nn.Identity(), tokenizer, meta, CPU).labelled_encoding(path)
 
 
-def logits_of(model, enc: Encoded, batch_size: int = 64) -> np.ndarray:
-    """Logits in input order: (n, num_labels) float32 for classification; for token classification the logits of
-    every real (unpadded) subword of every window, windows in input order: (total tokens, num_labels)."""
+def per_token(task: Task) -> bool:
+    """Whether the task's exported logits have a sequence axis (an output per token)."""
+    return "sequence" in task.export.output_axes
+
+
+def logits_of(model, enc: Encoded, batch_size: int = 64, per_token: bool = False) -> np.ndarray:
+    """Logits in input order: (n, num_labels) float32 for one output per example; per_token: the logits of every
+    real (unpadded) subword of every window, windows in input order: (total tokens, num_labels)."""
     rows: list = [None] * len(enc)
     for idx, logits, _ in batched_logits(model, enc, batch_size, CPU):
         for row, i in enumerate(idx):
-            rows[i] = logits[row, :enc.lengths[i]].numpy() if logits.dim() == 3 else logits[row].numpy()
+            rows[i] = logits[row, :enc.lengths[i]].numpy() if per_token else logits[row].numpy()
     if not rows:
         return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(rows) if rows[0].ndim == 2 else np.stack(rows)
-
-
-def agreement(a: np.ndarray, b: np.ndarray, task: str, threshold: float) -> float | None:
-    """Share of examples whose prediction is the same (all labels the same for multi-label; for token classification
-    the share of subword tokens with the same most probable tag); None for regression."""
-    if task in ("single_label", "token_classification"):
-        return float((a.argmax(1) == b.argmax(1)).mean())
-    if task == "multi_label":
-        sig = lambda x: 1 / (1 + np.exp(-x))
-        return float(((sig(a) >= threshold) == (sig(b) >= threshold)).all(1).mean())
-    return None
+    return np.concatenate(rows) if per_token else np.stack(rows)
 
 
 def file_mb(*paths: Path) -> float:
@@ -139,17 +127,18 @@ class Report:
 
     def __init__(self, held: Encoded, meta: dict, reference: np.ndarray, opts: ExportOptions):
         self.held, self.meta, self.reference, self.opts = held, meta, reference, opts
-        self.metric = primary_metric(meta["task"])
+        self.task = get_task(meta["task"])
+        self.metric = self.task.primary_metric
         self.variants: dict[str, dict] = {}
 
     def add(self, name: str, model, size_mb: float, **extra) -> dict:
         m = self.meta
-        metrics, _ = evaluate(model, self.held, m["task"], m["labels"], 64, CPU, "fp32", m.get("threshold", 0.5))
-        logits = logits_of(model, self.held)
+        metrics, _ = self.task.evaluate(model, self.held, m["labels"], 64, CPU, "fp32", m.get("threshold", 0.5))
+        logits = logits_of(model, self.held, per_token=per_token(self.task))
         entry = {"metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                  self.metric: metrics[self.metric], "size_mb": size_mb,
                  "max_abs_logit_diff": float(np.abs(logits - self.reference).max()),
-                 "agreement": agreement(logits, self.reference, m["task"], m.get("threshold", 0.5)), **extra}
+                 "agreement": self.task.agreement(logits, self.reference, m.get("threshold", 0.5)), **extra}
         if self.opts.timing:
             lat = latency_ms(model, self.held, self.opts.timing_examples)
             entry.update(latency_ms_p50=lat["p50"], latency_ms_p95=lat["p95"],
@@ -180,8 +169,10 @@ def export_run(run: str | Path, opts: ExportOptions | None = None, log=print) ->
     model_dir = run_model_dir(run)
     run_dir = model_dir.parent
     tidy_leftovers(run_dir, log)
-    teacher, tokenizer, meta = load_model(model_dir)
-    check_options_for_model(opts, teacher, meta, run_dir)
+    teacher, tokenizer, meta, task = load_trained(model_dir)
+    if task.export is None:
+        raise ExportError(f"cannot export {run_dir}: {task.export_refusal}")
+    check_options_for_model(opts, teacher, meta, task, run_dir)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     need_train = opts.static_int8 or opts.distill > 0 or (opts.prune is not None and opts.recover_epochs > 0)
@@ -207,7 +198,8 @@ def _export_into(tmp: Path, run_dir: Path, model_dir: Path, teacher, tokenizer, 
     """Write every file of the export into `tmp`; returns parity.json's content. A parity failure moves `tmp` to
     RUN/export.failed/ and raises ExportError."""
     started = time.perf_counter()
-    reference = logits_of(teacher, held)
+    task = get_task(meta["task"])
+    reference = logits_of(teacher, held, per_token=per_token(task))
     report = Report(held, meta, reference, opts)
     parity = {"run": str(run_dir), "task": meta["task"], "held_data": {"source": source, "examples": len(held)},
               "adapter": adapter_entry(meta), "tolerance": opts.tolerance,
@@ -216,10 +208,10 @@ def _export_into(tmp: Path, run_dir: Path, model_dir: Path, teacher, tokenizer, 
     log("exporting ONNX (fp32) ...")
     names = export_onnx(teacher, tokenizer, tmp / "model.onnx", meta["max_length"])
     onnx_fp32 = OnnxModel(tmp / "model.onnx", opts.threads)
-    diff = np.abs(logits_of(onnx_fp32, held) - reference)
+    exported = logits_of(onnx_fp32, held, per_token=per_token(task))
+    diff = np.abs(exported - reference)
     parity["onnx"] = {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
-                      "prediction_agreement": agreement(logits_of(onnx_fp32, held), reference, meta["task"],
-                                                        meta.get("threshold", 0.5)),
+                      "prediction_agreement": task.agreement(exported, reference, meta.get("threshold", 0.5)),
                       "passed": bool(diff.max() <= opts.tolerance)}
     if not parity["onnx"]["passed"]:
         failed = run_dir / "export.failed"
@@ -245,7 +237,7 @@ def _export_into(tmp: Path, run_dir: Path, model_dir: Path, teacher, tokenizer, 
             extra = augment(train_examples, opts.distill_augment, 0, tokenizer.mask_token)
             log(f"distillation data: {len(train_examples)} training examples + {len(extra)} augmented copies "
                 "(teacher labels only)")
-            train_enc = encode(tokenizer, concat(train_examples, extra), meta["max_length"])
+            train_enc = task.encode(tokenizer, concat(train_examples, extra), meta)
         _student_variant(report, teacher, tokenizer, meta, tmp, train_enc, run_dir, opts, log)
     report.ratios()
     parity["variants"] = report.variants
@@ -317,16 +309,16 @@ def _variant_cfg(run_dir: Path, epochs: float, lr: float | None):
 def _train_variant(model, train_enc: Encoded, held: Encoded, meta: dict, cfg, work: Path, loss_fn=None) -> dict:
     """Fine-tune `model` in place with strop's loop; metrics.jsonl goes to `work`. Returns the fit summary."""
     from strop.device import resolve_precision
-    from strop.evaluate.metrics import primary_metric as metric_of
     from strop.track import Trackers
     from strop.training.loop import fit
 
     work.mkdir(parents=True, exist_ok=True)
+    task = get_task(meta["task"])
     precision = resolve_precision(cfg.train.precision, CPU)
-    metric = metric_of(meta["task"]) if cfg.train.metric == "auto" else cfg.train.metric
+    metric = task.primary_metric if cfg.train.metric == "auto" else cfg.train.metric
     tracker = Trackers(work, [])
     try:
-        result = fit(model, train_enc, held, cfg, meta["task"], meta["labels"], CPU, precision, tracker, metric,
+        result = fit(model, train_enc, held, cfg, task, meta["labels"], CPU, precision, tracker, metric,
                      work, loss_fn=loss_fn)
     finally:
         tracker.close()
@@ -396,7 +388,7 @@ def _student_variant(report: Report, teacher, tokenizer, meta, tmp: Path, train_
     precision = resolve_precision(cfg.train.precision, CPU)
     log(f"distilling a {opts.distill}-layer student (teacher layers {kept_layers(n_teacher, opts.distill)}), "
         f"{opts.distill_epochs} epoch(s), T={opts.temperature}, alpha={opts.alpha} ...")
-    loss_fn = distillation_loss(teacher, meta["task"], opts.temperature, opts.alpha, CPU, precision)
+    loss_fn = distillation_loss(teacher, get_task(meta["task"]), opts.temperature, opts.alpha, CPU, precision)
     info = _train_variant(student, train_enc, report.held, meta, cfg, tmp / "student-train", loss_fn)
     info.update(layers=opts.distill, teacher_layers=n_teacher, kept=kept_layers(n_teacher, opts.distill),
                 temperature=opts.temperature, alpha=opts.alpha, augment_copies=opts.distill_augment,

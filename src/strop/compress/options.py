@@ -79,7 +79,7 @@ def check_options(opts: ExportOptions) -> None:
                           "is asked for; drop --lr or add one of them")
 
 
-def check_options_for_model(opts: ExportOptions, model: nn.Module, meta: dict, run_dir: Path) -> None:
+def check_options_for_model(opts: ExportOptions, model: nn.Module, meta: dict, task, run_dir: Path) -> None:
     """The checks that need the run's model: pruning and distillation apply to it (task, adapters, layer layout),
     the student is shallower than the teacher, and each structured pruning fraction keeps a head / neuron."""
     if not (opts.prune or opts.distill):
@@ -87,9 +87,9 @@ def check_options_for_model(opts: ExportOptions, model: nn.Module, meta: dict, r
     from strop.compress.distill import kept_layers
     from strop.compress.prune import encoder_layers, ffn_size, keep_count, n_heads
 
-    if meta["task"] == "token_classification":
-        raise ExportError(f"{run_dir} is a token-classification run: --prune and --distill support classification "
-                          "runs only so far; export it without them (ONNX fp32 + int8)")
+    if not task.compressible:
+        raise ExportError(f"{run_dir} is a {task.name} run: --prune and --distill support classification runs "
+                          "only so far; export it without them (ONNX fp32 + int8)")
     if (meta.get("peft") or {}).get("method") == "adapter":
         # h + up(gelu(down(h))) is not linear, so unlike LoRA it cannot be merged into the base's Linear layers, and
         # a pruned or distilled model with adapters inside would be neither a plain model nor the run's adapter layout

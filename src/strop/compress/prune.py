@@ -180,7 +180,7 @@ def parse_prune(spec: str) -> dict[str, float]:
     return out
 
 
-def load_head_pruned(folder, meta: dict) -> nn.Module:
+def load_head_pruned(folder, meta: dict, num_labels: int) -> nn.Module:
     """A head-pruned classifier saved by `save_model`: built from config.json, shrunk to
     meta['attention_heads_kept'] heads per layer, then its safetensors weights loaded (strictly)."""
     from pathlib import Path
@@ -196,7 +196,7 @@ def load_head_pruned(folder, meta: dict) -> nn.Module:
     for path in sorted(folder.glob("model*.safetensors")):
         weights.update(load_file(str(path)))
     if meta.get("pooling") == "mean":
-        model = mean_pool_classifier(AutoModel.from_config(config), meta)
+        model = mean_pool_classifier(AutoModel.from_config(config), num_labels, meta)
         shrink_heads_for_loading(model, meta["attention_heads_kept"])
         model.backbone.load_state_dict(weights)
         model.classifier.load_state_dict(load_file(str(folder / "head.safetensors")))

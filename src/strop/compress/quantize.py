@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from strop.compress.onnx import onnxruntime
-from strop.data.batching import Encoded, collate
+from strop.data.batching import Encoded, collate_inputs
 from strop.errors import ExportError
 
 
@@ -67,7 +67,8 @@ def quantize_onnx_static(src: Path, dst: Path, calibration: Encoded, input_names
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([{k: v.numpy() for k, v in collate(calibration, idx[i:i + batch_size]).items()
+            self.batches = iter([{k: v.numpy() for k, v in
+                                  collate_inputs(calibration, idx[i:i + batch_size]).items()
                                   if k in input_names} for i in range(0, len(idx), batch_size)])
 
         def get_next(self):

@@ -11,12 +11,11 @@ import time
 import numpy as np
 import torch
 
-from strop.data.batching import Encoded, collate
-from strop.evaluate.evaluator import MODEL_INPUTS
+from strop.data.batching import Encoded, collate_inputs
 
 
 def _inputs(enc: Encoded, idx) -> dict:
-    return {k: v for k, v in collate(enc, np.asarray(idx)).items() if k in MODEL_INPUTS}
+    return collate_inputs(enc, np.asarray(idx))
 
 
 @torch.inference_mode()

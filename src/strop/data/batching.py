@@ -89,11 +89,13 @@ def eval_batches(lengths: np.ndarray, batch_size: int, max_padding: float = 0.25
     return batches
 
 
-def collate(enc: Encoded, idx: np.ndarray) -> dict[str, torch.Tensor]:
-    """Pad the examples `idx` to the longest among them.
+# what collate_inputs gives: the model inputs of the encoder tasks (a task's `model_inputs` may differ)
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
-    Returns input_ids, attention_mask (and token_type_ids) LongTensors of shape (batch, seq_len), plus labels.
-    """
+
+def collate_inputs(enc: Encoded, idx: np.ndarray) -> dict[str, torch.Tensor]:
+    """Pad the examples `idx` to the longest among them: input_ids, attention_mask (and token_type_ids)
+    LongTensors of shape (batch, seq_len). Labels are the task's business (`Task.collate`)."""
     width = int(enc.lengths[idx].max())
     input_ids = np.full((len(idx), width), enc.pad_id, dtype=np.int64)
     mask = np.zeros((len(idx), width), dtype=np.int64)
@@ -107,11 +109,12 @@ def collate(enc: Encoded, idx: np.ndarray) -> dict[str, torch.Tensor]:
     batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
     if types is not None:
         batch["token_type_ids"] = torch.from_numpy(types)
-    if isinstance(enc.labels, list):  # token classification: one label per token, -100 = not scored
-        labels = np.full((len(idx), width), -100, dtype=np.int64)
-        for row, i in enumerate(idx):
-            labels[row, :enc.lengths[i]] = enc.labels[i]
-        batch["labels"] = torch.from_numpy(labels)
-    elif enc.labels is not None:
-        batch["labels"] = torch.from_numpy(enc.labels[idx])
     return batch
+
+
+def pad_token_labels(labels: list, lengths: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+    """One label per token of each example `idx`, padded with -100 (not scored): (batch, seq_len) LongTensor."""
+    out = np.full((len(idx), int(lengths[idx].max())), -100, dtype=np.int64)
+    for row, i in enumerate(idx):
+        out[row, :lengths[i]] = labels[i]
+    return torch.from_numpy(out)

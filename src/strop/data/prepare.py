@@ -37,12 +37,10 @@ def _tables(data_cfg) -> dict[str, Table]:
     return {k: v for k, v in tables.items() if v is not None}
 
 
-def prepare(cfg) -> Dataset:
-    """Read, validate and split the data described by `cfg.data` for task `cfg.task` (auto = inferred)."""
-    from strop.data.ner import is_token_data, prepare_tokens
-
-    if is_token_data(cfg):  # CoNLL / JSONL token lists: their own reader and validation
-        return prepare_tokens(cfg)
+def prepare_table(cfg, carve: bool = True) -> Dataset:
+    """Read, validate and split the table described by `cfg.data` for a sequence task (`cfg.task`, auto =
+    inferred from the labels: single_label, multi_label or regression). carve=False: validation/test only from
+    files (train stays whole)."""
     d = cfg.data
     tables = _tables(d)
     train = tables["train"]
@@ -65,7 +63,8 @@ def prepare(cfg) -> Dataset:
                 raise DataError(f"{key}={name!r} not found in {table.path} ({split} split); columns are "
                                 f"{table.columns}")
         splits[split] = to_examples(table, cols, task, names, d.label_delimiter, split)
-    _carve_missing(splits, d, task, names, notes)
+    if carve:
+        _carve_missing(splits, d, task, names, notes)
     return Dataset(task, names, cols, splits, notes)
 
 

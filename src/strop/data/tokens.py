@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from strop.data.batching import Encoded
+from strop.data.batching import Encoded, collate_inputs, pad_token_labels
 from strop.errors import ConfigError
 
 IGNORE = -100
@@ -186,3 +186,12 @@ def word_logits(enc: TokenEncoded, window_logits) -> list[np.ndarray]:
             out[i][word[better]] = logits[row, pos[better]]
             context[i][word[better]] = room[better]
     return [o if o is not None else np.zeros((n, 1), dtype=np.float32) for o, n in zip(out, enc.n_words)]
+
+
+def collate_tokens(enc: Encoded, idx: np.ndarray) -> dict:
+    """A batch of windows: the padded inputs plus, on labelled splits, one tag id per subword (-100 = not scored:
+    special tokens, padding, continuation subwords under label_subwords=first)."""
+    batch = collate_inputs(enc, idx)
+    if enc.labels is not None:
+        batch["labels"] = pad_token_labels(enc.labels, enc.lengths, idx)
+    return batch

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 
 from strop.data.tags import allowed_transitions, spans
+from strop.data.tokens import collate_tokens, word_logits
+from strop.evaluate.evaluator import batched_logits
 
 
 def viterbi(log_probs: np.ndarray, allowed: np.ndarray, allowed_start: np.ndarray) -> np.ndarray:
@@ -89,14 +91,11 @@ def evaluate_tokens(model, enc, label_names: list[str], batch_size: int, device,
                     keep_outputs: bool = False) -> tuple[dict, list | None]:
     """Entity metrics and mean token loss on a labelled `TokenEncoded` split; with keep_outputs also the predicted
     tag ids per sentence."""
-    from strop.data.tokens import word_logits
-    from strop.evaluate.evaluator import batched_logits
-
     loss_sum, scored = 0.0, 0
 
     def stream():
         nonlocal loss_sum, scored
-        for idx, logits, batch in batched_logits(model, enc, batch_size, device, precision):
+        for idx, logits, batch in batched_logits(model, enc, batch_size, device, precision, collate_tokens):
             labels = batch["labels"]
             n = int((labels != -100).sum())
             if n:

@@ -21,14 +21,10 @@ __all__ = [
     "MultiLabelMetrics",
     "RegressionMetrics",
     "tune_threshold",
-    "primary_metric",
     "greater_is_better",
 ]
 
 _LOWER_IS_BETTER = frozenset({"mse", "rmse", "mae", "loss", "hamming_loss"})
-_PRIMARY = {"single_label": "accuracy", "multi_label": "micro_f1", "regression": "pearson",
-            "token_classification": "f1"}  # entity-level micro F1 (evaluate/entities.py)
-
 
 def _to_numpy(x) -> np.ndarray:
     """Array-like or torch tensor -> numpy array (same shape)."""
@@ -275,14 +271,6 @@ class RegressionMetrics:
             "spearman": spearman,
             "n": self.n,
         }
-
-
-def primary_metric(task: str) -> str:
-    """Metric used for model selection: single_label -> accuracy, multi_label -> micro_f1, regression -> pearson."""
-    try:
-        return _PRIMARY[task]
-    except KeyError:
-        raise ValueError(f"unknown task {task!r}; expected one of {sorted(_PRIMARY)}") from None
 
 
 def greater_is_better(metric: str) -> bool:

@@ -83,11 +83,13 @@ def require_torch_model(predictor) -> None:
                      f"{instead}")
 
 
-def _target_index(target: str | int | None, pred: dict, labels: list[str], task: str) -> tuple[int, str]:
-    if task == "regression":
+def _target_index(target: str | int | None, pred: dict, labels: list[str]) -> tuple[int, str]:
+    """(logit index, label name) to explain; by default the prediction's: its label (single-label), its most
+    probable label (multi-label), the value (regression)."""
+    if "value" in pred:
         return 0, "value"
     if target is None:
-        if task == "single_label":
+        if "label" in pred:
             name = pred["label"]
         else:  # multi-label: the most probable label
             name = max(pred["probs"], key=pred["probs"].get)
@@ -123,7 +125,7 @@ def explain(predictor, text: str, pair: str | None = None, target: str | int | N
     seq_ids = enc.sequence_ids(0)
     inputs = {k: v.to(predictor.device) for k, v in enc.items()}
     pred = predictor.predict([text], pairs=[pair] if pair is not None else None)[0]
-    index, name = _target_index(target, pred, predictor.labels, predictor.task)
+    index, name = _target_index(target, pred, predictor.labels)
 
     special = torch.tensor([s is None for s in seq_ids], device=predictor.device)
     baseline = torch.where(special, inputs["input_ids"], torch.full_like(inputs["input_ids"], tok.pad_token_id))
@@ -297,7 +299,7 @@ def explain_entities(predictor, text: str, steps: int = 50, tolerance: float = 0
     model, tok, labels = predictor.model, predictor.tokenizer, predictor.labels
     words = split_words(text, predictor.meta.get("word_split", "simple"))
     pred = predictor.predict([text])[0]
-    enc = predictor._encode(TokenExamples([[w for w, _, _ in words]], None, []))
+    enc = predictor.encode_examples(TokenExamples([[w for w, _, _ in words]], None, []))
     if len(enc) > 1:
         raise DataError(f"the text is longer than model.max_length={predictor.meta['max_length']} subwords; explain "
                         "a shorter passage (entities are explained within one window)")

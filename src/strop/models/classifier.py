@@ -16,11 +16,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from strop.errors import ConfigError, ModelError
-from strop.models.backbone import load_pretrained, load_tokenizer, resolve_model_path, save_pretrained
+from strop.models.backbone import load_pretrained, resolve_model_path, save_pretrained
+from strop.models.layers import layer_list
 
 META_FILE = "strop.json"
-PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
-                 "regression": "regression"}
 
 
 class Output:
@@ -60,13 +59,12 @@ class MeanPoolClassifier(nn.Module):
         return Output(self.classifier(self.dropout(self.embed(input_ids, attention_mask, token_type_ids))))
 
 
-def mean_pool_classifier(backbone: nn.Module, meta: dict) -> MeanPoolClassifier:
+def mean_pool_classifier(backbone: nn.Module, num_labels: int, meta: dict) -> MeanPoolClassifier:
     """The pooling=mean classifier a saved model's strop.json describes (head weights not loaded)."""
-    return MeanPoolClassifier(backbone, 1 if meta["task"] == "regression" else len(meta["labels"]), 0.0,
-                              normalize=bool(meta.get("normalize")))
+    return MeanPoolClassifier(backbone, num_labels, 0.0, normalize=bool(meta.get("normalize")))
 
 
-def _quiet_transformers():
+def quiet_transformers():
     from transformers.utils import logging
 
     # "Some weights ... newly initialized" is expected for a new head; strop says what it builds itself
@@ -101,14 +99,8 @@ def load_config_of(folder: Path, trust_remote_code: bool, **kwargs):
         raise ModelError(f"cannot read the config of {folder} ({e})") from None
 
 
-def build_model(model_cfg, task: str, label_names: list[str], ner_cfg=None) -> nn.Module:
-    """A fresh classifier on the pretrained backbone at model_cfg.path (head initialised from torch's RNG)."""
-    if task == "token_classification":
-        from strop.models.token_classifier import build_token_model
-
-        model = build_token_model(model_cfg, label_names, casing=bool(ner_cfg and ner_cfg.casing))
-    else:
-        model = _build(model_cfg, task, label_names)
+def apply_freezing(model: nn.Module, model_cfg) -> nn.Module:
+    """model.freeze_embeddings and model.frozen_layers, for a model of any task."""
     if model_cfg.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     if model_cfg.frozen_layers:
@@ -120,8 +112,6 @@ def freeze_bottom(model: nn.Module, n: int) -> None:
     """Fix the embedding layer (word, position, type embeddings and their norm) and the bottom `n` transformer
     layers, so autograd builds no backward graph below layer n. Modules strop adds (`_strop_always_train`) stay
     trainable."""
-    from strop.models.peft import layer_list
-
     layers = layer_list(model)
     if n >= len(layers):
         raise ConfigError(f"model.frozen_layers={n} but the model has {len(layers)} layers; freeze fewer (at most "
@@ -137,12 +127,13 @@ def freeze_bottom(model: nn.Module, n: int) -> None:
             m.requires_grad_(True)
 
 
-def _build(model_cfg, task: str, label_names: list[str]) -> nn.Module:
+def build_classifier(model_cfg, labels: list[str], num_labels: int, problem_type: str) -> nn.Module:
+    """A fresh sequence classifier on the pretrained backbone at model_cfg.path (head initialised from torch's RNG):
+    the architecture's own head (pooling=cls) or mean pooling + linear."""
     from transformers import AutoModel, AutoModelForSequenceClassification
 
-    _quiet_transformers()
+    quiet_transformers()
     folder = resolve_model_path(model_cfg.path, model_cfg.allow_pickle)
-    num_labels = 1 if task == "regression" else len(label_names)
     safety = dict(allow_pickle=model_cfg.allow_pickle, trust_remote_code=model_cfg.trust_remote_code)
     base = load_config_of(folder, model_cfg.trust_remote_code)
     if model_cfg.pooling == "mean":
@@ -150,11 +141,8 @@ def _build(model_cfg, task: str, label_names: list[str]) -> nn.Module:
         dropout = model_cfg.dropout if model_cfg.dropout is not None else \
             getattr(backbone.config, "hidden_dropout_prob", 0.1)
         return MeanPoolClassifier(backbone, num_labels, dropout)
-    config = load_config_of(folder, model_cfg.trust_remote_code,
-                                        num_labels=num_labels, problem_type=PROBLEM_TYPES[task],
-                                        id2label=dict(enumerate(label_names)),
-                                        label2id={n: i for i, n in enumerate(label_names)},
-                                        **backbone_overrides(model_cfg, base))
+    config = load_config_of(folder, model_cfg.trust_remote_code, num_labels=num_labels, problem_type=problem_type,
+                            **label_maps(labels), **backbone_overrides(model_cfg, base))
     if model_cfg.dropout is not None:
         for name in ("classifier_dropout", "seq_classif_dropout"):
             if hasattr(config, name):
@@ -166,16 +154,29 @@ def _build(model_cfg, task: str, label_names: list[str]) -> nn.Module:
                          f"transformers ({e}); try model.pooling=mean") from None
 
 
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """Mean loss over the batch. logits: (batch, num_labels) float; labels per task as in `Examples`."""
-    logits = logits.float()
-    if task == "token_classification":  # logits (batch, seq_len, L), labels (batch, seq_len) with -100 = ignored
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-    if task == "single_label":
-        return F.cross_entropy(logits, labels)
-    if task == "multi_label":
-        return F.binary_cross_entropy_with_logits(logits, labels.float())
-    return F.mse_loss(logits.squeeze(-1), labels.float())
+def label_maps(labels: list[str]) -> dict:
+    """id2label / label2id for a transformers config."""
+    return {"id2label": dict(enumerate(labels)), "label2id": {n: i for i, n in enumerate(labels)}}
+
+
+def sequence_classifier(folder: Path, meta: dict, num_labels: int, problem_type: str) -> nn.Module:
+    """The classifier strop.json describes on the weights in `folder`: a trained model/ folder, or the base model
+    of an adapter (whose head the adapter holds). The mean-pooling head's weights are not loaded here."""
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    quiet_transformers()
+    if meta.get("pooling") == "mean":
+        return mean_pool_classifier(load_pretrained(AutoModel, folder), num_labels, meta)
+    return load_pretrained(AutoModelForSequenceClassification, folder, num_labels=num_labels,
+                           problem_type=problem_type, **label_maps(meta["labels"]))
+
+
+def load_sequence_classifier(folder: Path, meta: dict, num_labels: int, problem_type: str) -> nn.Module:
+    """A trained sequence classifier from its model/ folder (written by `save_model`)."""
+    model = sequence_classifier(folder, meta, num_labels, problem_type)
+    if isinstance(model, MeanPoolClassifier):
+        model.classifier.load_state_dict(load_file(str(Path(folder) / "head.safetensors")))
+    return model
 
 
 def save_model(model: nn.Module, tokenizer, folder: Path, meta: dict) -> None:
@@ -196,36 +197,3 @@ def read_meta(folder: Path) -> dict:
     if not path.is_file():
         raise ModelError(f"{folder} has no {META_FILE}; it is not a finished strop model folder")
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-def load_model(folder: Path) -> tuple[nn.Module, object, dict]:
-    """(model in eval mode, tokenizer, meta) from a `model/` folder written by `save_model`."""
-    from transformers import AutoModel, AutoModelForSequenceClassification
-
-    _quiet_transformers()
-    folder = Path(folder)
-    meta = read_meta(folder)
-    if (folder / "adapter_config.json").is_file():  # a run's adapter/: the base it names + this small adapter
-        from strop.models.peft import load_adapter
-
-        return load_adapter(folder, meta).eval(), load_tokenizer(folder), meta
-    resolve_model_path(folder)
-    if meta.get("attention_heads_kept"):  # head-pruned (strop export --prune heads=...): shapes the config can't say
-        from strop.compress.prune import load_head_pruned
-
-        return load_head_pruned(folder, meta).eval(), load_tokenizer(folder), meta
-    if meta.get("task") == "token_classification":
-        from transformers import AutoModelForTokenClassification
-
-        model = load_pretrained(AutoModelForTokenClassification, folder)
-    elif meta.get("pooling") == "mean":
-        backbone = load_pretrained(AutoModel, folder)
-        model = mean_pool_classifier(backbone, meta)
-        model.classifier.load_state_dict(load_file(str(folder / "head.safetensors")))
-    else:
-        model = load_pretrained(AutoModelForSequenceClassification, folder)
-    if (meta.get("peft") or {}).get("method") == "adapter":  # bottleneck adapters cannot be merged: re-apply them
-        from strop.models.peft import load_bottleneck
-
-        load_bottleneck(model, folder, meta["peft"])
-    return model.eval(), load_tokenizer(folder), meta

@@ -27,17 +27,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from strop.errors import ConfigError, ModelError
+from strop.models.layers import head_names, layer_list, under
 
-HEAD_NAMES = ("classifier", "score", "pre_classifier")  # task heads across architectures (never adapted)
 ADAPTERS_FILE = "adapters.safetensors"
 # Houlsby positions: the attention-output and FFN-output projections, by architecture family (name suffixes)
 ADAPTER_TARGETS = (["output.dense"],  # BERT, RoBERTa, XLM-R, ELECTRA, DeBERTa: attention.output.dense + output.dense
                    ["attention.out_lin", "ffn.lin2"],  # DistilBERT
                    ["attention.o", "output.dense"])  # MPNet
-
-
-def is_head(name: str) -> bool:
-    return any(part in HEAD_NAMES for part in name.split("."))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -60,7 +56,8 @@ def resolve_targets(model: nn.Module, targets: list, default: list[str] | None) 
     """Full names of the nn.Linear modules to adapt. targets: [] (= default), ['all-linear'], ['re:<regex>'] or
     name suffixes. The head is never a target: naming it is an error, all-linear leaves it out."""
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    body = [n for n in linears if not is_head(n)]
+    heads = head_names(model)
+    body = [n for n in linears if not under(n, heads)]
     wanted = list(targets) or default or ["all-linear"]
     if wanted == ["all-linear"]:
         found = body
@@ -68,9 +65,9 @@ def resolve_targets(model: nn.Module, targets: list, default: list[str] | None) 
         found = [n for n in linears if re.fullmatch(wanted[0][3:], n)]
     else:
         found = [n for n in linears if any(n == t or n.endswith("." + str(t)) for t in wanted)]
-    heads = [n for n in found if is_head(n)]
-    if heads:
-        raise ConfigError(f"peft.target_modules={wanted} matches the task head {heads}; the head is always trained "
+    in_head = [n for n in found if under(n, heads)]
+    if in_head:
+        raise ConfigError(f"peft.target_modules={wanted} matches the task head {in_head}; the head is always trained "
                           "in full and saved with the adapter, so leave it out of peft.target_modules")
     if not found:
         suffixes = sorted({".".join(n.split(".")[-2:]) for n in body})
@@ -80,7 +77,8 @@ def resolve_targets(model: nn.Module, targets: list, default: list[str] | None) 
 
 
 def _default_adapter_targets(model: nn.Module) -> list[str]:
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not is_head(n)]
+    heads = head_names(model)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not under(n, heads)]
     for suffixes in ADAPTER_TARGETS:
         if all(any(n.endswith("." + s) for n in linears) for s in suffixes):
             return suffixes
@@ -91,8 +89,7 @@ def _default_adapter_targets(model: nn.Module) -> list[str]:
 def head_modules(model: nn.Module) -> list[str]:
     """Names of what PEFT must train in full and save (modules_to_save): the task head, plus any module strop added
     that has no pretrained value (flagged `_strop_always_train`, e.g. NER's word-shape embedding)."""
-    heads = [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
-    return heads + [n for n, m in model.named_modules() if getattr(m, "_strop_always_train", False)]
+    return head_names(model) + [n for n, m in model.named_modules() if getattr(m, "_strop_always_train", False)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,8 +198,9 @@ def apply_peft(model: nn.Module, p, total_steps: int) -> tuple[nn.Module, PeftHo
         for param in model.parameters():
             param.requires_grad_(False)
         add_adapters(model, targets, p.adapter_size, p.dropout)
+        heads = head_names(model)
         for name, m in model.named_modules():  # Houlsby also trains the layer norms (a few thousand numbers)
-            if is_norm(m) or is_head(name):
+            if is_norm(m) or under(name, heads):
                 for param in m.parameters(recurse=False):
                     param.requires_grad_(True)
         for name in head_modules(model):
@@ -261,15 +259,6 @@ def is_norm(m: nn.Module) -> bool:
     return "norm" in type(m).__name__.lower() and any(True for _ in m.parameters(recurse=False))
 
 
-def layer_list(model: nn.Module) -> nn.ModuleList:
-    """The stack of transformer layers: the ModuleList as long as config.num_hidden_layers."""
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) == n:
-            return m
-    raise ModelError("cannot find this model's list of transformer layers for peft.method=freeze")
-
-
 def freeze_layers(model: nn.Module, unfrozen: int) -> None:
     """Train only the head, the pooler and the top `unfrozen` layers."""
     layers = layer_list(model)
@@ -280,8 +269,9 @@ def freeze_layers(model: nn.Module, unfrozen: int) -> None:
         param.requires_grad_(False)
     for layer in list(layers)[len(layers) - unfrozen:]:
         layer.requires_grad_(True)
+    heads = head_names(model)
     for name, m in model.named_modules():
-        if is_head(name) or name.endswith("pooler") or getattr(m, "_strop_always_train", False):
+        if under(name, heads) or name.endswith("pooler") or getattr(m, "_strop_always_train", False):
             m.requires_grad_(True)
 
 
@@ -326,38 +316,22 @@ def save_adapter(model: nn.Module, tokenizer, folder: Path, base_path: str, meta
     (folder / "strop.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
-def load_adapter(folder: Path, meta: dict) -> nn.Module:
+def load_adapter(folder: Path, build_base) -> nn.Module:
     """A run's adapter/ folder applied to the base model it names (adapter_config.json), merged for inference.
 
-    The base must be a local safetensors folder; the adapter holds the task head too (modules_to_save)."""
+    The base must be a local safetensors folder; `build_base(folder)` puts the task's architecture on it (a fresh
+    head: the adapter holds the trained head, modules_to_save)."""
     require_peft()
     from peft import PeftModel
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-    from strop.models.backbone import load_pretrained, resolve_model_path
-    from strop.models.classifier import PROBLEM_TYPES, mean_pool_classifier
+    from strop.models.backbone import resolve_model_path
 
     config = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
     base_path = config.get("base_model_name_or_path")
     if not base_path or not Path(base_path).is_dir():
         raise ModelError(f"{folder}: the base model this adapter was trained on ({base_path!r}) is not a local "
                          "folder here; load the run's model/ folder (adapter merged) instead")
-    base = resolve_model_path(base_path)
-    num_labels = 1 if meta["task"] == "regression" else len(meta["labels"])
-    labels = dict(id2label=dict(enumerate(meta["labels"])), label2id={n: i for i, n in enumerate(meta["labels"])})
-    if meta["task"] == "token_classification":
-        from strop.models.token_classifier import add_shape_embeddings
-
-        model = load_pretrained(AutoModelForTokenClassification, base, num_labels=num_labels, **labels)
-        if meta.get("casing"):
-            add_shape_embeddings(model)
-    elif meta.get("pooling") == "mean":
-        model = mean_pool_classifier(load_pretrained(AutoModel, base), meta)
-    else:
-        model = load_pretrained(AutoModelForSequenceClassification, base, num_labels=num_labels,
-                                problem_type=PROBLEM_TYPES.get(meta["task"]),
-                                id2label=dict(enumerate(meta["labels"])),
-                                label2id={n: i for i, n in enumerate(meta["labels"])})
+    model = build_base(resolve_model_path(base_path))
     with quiet_peft():
         return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
 

@@ -13,16 +13,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from strop.data.tokens import SHAPES
 from strop.errors import ModelError
 from strop.models.backbone import load_pretrained, resolve_model_path
-from strop.models.classifier import _quiet_transformers, backbone_overrides, load_config_of
+from strop.models.classifier import backbone_overrides, label_maps, load_config_of, quiet_transformers
 
 
 def build_token_model(model_cfg, label_names: list[str], casing: bool = False) -> nn.Module:
     """A fresh token classifier on the pretrained backbone at model_cfg.path (head initialised from torch's RNG)."""
     from transformers import AutoModelForTokenClassification
 
-    _quiet_transformers()
+    quiet_transformers()
     folder = resolve_model_path(model_cfg.path, model_cfg.allow_pickle)
     base = load_config_of(folder, model_cfg.trust_remote_code)
     config = load_config_of(folder, model_cfg.trust_remote_code, num_labels=len(label_names),
@@ -41,10 +42,21 @@ def build_token_model(model_cfg, label_names: list[str], casing: bool = False) -
     return model
 
 
+def load_token_model(folder, meta: dict) -> nn.Module:
+    """The token classifier strop.json describes on the weights in `folder`: a trained model/ folder (whose config
+    already holds the widened token-type embedding), or the base model of an adapter (widened here)."""
+    from transformers import AutoModelForTokenClassification
+
+    quiet_transformers()
+    model = load_pretrained(AutoModelForTokenClassification, folder, num_labels=len(meta["labels"]),
+                            **label_maps(meta["labels"]))
+    if meta.get("casing") and model.config.type_vocab_size != len(SHAPES):
+        add_shape_embeddings(model)
+    return model
+
+
 def add_shape_embeddings(model: nn.Module) -> None:
     """Grow the token-type embedding to one row per word shape; new rows copy row 0 (no change at the start)."""
-    from strop.data.tokens import SHAPES
-
     embeddings = getattr(model.base_model, "embeddings", None)
     old = getattr(embeddings, "token_type_embeddings", None)
     if old is None or not hasattr(model.config, "type_vocab_size"):

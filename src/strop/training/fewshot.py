@@ -17,10 +17,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from strop.data.batching import Encoded, collate, eval_batches
+from strop.data.batching import Encoded, collate_inputs, eval_batches
 from strop.device import autocast
 from strop.errors import ConfigError, DataError
-from strop.evaluate.evaluator import MODEL_INPUTS
 from strop.models.classifier import MeanPoolClassifier, Output
 from strop.training.loop import FitResult, fit
 from strop.training.progress import console
@@ -30,11 +29,12 @@ def class_counts(labels: np.ndarray, num_labels: int) -> np.ndarray:
     return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels)
 
 
-def resolve_mode(cfg, task: str, train_labels, label_names: list[str]) -> str:
+def resolve_mode(cfg, task, train_labels, label_names: list[str]) -> str:
     """'standard' or 'fewshot' for this run; train.mode=auto picks fewshot for a tiny single-label training set."""
     mode = cfg.train.mode
     if mode == "auto":
-        largest = int(class_counts(train_labels, len(label_names)).max()) if task == "single_label" else None
+        fits = "fewshot" in task.modes and train_labels is not None
+        largest = int(class_counts(train_labels, len(label_names)).max()) if fits else None
         if largest is not None and largest <= cfg.fewshot.auto_max_per_class:
             console.print(f"train.mode=auto: at most {largest} training examples per class (<= "
                           f"fewshot.auto_max_per_class={cfg.fewshot.auto_max_per_class}), so this run uses "
@@ -44,14 +44,14 @@ def resolve_mode(cfg, task: str, train_labels, label_names: list[str]) -> str:
     return mode
 
 
-def check_fewshot(cfg, task: str, train_labels, label_names: list[str], world: int = 1) -> None:
+def check_fewshot(cfg, task, train_labels, label_names: list[str], world: int = 1) -> None:
     """What few-shot mode cannot do, as errors a user can act on (before anything is written)."""
     if world > 1:
         raise ConfigError(f"train.mode=fewshot runs in one process (it trains on a few dozen examples); it was "
                           f"started with {world} processes: run it without torchrun / accelerate launch")
-    if task != "single_label":
+    if "fewshot" not in task.modes:
         raise ConfigError(f"train.mode=fewshot supports single-label classification (texts or text pairs), not "
-                          f"{task}; use train.mode=standard")
+                          f"{task.name}; use train.mode=standard")
     if cfg.peft.method != "none":
         raise ConfigError(f"train.mode=fewshot fine-tunes the whole encoder; peft.method={cfg.peft.method!r} is not "
                           "supported with it: set peft.method=none")
@@ -124,7 +124,7 @@ def embed_all(model: MeanPoolClassifier, enc: Encoded, batch_size: int, device: 
     model.eval()
     out = None
     for idx in eval_batches(enc.lengths, batch_size):
-        inputs = {k: v.to(device) for k, v in collate(enc, idx).items() if k in MODEL_INPUTS}
+        inputs = {k: v.to(device) for k, v in collate_inputs(enc, idx).items()}
         with autocast(device, precision):
             emb = F.normalize(model.embed(**inputs).float(), dim=-1).cpu()
         if out is None:
@@ -175,10 +175,10 @@ def contrastive_config(cfg, n_train: int):
     return phase
 
 
-def train_fewshot(model: MeanPoolClassifier, train: Encoded, cfg, label_names: list[str], device: torch.device,
-                  precision: str, tracker, run_dir, resume_from=None) -> FitResult:
-    """Contrastive phase (the training loop with a pair loss), then the head fitted on the train embeddings and
-    written into model.classifier. Returns the loop's FitResult with train_seconds covering both phases."""
+def train_fewshot(model: MeanPoolClassifier, train: Encoded, cfg, task, label_names: list[str],
+                  device: torch.device, precision: str, tracker, run_dir, resume_from=None) -> FitResult:
+    """Contrastive phase (the training loop with a pair loss on `task`'s batches), then the head fitted on the
+    train embeddings and written into model.classifier. Returns the loop's FitResult with train_seconds covering both phases."""
     start, cpu_start = time.perf_counter(), time.process_time()
     f = cfg.fewshot
     phase = contrastive_config(cfg, len(train))
@@ -191,7 +191,7 @@ def train_fewshot(model: MeanPoolClassifier, train: Encoded, cfg, label_names: l
     model.classifier.requires_grad_(False)  # the head is fitted afterwards, in closed form
     console.print(f"few-shot: contrastive phase ({f.loss} loss over all in-batch pairs), "
                   f"{phase.train.epochs:g} epochs of batch {phase.train.batch_size}, lr {f.lr:g}")
-    fitted = fit(Embedder(model), train, None, phase, "single_label", label_names, device, precision, tracker,
+    fitted = fit(Embedder(model), train, None, phase, task, label_names, device, precision, tracker,
                  "loss", run_dir, loss_fn=loss_fn, resume_from=resume_from)  # a stopped run continues (Ctrl-C)
     model.classifier.requires_grad_(True)
     x = embed_all(model, train, cfg.eval.batch_size, device, precision)

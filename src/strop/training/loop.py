@@ -13,11 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from strop.data.batching import Encoded, collate, epoch_batches
+from strop.data.batching import Encoded, epoch_batches
 from strop.device import autocast
-from strop.evaluate.evaluator import MODEL_INPUTS, evaluate
-from strop.evaluate.metrics import greater_is_better
-from strop.models.classifier import task_loss
 from strop.models.cls_only import first_token_only
 from strop.models.peft import PeftHook
 from strop.training.checkpoint import (COMPLETE, PREFIX, TrainState, load_best_weights, load_checkpoint, load_weights,
@@ -60,25 +57,28 @@ def speed_ups(model: nn.Module, t, device: torch.device):
         yield
 
 
-def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_batch_size: int, task: str,
+def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_batch_size: int, task,
                          device: torch.device, precision: str, regularizer=None, loss_fn=None,
-                         batch_examples: float | None = None, backward=None) -> torch.Tensor:
+                         batch_examples: float | None = None, backward=None,
+                         rng: np.random.Generator | None = None) -> torch.Tensor:
     """Forward + backward over the examples `idx` in micro-batches; returns the batch's mean loss (detached).
 
-    Each micro-batch loss is weighted by its share of the batch, so the summed gradients equal those of one
+    `task` (strop.tasks) builds the batches (`collate`), names the model inputs and gives the loss. Each
+    micro-batch loss is weighted by its share of the batch, so the summed gradients equal those of one
     forward/backward over the whole batch (also when the last micro-batch is smaller). `regularizer()` (e.g.
     AdaLoRA's orthogonality penalty) returns a term added once per batch, or None.
-    loss_fn(logits, batch) -> mean loss replaces the task loss (distillation uses it); None = task_loss.
+    loss_fn(logits, batch) -> mean loss replaces the task loss (distillation uses it); None = task.loss.
     `batch_examples`: what the loss is averaged over, len(idx) by default; with several processes
     len(global batch) / world (distributed.shard). `backward(loss)`: DeepSpeed's engine.backward; None = loss.backward.
+    `rng`: what a task draws per batch (masks, augmentation), seeded by the caller from the batch's position.
     """
     total = torch.zeros((), device=device)
     for start in range(0, len(idx), micro_batch_size):
         part = idx[start:start + micro_batch_size]
-        batch = {k: v.to(device, non_blocking=True) for k, v in collate(enc, part).items()}
+        batch = {k: v.to(device, non_blocking=True) for k, v in task.collate(enc, part, rng).items()}
         with autocast(device, precision):
-            logits = model(**{k: v for k, v in batch.items() if k in MODEL_INPUTS}).logits
-        loss = loss_fn(logits, batch) if loss_fn else task_loss(logits, batch["labels"], task)
+            logits = model(**{k: v for k, v in batch.items() if k in task.model_inputs}).logits
+        loss = loss_fn(logits, batch) if loss_fn else task.loss(logits, batch)
         penalty = regularizer() if regularizer else None
         loss = (loss if penalty is None else loss + penalty) * (len(part) / (batch_examples or len(idx)))
         loss.backward() if backward is None else backward(loss)
@@ -96,11 +96,12 @@ def fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, *args, dist:
         return _fit(model, train, val, cfg, *args, dist=dist, **kwargs)
 
 
-def _fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, label_names: list[str],
+def _fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task, label_names: list[str],
          device: torch.device, precision: str, tracker, metric: str, run_dir: Path,
          resume_from: Path | None = None, peft_hook: PeftHook | None = None, loss_fn=None, on_eval=None,
          dist: Dist | None = None) -> FitResult:
     """Train `model` in place on `train`, evaluating on `val` and checkpointing into run_dir/checkpoints.
+    `task` (strop.tasks) builds batches, gives the loss and evaluates.
     `peft_hook` (models/peft.py) adds its regulariser to the loss and runs after each optimizer step.
     loss_fn(logits, batch): a training loss other than the task loss (e.g. distillation); evaluation is unchanged.
     `on_eval(step, value)` sees each validation metric; it may raise to stop the run (tune.py's pruning).
@@ -160,9 +161,11 @@ def _fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, 
             batches = epoch_batches(train.lengths, t.batch_size, t.seed, state.epoch, t.batching == "length_grouped")
             for idx in batches[state.batch_in_epoch:]:
                 part, share = shard(idx, dist)  # this process's slice of the global batch (all of it with one)
+                # what the task draws for this batch depends on its position only, so a resumed run draws the same
+                rng = np.random.default_rng([t.seed, dist.rank, state.epoch, state.batch_in_epoch])
                 loss = micro.run(lambda m: accumulate_gradients(ddp_model, train, part, m, task, device, precision,
                                                                   peft_hook.regularizer, loss_fn, share,
-                                                                  engine.backward if engine else None),
+                                                                  engine.backward if engine else None, rng),
                                  model, progress.note)
                 loss = dist.mean(loss)  # the global batch's loss on every rank: same logs, same NaN decision
                 # clip_grad_norm_ returns the total norm: one pass that both clips and checks for NaN/Inf gradients
@@ -213,8 +216,8 @@ def _fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task: str, 
                     progress.advance(state.step)
 
                 if val is not None and (state.step % eval_every == 0 or state.step == total_steps):
-                    metrics, _ = evaluate(model, val, task, label_names, cfg.eval.batch_size, device, precision)
-                    improved = track_best(state, metrics[metric], metrics.get("loss"), greater_is_better(metric))
+                    metrics, _ = task.evaluate(model, val, label_names, cfg.eval.batch_size, device, precision)
+                    improved = track_best(state, metrics[metric], metrics.get("loss"), task.greater_is_better(metric))
                     if improved and t.restore_best:
                         # only what training changes: with PEFT a few MB instead of a second copy of the model
                         best_state = trainable_snapshot(model)

@@ -9,7 +9,8 @@ import math
 import torch
 from torch import nn
 
-from strop.models.peft import is_head, is_norm
+from strop.models.layers import head_names, under
+from strop.models.peft import is_norm
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +23,12 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, head_lr: floa
     groups: dict[tuple[bool, bool, float], list] = {}
     # any normalisation layer (LayerNorm, RMSNorm, ...) keeps its scale free of decay
     norm_params = {id(p) for m in model.modules() if is_norm(m) for p in m.parameters(recurse=False)}
+    heads = head_names(model)  # also under PEFT's wrappers (base_model.model.classifier...)
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim < 2 or id(p) in norm_params or name.endswith(".bias")
-        head = head_lr is not None and is_head(name)  # also under PEFT's wrappers (base_model.model.classifier...)
+        head = head_lr is not None and under(name, heads)
         scale = next((v for k, v in (lr_scales or {}).items() if k in name.split(".")), 1.0)
         groups.setdefault((no_decay, head, scale), []).append(p)
     return [{"params": ps, "weight_decay": 0.0 if no_decay else weight_decay,

@@ -1,0 +1,42 @@
+"""Where things are inside a model, for any architecture: its stack of transformer layers and its task head.
+
+The head is what a task's `head_names` name (strop.tasks); `mark_heads` flags those modules when the model is built,
+so PEFT's all-linear never wraps them, the optimizer can give them their own learning rate, and adapters save them,
+whatever wrapper (PEFT's, DDP's) the model is later inside: the flag travels with the module (and PEFT's copies)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from strop.errors import ModelError
+
+HEAD_FLAG = "_strop_head"
+
+
+def layer_list(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer layers: the ModuleList as long as config.num_hidden_layers."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n:
+            return m
+    raise ModelError("cannot find this model's list of transformer layers")
+
+
+def mark_heads(model: nn.Module, names: tuple[str, ...]) -> nn.Module:
+    """Flag the model's direct children called `names` (those it has) as its task head."""
+    for name in names:
+        child = getattr(model, name, None)
+        if isinstance(child, nn.Module):
+            setattr(child, HEAD_FLAG, True)
+    return model
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """Full names of the modules flagged as the head, outermost only (PEFT's copies of a head included)."""
+    found = [n for n, m in model.named_modules() if getattr(m, HEAD_FLAG, False)]
+    return [n for n in found if not any(n != h and under(n, [h]) for h in found)]
+
+
+def under(name: str, prefixes: list[str]) -> bool:
+    """Whether the dotted `name` is one of `prefixes` or inside one of them."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)

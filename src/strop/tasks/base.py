@@ -1,0 +1,127 @@
+"""The task protocol: everything that differs between tasks, behind one small interface.
+
+A task is an object (one module per task in `strop.tasks`) that every stage asks instead of comparing task names:
+what the data looks like (`detects`, `prepare`), how examples become model inputs (`encode`, `collate`), which model
+it trains (`build_model`, `load_model`, `head_names`), what it optimises and reports (`loss`, `metrics`, `evaluate`),
+what a finished model remembers (`meta` -> strop.json) and how it answers (`predictor`, `export`).
+
+`Task` gives the defaults shared by the encoder tasks (a text tokenizer as the processor, input_ids /
+attention_mask / token_type_ids as model inputs, linear heads named classifier / score); a task overrides what
+differs. The registry (`strop.tasks.get_task`, `task_names`, `detect_task`) maps names from config.yaml and
+strop.json to these objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from strop.data.batching import Encoded, collate_inputs
+from strop.evaluate.metrics import greater_is_better
+
+
+@dataclass(frozen=True)
+class ExportSignature:
+    """What an ONNX export of the task's model takes and gives: input names (in order) and the output's axes."""
+
+    inputs: tuple[str, ...]
+    output_axes: tuple[str, ...]  # ("batch", "labels") or ("batch", "sequence", "labels")
+
+
+class Task:
+    name: str = ""
+    description: str = ""  # one line for `--help-config` and error messages
+    metrics: tuple[str, ...] = ("loss",)  # validation metrics, the default model-selection metric first
+    model_inputs: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids")
+    # task heads across architectures: trained in full, saved with adapters, never wrapped by PEFT (all-linear)
+    head_names: tuple[str, ...] = ("classifier", "score", "pre_classifier")
+    modes: tuple[str, ...] = ("standard",)  # training modes (train.mode) the task supports
+    tunes_threshold: bool = False  # outputs are thresholded (multi-label): the threshold is tuned on validation
+    export: ExportSignature | None = None  # None: `strop export` refuses with `export_refusal`
+    export_refusal: str = "this task has no ONNX export"
+    compressible: bool = False  # `strop export --prune / --distill` apply (soft_loss, gold_rows, a sequence head)
+
+    def __repr__(self) -> str:
+        return f"<task {self.name}>"
+
+    # -- metrics --------------------------------------------------------------------------------------------------
+
+    @property
+    def primary_metric(self) -> str:
+        return self.metrics[0]
+
+    def greater_is_better(self, metric: str) -> bool:
+        return greater_is_better(metric)
+
+    # -- data -----------------------------------------------------------------------------------------------------
+
+    def detects(self, cfg) -> bool:
+        """Whether `cfg.data.train` holds data only this task reads (task=auto); the fallback task says False."""
+        return False
+
+    def prepare(self, cfg, carve: bool = True):
+        """cfg.data -> validated `Dataset` (task name, labels, columns, splits); carve=False leaves train whole."""
+        raise NotImplementedError
+
+    def check_settings(self, cfg, ds, processor) -> None:
+        """Settings that need the data and the processor (model.max_length against special tokens, ...)."""
+
+    def encode(self, processor, examples, meta: dict) -> Encoded:
+        """Examples -> `Encoded` model inputs, with the settings of `meta` (this task's strop.json fields), so a
+        run's training and its predictions encode alike."""
+        raise NotImplementedError
+
+    def collate(self, enc: Encoded, idx: np.ndarray, rng: np.random.Generator | None = None) -> dict:
+        """A padded batch of the examples `idx` (model inputs plus `labels` where the split has them). `rng`
+        draws what is random per batch (masks, augmentation); seeded by the loop so a resumed run is exact."""
+        return collate_inputs(enc, idx)
+
+    def split_summary(self, ds, split: str, enc: Encoded) -> dict:
+        """Task-specific fields of data.json for one split (label counts, windows, ...)."""
+        return {}
+
+    # -- model ----------------------------------------------------------------------------------------------------
+
+    def build_model(self, cfg, labels: list[str]) -> nn.Module:
+        raise NotImplementedError
+
+    def load_model(self, folder, meta: dict, head: bool = True) -> nn.Module:
+        """The model strop.json `meta` describes, with the weights in `folder`; head=False: the base model of an
+        adapter (the adapter holds the head)."""
+        raise NotImplementedError
+
+    def num_outputs(self, labels: list[str]) -> int:
+        """Width of the head's output for these labels."""
+        return len(labels)
+
+    def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Mean training loss of a batch (the loop averages over accumulation and processes)."""
+        raise NotImplementedError
+
+    # -- evaluation, metadata, prediction -------------------------------------------------------------------------
+
+    def evaluate(self, model, enc: Encoded, labels: list[str], batch_size: int, device: torch.device,
+                 precision: str = "fp32", threshold: float = 0.5, keep_outputs: bool = False):
+        """(metrics with `loss`, kept outputs in input order or None) on a labelled split."""
+        raise NotImplementedError
+
+    def meta(self, cfg, ds) -> dict:
+        """What a finished model must remember to predict as it trained (strop.json, besides the common fields)."""
+        return {"max_length": cfg.model.max_length}
+
+    def predictor(self, model, processor, meta: dict, device: torch.device, precision: str = "fp32"):
+        raise NotImplementedError
+
+    def agreement(self, a: np.ndarray, b: np.ndarray, threshold: float) -> float | None:
+        """Share of examples (rows of the export's logits) two models predict alike; None where predictions are
+        values (regression: the logit difference says it)."""
+        return float((a.argmax(1) == b.argmax(1)).mean())
+
+    def report_sections(self, predictor, examples, results: dict, split: str | None, errors_k: int,
+                        explain_k: int) -> tuple[dict[str, str], dict]:
+        """({section id: html}, extra results for report.json) of the task's own report sections; `examples`: the
+        split the report looks at (test, else validation), None when the data are gone."""
+        return {}, {}
