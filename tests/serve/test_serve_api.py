@@ -150,11 +150,18 @@ def test_a_stalled_upload_gets_408_and_frees_its_slot(server):
 def test_openapi_matches_behaviour(server):
     spec = httpx.get(f"{server.url}/openapi.json").json()
     op = spec["paths"]["/v1/predict"]["post"]
-    assert {"200", "400", "401", "408", "413", "415", "422", "429", "503"} <= set(op["responses"])
+    # this server has no API key, so no route claims 401 (tests/serve/test_serve_conformance.py has the keyed case)
+    assert set(op["responses"]) == {"200", "400", "408", "413", "415", "422", "429", "503"}
     assert op["requestBody"]["content"]["application/json"]
     assert {"/v1/model", "/health/live", "/health/ready", "/metrics"} <= set(spec["paths"])
     schema = spec["components"]["schemas"]["PredictRequest"]
     assert schema["required"] == ["inputs"] and schema["additionalProperties"] is False
+    # the run's own inputs: a single-text classifier takes strings or {text}, at most serve.max_inputs=8 of them
+    inputs = schema["properties"]["inputs"]
+    assert inputs["maxItems"] == 8 and inputs["minItems"] == 1
+    assert [k.get("$ref", k.get("type")) for k in inputs["items"]["anyOf"]] == [
+        "string", "#/components/schemas/SingleTextInput"]
+    assert "text_pair" not in spec["components"]["schemas"]["SingleTextInput"]["required"]
     err = spec["components"]["schemas"]["ErrorDetail"]
     assert {"status", "code", "message"} <= set(err["required"])
 

@@ -162,11 +162,11 @@ def test_ner_pii_masking_offsets_index_the_masked_text(ner_run):
 
 def test_fit_cuts_to_whole_words_within_the_token_budget(ner_run):
     from strop.models.backbone import load_tokenizer
-    from strop.serve.entities import _fit
+    from strop.serve.entities import fit_to_token_budget
 
     tok = load_tokenizer(ner_run / "model")
     items = ["paris " * 30, ["berlin"] * 30, "short one", "xqz" * 30]  # < 100 chars: wordpieces, not [UNK]
-    fitted, counts, long_ = _fit(tok, items, "simple", 12)
+    fitted, counts, long_ = fit_to_token_budget(tok, items, "simple", 12)
     assert long_ == {0, 1, 3} and counts[2] == len(tok("short one")["input_ids"]) and max(counts) == 12
     # special tokens ([CLS], [SEP]) plus the leading whole words that fit; texts cut at a word end
     assert fitted[0] == "paris " * 9 + "paris" and fitted[1] == ["berlin"] * 10 and fitted[2] == "short one"
@@ -177,13 +177,13 @@ def test_fit_is_not_fooled_by_words_without_tokens(ner_run):
     """Zero-width spaces split as words but give no subwords: they must not make an input 'too long', nor cut the
     words after them; a word without subwords before the cut point is kept, not counted against the budget."""
     from strop.models.backbone import load_tokenizer
-    from strop.serve.entities import _fit
+    from strop.serve.entities import fit_to_token_budget
 
     tok = load_tokenizer(ner_run / "model")
     text = "paris" + " \u200b" * 40 + " berlin"
     tokens = ["paris"] + ["\u200b"] * 40 + ["berlin"]
-    fitted, counts, long_ = _fit(tok, [text, tokens], "simple", 12)
+    fitted, counts, long_ = fit_to_token_budget(tok, [text, tokens], "simple", 12)
     assert long_ == set() and fitted == [text, tokens] and counts == [4, 4]  # [CLS] paris berlin [SEP]
     # over the budget: the cut falls after the last word that fits, zero-token words before it included
-    fitted, counts, long_ = _fit(tok, [["\u200b", "paris"] + ["berlin"] * 20], "simple", 6)
+    fitted, counts, long_ = fit_to_token_budget(tok, [["\u200b", "paris"] + ["berlin"] * 20], "simple", 6)
     assert long_ == {0} and fitted[0] == ["\u200b", "paris"] + ["berlin"] * 3 and counts == [6]

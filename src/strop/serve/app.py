@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
+import signal
 import sys
+import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,33 +24,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from strop import __version__
 from strop.errors import StropError
-from strop.serve.backend import LoadedModel, load_model_for_serving, run_batch
+from strop.serve.backend import LoadedModel, load_model_for_serving, run_batch, served_meta
 from strop.serve.batcher import Batcher
-from strop.serve.guard import Admission, GuardMiddleware, error_body, mask_pii
-from strop.serve.schema import (
-    ErrorResponse,
-    Health,
-    ModelInfo,
-    PredictRequest,
-    PredictResponse,
-    TokensInput,
-)
+from strop.serve.classify import predict_classes
+from strop.serve.entities import predict_entities
+from strop.serve.guard import Admission, GuardMiddleware, error_body
+from strop.serve.inputs import ApiError
+from strop.serve.openapi import PREDICT_ERRORS, error_responses, publish_request_schema
+from strop.serve.schema import Health, ModelInfo, PredictRequest, PredictResponse, published_request
 from strop.serve.settings import ServeConfig, read_api_key
 from strop.serve.telemetry import MetricsMiddleware, Telemetry
 
 log = logging.getLogger("strop.serve")
 SWITCH_INTERVAL_S = 0.0005
-INLINE_TOKENIZE_CHARS = 2000
-WORD = re.compile(r"\S+")
 WARMUP_TEXTS = ["warm up", "warming up the model with a somewhat longer sentence of several words " * 4]
-
-
-class ApiError(Exception):
-    """An error answered as {"error": {...}} with this status."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
 
 def _error(status: int, code: str, message: str, headers: dict | None = None, **extra) -> Response:
@@ -108,6 +96,40 @@ async def _load(state: ServerState, path: Path, loaded: LoadedModel | None) -> N
         log.error("model failed to load: %s", state.load_error)
 
 
+def install_drain_handler(state: ServerState, drain_s: float) -> None:
+    """Wrap the server's SIGTERM/SIGINT handlers: drain first (ready -> 503), then hand over after drain_s."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signals can only be handled in the main thread (an app run inside a test thread)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if not callable(previous):
+            continue
+
+        def handler(signum, frame, previous=previous):
+            if state.draining:  # second signal: no more draining (uvicorn's shutdown starts now)
+                previous(signum, frame)
+                return
+            log.info("received signal %d: readiness is now 503; closing the listener in %.1f s, then waiting for "
+                     "in-flight requests", signum, drain_s)
+            state.drain()
+            if drain_s > 0:
+                threading.Timer(drain_s, previous, (signum, None)).start()
+            else:
+                previous(signum, frame)
+
+        signal.signal(sig, handler)
+
+
+def _published_request(path: str | Path, cfg: ServeConfig, loaded: LoadedModel | None):
+    """The request body to publish for this model, or None (publish every input kind) when its strop.json cannot
+    be read here: the background load then fails too, and readiness says why."""
+    try:
+        meta = loaded.predictor.meta if loaded else served_meta(path, cfg.backend)
+        return published_request(meta, cfg.max_inputs)
+    except (StropError, OSError, ValueError, KeyError):
+        return None
+
+
 def create_app(path: str | Path, cfg: ServeConfig, loaded: LoadedModel | None = None,
                handle_signals: bool = True) -> FastAPI:
     """The ASGI app serving the run (or export) at `path`; the model loads in the background after startup.
@@ -117,8 +139,6 @@ def create_app(path: str | Path, cfg: ServeConfig, loaded: LoadedModel | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from strop.serve.server import install_drain_handler
-
         if handle_signals:
             install_drain_handler(state, cfg.drain_s)
         # the model thread holds the GIL between kernels; with the default 5 ms switch interval every socket read of
@@ -130,36 +150,34 @@ def create_app(path: str | Path, cfg: ServeConfig, loaded: LoadedModel | None = 
         if state.batcher is not None:
             await state.batcher.stop()
 
+    api_key = read_api_key(cfg.api_key_file) if cfg.api_key_file else None
     app = FastAPI(title="strop serve", version=__version__, lifespan=lifespan,
                   description="Predictions from a model fine-tuned with strop. Send 'Authorization: Bearer KEY' "
                   "when the server was started with an API key (health probes need none).")
     app.state.strop = state
-    _routes(app, state)
+    _routes(app, state, keyed=api_key is not None)
+    publish_request_schema(app, _published_request(path, cfg, loaded))
     _handlers(app)
-    api_key = read_api_key(cfg.api_key_file) if cfg.api_key_file else None
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=cfg.max_body_bytes,
-                       admission=state.admission, body_timeout_s=cfg.body_timeout_s)
+                       admission=state.admission, body_timeout_s=cfg.body_timeout_s,
+                       body_routes=[("POST", "/v1/predict")])
     app.add_middleware(MetricsMiddleware, telemetry=telemetry)  # outermost: counts the guard's answers too
     return app
 
 
-ERRORS = {code: {"model": ErrorResponse, "description": text} for code, text in {
-    400: "empty input or malformed JSON", 401: "missing or wrong API key", 408: "the body did not arrive in time",
-    413: "body or input count over the limit",
-    415: "content type is not JSON", 422: "schema violation, or a text longer than the model allows without "
-    "truncate", 429: "too many requests in flight; retry after Retry-After seconds", 503: "model not ready"}.items()}
+def _routes(app: FastAPI, state: ServerState, keyed: bool) -> None:
+    """keyed: the server has an API key, so every route but the health probes declares the Bearer scheme and 401."""
+    # declares the scheme in the document; GuardMiddleware does the checking
+    auth = [Security(HTTPBearer(auto_error=False))] if keyed else []
 
-
-def _routes(app: FastAPI, state: ServerState) -> None:
-    bearer = HTTPBearer(auto_error=False)  # documents the scheme; GuardMiddleware does the checking
-
-    @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True, responses=ERRORS,
-              dependencies=[Security(bearer)])
+    @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True, dependencies=auth,
+              responses=error_responses(PREDICT_ERRORS, keyed, retry_on_503=True))
     async def predict(body: PredictRequest) -> PredictResponse:
         """Predict labels (and scores) for one or many inputs; inputs of concurrent requests are batched."""
         return await _predict(state, body)
 
-    @app.get("/v1/model", response_model=ModelInfo, responses={503: ERRORS[503]}, dependencies=[Security(bearer)])
+    @app.get("/v1/model", response_model=ModelInfo, responses=error_responses((503,), keyed, retry_on_503=True),
+             dependencies=auth)
     async def model_info() -> ModelInfo:
         """What is served: task, labels, version and the hash of the run's config."""
         m = _require_ready(state)
@@ -177,7 +195,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         """200 while the process can answer."""
         return Health(status="alive")
 
-    @app.get("/health/ready", response_model=Health, responses={503: ERRORS[503]})
+    @app.get("/health/ready", response_model=Health, responses=error_responses((503,), keyed=False))
     async def ready():
         """200 once the model is loaded and warm; 503 before that and from SIGTERM on."""
         if state.ready and not state.draining:
@@ -186,7 +204,10 @@ def _routes(app: FastAPI, state: ServerState) -> None:
                   f"model failed to load: {state.load_error}" if state.load_error else "model is loading")
         return _error(503, "not_ready", reason)
 
-    @app.get("/metrics", response_class=Response, dependencies=[Security(bearer)])
+    text = {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}
+
+    @app.get("/metrics", response_class=Response, responses={200: text, **error_responses((), keyed)},
+             dependencies=auth)
     async def metrics() -> Response:
         """Prometheus text exposition (strop_* metrics)."""
         state.telemetry.queue_depth.set(state.batcher.depth if state.batcher else 0)
@@ -202,123 +223,11 @@ def _require_ready(state: ServerState) -> LoadedModel:
     return state.model
 
 
-def check_input_count(body: PredictRequest, max_inputs: int) -> None:
-    """An empty request is a 400, more than serve.max_inputs inputs a 413 (every task's request)."""
-    n = len(body.inputs)
-    if n == 0:
-        raise ApiError(400, "empty_input", "inputs is empty; send at least one text, e.g. {\"inputs\": [\"hello\"]}")
-    if n > max_inputs:
-        raise ApiError(413, "too_many_inputs", f"{n} inputs in one request; the limit is {max_inputs} "
-                       "(serve.max_inputs): split them over several requests")
-
-
-def _normalise(body: PredictRequest, pair_model: bool, max_inputs: int) -> tuple[list[str], list[str] | None]:
-    """Request inputs -> (texts, pairs or None); counts and empty texts are checked here (413 / 400 / 422)."""
-    check_input_count(body, max_inputs)
-    texts, pairs = [], []
-    for i, item in enumerate(body.inputs):
-        if isinstance(item, TokensInput):
-            raise ApiError(422, "wrong_input_kind", f"inputs[{i}] gives tokens, but this model classifies whole "
-                           "texts; send a string or {\"text\": ...}")
-        text, pair = (item, None) if isinstance(item, str) else (item.text, item.text_pair)
-        if pair_model and pair is None:
-            raise ApiError(422, "missing_text_pair", f"inputs[{i}]: this model classifies text pairs; send "
-                           "{\"text\": ..., \"text_pair\": ...}")
-        if not pair_model and pair is not None:
-            raise ApiError(422, "unexpected_text_pair", f"inputs[{i}] has a text_pair, but this model classifies "
-                           "single texts; send only \"text\"")
-        for name, value in (("text", text), ("text_pair", pair)):
-            if value is not None and not value.strip():
-                raise ApiError(400, "empty_input", f"inputs[{i}] {name} is empty; every input needs some text")
-            if value is not None and not _encodable(value):
-                raise ApiError(422, "invalid_text", f"inputs[{i}] {name} holds an unpaired UTF-16 surrogate "
-                               "(a \\ud800-\\udfff escape without its pair); send valid Unicode text")
-        texts.append(text)
-        pairs.append(pair)
-    return texts, pairs if pair_model else None
-
-
-def clip_words(text: str, n: int) -> tuple[str, bool]:
-    """(text up to the end of its n-th whitespace-separated word, whether anything but whitespace was cut)."""
-    end = 0
-    for i, match in enumerate(WORD.finditer(text)):
-        if i == n:
-            return text[:end], True
-        end = match.end()
-    return text, False
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-def _token_counts(model: LoadedModel, texts: list[str], pairs: list[str] | None) -> list[int]:
-    """Tokens per input with special tokens, before truncation."""
-    enc = model.predictor.tokenizer(texts, pairs, truncation=False, verbose=False, return_attention_mask=False,
-                                    return_token_type_ids=False)
-    return [len(ids) for ids in enc["input_ids"]]
-
-
-async def _fit(model: LoadedModel, texts: list[str], pairs: list[str] | None,
-               limit: int) -> tuple[list[str], list[str] | None, list[int], set[int]]:
-    """(texts, pairs, tokens per input, indices cut), each input cut to its first `limit` words where longer.
-
-    A word is nearly always at least one token, so an input with more words than `limit` is too long, and with
-    truncation only its first `limit` words can reach the model: cutting there first keeps a 1 MB text from costing
-    100+ MB of tokenizer memory. Words the tokenizer drops (zero-width or control characters) break the rule: an
-    input cut yet still within `limit` tokens is counted again whole, so it is neither refused nor cut wrongly.
-    """
-    clipped = [clip_words(t, limit) for t in texts]
-    clipped_pairs = [clip_words(t, limit) for t in pairs] if pairs is not None else None
-    cut = {i for i, (_, c) in enumerate(clipped) if c} | {i for i, (_, c) in enumerate(clipped_pairs or []) if c}
-    short = [t for t, _ in clipped]
-    short_pairs = [t for t, _ in clipped_pairs] if clipped_pairs is not None else None
-    size = sum(map(len, short)) + sum(map(len, short_pairs or []))
-    # short inputs (the usual request) are counted on the event loop: a thread hop costs more than tokenizing them
-    counts = _token_counts(model, short, short_pairs) if size <= INLINE_TOKENIZE_CHARS else \
-        await asyncio.to_thread(_token_counts, model, short, short_pairs)
-    redo = sorted(i for i in cut if counts[i] <= limit)
-    if redo:
-        whole = [texts[i] for i in redo]
-        whole_pairs = [pairs[i] for i in redo] if pairs is not None else None
-        for i, c in zip(redo, await asyncio.to_thread(_token_counts, model, whole, whole_pairs)):
-            counts[i], short[i] = c, texts[i]
-            if short_pairs is not None:
-                short_pairs[i] = pairs[i]
-            cut.discard(i)
-    return short, short_pairs, counts, cut
-
-
 async def _predict(state: ServerState, body: PredictRequest) -> PredictResponse:
     model = _require_ready(state)
-    cfg, meta = state.cfg, model.predictor.meta
-    if meta["task"] == "token_classification":
-        from strop.serve.entities import predict_entities
-
+    if model.predictor.meta["task"] == "token_classification":
         return await predict_entities(state, model, body)
-    texts, pairs = _normalise(body, bool(meta.get("text_pair_column")), cfg.max_inputs)
-    if cfg.mask_pii:
-        texts = [mask_pii(t) for t in texts]
-        pairs = [mask_pii(t) for t in pairs] if pairs is not None else None
-    limit = meta["max_length"]
-    texts, pairs, counts, cut = await _fit(model, texts, pairs, limit)
-    too_long = {i for i, c in enumerate(counts) if c > limit}
-    if too_long and not body.truncate:
-        i = min(too_long)
-        size = f"more than {limit}" if i in cut else str(counts[i])
-        raise ApiError(422, "input_too_long", f"inputs[{i}] has {size} tokens; this model takes at most {limit}: "
-                       "shorten it, or send \"truncate\": true to cut it")
-    if cfg.log_inputs:
-        for i, text in enumerate(texts):
-            log.info("input %d: %s", i, mask_pii(text if pairs is None else f"{text} ||| {pairs[i]}"))
-    outputs = await state.batcher.submit(texts, pairs, [min(c, limit) for c in counts])
-    for i in too_long:
-        outputs[i] = {**outputs[i], "truncated": True}
-    return PredictResponse(model=model.version, task=meta["task"], predictions=outputs)
+    return await predict_classes(state, model, body)
 
 
 def _handlers(app: FastAPI) -> None:
@@ -344,8 +253,10 @@ def _handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
+        allow = (getattr(e, "headers", None) or {}).get("Allow", "")
         messages = {404: f"no route {request.url.path}; the API has /v1/predict, /v1/model, /health/live, "
-                    "/health/ready, /metrics", 405: f"{request.method} is not allowed on {request.url.path}",
+                    "/health/ready, /metrics", 405: f"{request.method} is not allowed on {request.url.path}; it "
+                    f"takes {allow}",
                     400: "the body could not be parsed as JSON; send a JSON object such as {\"inputs\": [\"hello\"]}"}
         code = {404: "not_found", 405: "method_not_allowed", 400: "malformed_json"}.get(e.status_code, "http_error")
         return _error(e.status_code, code, messages.get(e.status_code, str(e.detail)), getattr(e, "headers", None))

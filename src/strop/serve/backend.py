@@ -121,18 +121,22 @@ def _config_hash(path: Path, model_folder: Path) -> str:
     return ""
 
 
-def check_target(path: str | Path, backend: str, onnx_file: str | None = None) -> None:
-    """Fail before the server starts when there is nothing to serve (the loading itself runs in the background)."""
+def served_meta(path: str | Path, backend: str) -> dict:
+    """The strop.json of what `strop serve path` serves (the run's model or its export), without loading weights."""
     from strop.run import open_run
 
     path = Path(path)
-    if backend == "onnx":
-        folder = find_export(path)
-        if onnx_file and not (folder / onnx_file).is_file():
+    return read_meta(find_export(path) if backend == "onnx" else open_run(path))
+
+
+def check_target(path: str | Path, backend: str, onnx_file: str | None = None) -> None:
+    """Fail before the server starts when there is nothing to serve (the loading itself runs in the background)."""
+    served_meta(path, backend)
+    if backend == "onnx" and onnx_file:
+        folder = find_export(Path(path))
+        if not (folder / onnx_file).is_file():
             raise ModelError(f"serve.onnx_file={onnx_file!r} not found in {folder}; it holds "
                              f"{sorted(p.name for p in folder.glob('*.onnx'))}")
-    else:
-        read_meta(open_run(path))
 
 
 def load_model_for_serving(path: str | Path, backend: str = "torch", onnx_file: str | None = None,

@@ -1,7 +1,7 @@
 """POST /v1/predict for token-classification (NER) models: raw texts or pre-split words -> entity spans
-(app.py hands these requests over; this module imports app, app imports it lazily).
+(app.py hands these requests over).
 
-Same guard, limits, batcher and metrics as classification (app.py); what differs is the input check. A NER model reads
+Same guard, limits, batcher and metrics as classification (classify.py); what differs is the input check. A NER model reads
 any length (sentences longer than max_length are split into overlapping windows), so the length limit is a cost
 limit instead: one input may hold at most serve.max_batch_tokens subword tokens, a whole batch's budget (more ->
 422 unless truncate, which keeps the leading words that fit). Entity offsets are characters of the text the model
@@ -11,16 +11,26 @@ saw: the input text (after PII masking when serve.mask_pii is on), or the words 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from strop.data.tokens import split_words
-from strop.serve.app import INLINE_TOKENIZE_CHARS, ApiError, _encodable, check_input_count, clip_words, log
 from strop.serve.guard import mask_pii
+from strop.serve.inputs import (
+    INLINE_TOKENIZE_CHARS,
+    ApiError,
+    check_input_count,
+    clip_words,
+    is_blank,
+    is_encodable,
+)
 from strop.serve.schema import PredictRequest, PredictResponse, TextInput, TokensInput
+
+log = logging.getLogger("strop.serve")
 
 
 def _normalise(body: PredictRequest, max_inputs: int) -> list[str | list[str]]:
     """Request inputs -> raw texts (str) and word lists; counts and empty inputs are checked here (413/400/422)."""
-    check_input_count(body, max_inputs)
+    check_input_count(len(body.inputs), max_inputs)
     out: list[str | list[str]] = []
     for i, item in enumerate(body.inputs):
         if isinstance(item, TextInput) and item.text_pair is not None:
@@ -30,18 +40,18 @@ def _normalise(body: PredictRequest, max_inputs: int) -> list[str | list[str]]:
             if not item.tokens:
                 raise ApiError(400, "empty_input", f"inputs[{i}].tokens is empty; send at least one word")
             for j, word in enumerate(item.tokens):
-                if not word.strip():
+                if is_blank(word):
                     raise ApiError(400, "empty_input", f"inputs[{i}].tokens[{j}] is empty or only whitespace; "
                                    "every word needs some text")
-                if not _encodable(word):
+                if not is_encodable(word):
                     raise ApiError(422, "invalid_text", f"inputs[{i}].tokens[{j}] holds an unpaired UTF-16 "
                                    "surrogate; send valid Unicode text")
             out.append(list(item.tokens))
             continue
         text = item if isinstance(item, str) else item.text
-        if not text.strip():
+        if is_blank(text):
             raise ApiError(400, "empty_input", f"inputs[{i}] text is empty; every input needs some text")
-        if not _encodable(text):
+        if not is_encodable(text):
             raise ApiError(422, "invalid_text", f"inputs[{i}] text holds an unpaired UTF-16 surrogate (a "
                            "\\ud800-\\udfff escape without its pair); send valid Unicode text")
         out.append(text)
@@ -58,7 +68,7 @@ def _words(item, word_split: str, limit: int | None) -> tuple[list[str], tuple |
     return (item[:limit] if cut else item), None, cut
 
 
-def _fit(tokenizer, items: list, word_split: str, limit: int) -> tuple[list, list[int], set[int]]:
+def fit_to_token_budget(tokenizer, items: list, word_split: str, limit: int) -> tuple[list, list[int], set[int]]:
     """(items cut to at most `limit` subword tokens, tokens per item, indices of items that were longer)."""
     def encode(batch):
         enc = tokenizer(batch, is_split_into_words=True, truncation=False, verbose=False,
@@ -109,8 +119,8 @@ async def predict_entities(state, model, body: PredictRequest) -> PredictRespons
     size = sum(len(x) if isinstance(x, str) else sum(map(len, x)) for x in items)
     # short inputs (the usual request) are counted on the event loop: a thread hop costs more than tokenizing them
     tok = model.predictor.tokenizer
-    fitted, counts, too_long = _fit(tok, items, how, limit) if size <= INLINE_TOKENIZE_CHARS else \
-        await asyncio.to_thread(_fit, tok, items, how, limit)
+    fitted, counts, too_long = fit_to_token_budget(tok, items, how, limit) if size <= INLINE_TOKENIZE_CHARS else \
+        await asyncio.to_thread(fit_to_token_budget, tok, items, how, limit)
     if too_long and not body.truncate:
         i = min(too_long)
         raise ApiError(422, "input_too_long", f"inputs[{i}] has more than {limit} tokens; one input to this "

@@ -168,15 +168,17 @@ class GuardMiddleware:
     order, before any route runs: a refused request costs no body reading and no model work.
 
     Health probes stay open without a key so orchestrators can probe; everything else needs it when one is set.
+    Only the routes that read a JSON body (`body_routes`, (method, path) pairs) are admitted and have their body
+    checked: any other request goes straight to the router, so a method a route lacks gets 405 with Allow, and an
+    unknown path 404, whatever its content type.
     """
 
     OPEN_PATHS = ("/health/live", "/health/ready")
-    ADMITTED_PATHS = ("/v1/predict",)
 
     def __init__(self, app, api_key: bytes | None, max_body_bytes: int, admission: Admission | None = None,
-                 body_timeout_s: float = 30.0):
+                 body_timeout_s: float = 30.0, body_routes=(("POST", "/v1/predict"),)):
         self.app, self.api_key, self.max_body_bytes, self.admission = app, api_key, max_body_bytes, admission
-        self.body_timeout_s = body_timeout_s
+        self.body_timeout_s, self.body_routes = body_timeout_s, {tuple(r) for r in body_routes}
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         given = headers.get(b"x-api-key")
@@ -196,9 +198,9 @@ class GuardMiddleware:
             return await send_error(send, 401, "unauthorized", "missing or wrong API key; send the header "
                                     "'Authorization: Bearer KEY' (or 'X-API-Key: KEY')",
                                     {"WWW-Authenticate": "Bearer"})
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
+        if (scope["method"], scope["path"]) not in self.body_routes:
             return await self.app(scope, receive, send)
-        if self.admission is None or scope["path"] not in self.ADMITTED_PATHS:
+        if self.admission is None:
             return await self._checked(scope, receive, send, headers)
         if not self.admission.enter():
             a = self.admission

@@ -1,11 +1,21 @@
 """Request and response bodies of the HTTP API (pydantic; they are also the OpenAPI schema).
 
 Inputs are plain texts, text pairs, or pre-split tokens (token classification, task `token_classification`).
+PredictRequest takes every kind, so that the predict routes can answer a wrong kind with a message that names it;
+the schema a server publishes is its model's own (`published_request`): only the kinds that model takes, texts with
+at least one non-whitespace character, at most serve.max_inputs inputs.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from typing import Annotated, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, create_model
+
+# a character str.strip() keeps (not one of the 29 that str.isspace() is true for): the published pattern of every
+# text. Listed rather than written \S, because JSON Schema patterns are ECMA-262 regexes, whose \s is another set than
+# Python's; written with \u escapes, which ECMA-262, Python and Rust regexes read alike
+NON_BLANK = r"[^\t\n\u000b\f\r\u001c-\u001f \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
 
 
 class TextInput(BaseModel):
@@ -87,3 +97,46 @@ class ErrorResponse(BaseModel):
 
 class Health(BaseModel):
     status: str
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the published request schema: what one served model takes (documentation; PredictRequest validates)
+
+Text = Annotated[str, Field(min_length=1, pattern=NON_BLANK)]
+
+
+class SingleTextInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: Text = Field(description="the text")
+    text_pair: None = Field(None, description="not used: this model classifies single texts (null is accepted)")
+
+
+class TextPairInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: Text = Field(description="the first text of the pair")
+    text_pair: Text = Field(description="the second text of the pair")
+
+
+class WordsInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tokens: list[Text] = Field(min_length=1, description="pre-split words; entity offsets index them joined by "
+                               "single spaces")
+
+
+def published_request(meta: dict, max_inputs: int) -> type[BaseModel]:
+    """The request body the model with strop.json `meta` takes: a pair model {text, text_pair} only, a token
+    classification model also {tokens}, any other a string or {text}."""
+    if meta.get("text_pair_column"):
+        kinds: tuple = (TextPairInput,)
+        example = [{"text": "a man plays a guitar", "text_pair": "someone makes music"}]
+    elif meta["task"] == "token_classification":
+        kinds = (Text, SingleTextInput, WordsInput)
+        example = ["Anna Berg flew to Paris", {"tokens": ["Anna", "Berg", "visited", "Como"]}]
+    else:
+        kinds = (Text, SingleTextInput)
+        example = ["I was charged twice", {"text": "where is my parcel?"}]
+    one = kinds[0] if len(kinds) == 1 else Union[kinds]  # noqa: UP007 - a Union built from a tuple
+    inputs = Field(min_length=1, max_length=max_inputs, description=f"1 to {max_inputs} inputs (serve.max_inputs)")
+    truncate = Field(False, description="cut inputs longer than the model takes instead of answering 422")
+    config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"inputs": example}]})
+    return create_model("PredictRequest", __config__=config, inputs=(list[one], inputs), truncate=(bool, truncate))

@@ -1,7 +1,8 @@
 """Run the app under uvicorn: loopback by default, N worker processes, graceful shutdown on SIGTERM.
 
-Shutdown: the first SIGTERM (or Ctrl-C) flips /health/ready to 503 at once; after serve.drain_s the listener closes
-and uvicorn waits up to serve.graceful_timeout_s for in-flight requests to finish, then the process exits.
+Shutdown (app.install_drain_handler): the first SIGTERM (or Ctrl-C) flips /health/ready to 503 at once; after
+serve.drain_s the listener closes and uvicorn waits up to serve.graceful_timeout_s for in-flight requests to finish,
+then the process exits.
 A second signal cuts the drain short: the listener closes at once and in-flight requests still finish; a further
 Ctrl-C exits without waiting for them (uvicorn's own force exit).
 """
@@ -12,39 +13,15 @@ import dataclasses
 import json
 import logging
 import os
-import signal
-import threading
 from pathlib import Path
 
+from strop.serve.app import create_app
+from strop.serve.backend import check_target
 from strop.serve.guard import configure_logging
-from strop.serve.settings import ServeConfig, validate_serve
+from strop.serve.settings import ServeConfig, load_serve_config, validate_serve
 
 log = logging.getLogger("strop.serve")
 SPEC_ENV = "STROP_SERVE_SPEC"
-
-
-def install_drain_handler(state, drain_s: float) -> None:
-    """Wrap the server's SIGTERM/SIGINT handlers: drain first (ready -> 503), then hand over after drain_s."""
-    if threading.current_thread() is not threading.main_thread():
-        return  # signals can only be handled in the main thread (an app run inside a test thread)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous = signal.getsignal(sig)
-        if not callable(previous):
-            continue
-
-        def handler(signum, frame, previous=previous):
-            if state.draining:  # second signal: no more draining (uvicorn's shutdown starts now)
-                previous(signum, frame)
-                return
-            log.info("received signal %d: readiness is now 503; closing the listener in %.1f s, then waiting for "
-                     "in-flight requests", signum, drain_s)
-            state.drain()
-            if drain_s > 0:
-                threading.Timer(drain_s, previous, (signum, None)).start()
-            else:
-                previous(signum, frame)
-
-        signal.signal(sig, handler)
 
 
 def limit_malloc_arenas(n: int = 2) -> None:
@@ -71,9 +48,6 @@ def resolved_threads(cfg: ServeConfig, cores: int | None = None) -> int:
 
 def app_from_env():
     """App factory for worker processes (uvicorn --workers spawns them and imports this)."""
-    from strop.serve.app import create_app
-    from strop.serve.settings import load_serve_config
-
     spec = json.loads(os.environ[SPEC_ENV])
     configure_logging()
     return create_app(spec["path"], load_serve_config(None, spec["config"]))
@@ -82,9 +56,6 @@ def app_from_env():
 def run_server(path: str | Path, cfg: ServeConfig) -> None:
     """Serve until SIGTERM/SIGINT (blocking)."""
     import uvicorn
-
-    from strop.serve.app import create_app
-    from strop.serve.backend import check_target
 
     validate_serve(cfg)
     check_target(path, cfg.backend, cfg.onnx_file)
