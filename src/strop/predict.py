@@ -73,6 +73,10 @@ class Predictor:
         return table, to_examples(table, cols, self.task.name, self.labels, m.get("label_delimiter"), "input",
                                   need_label)
 
+    def predict_inputs(self, inputs: list, pairs: list[str] | None = None, batch_size: int = 64) -> list[dict]:
+        """Serve's batches: texts (and pairs), as `predict`."""
+        return self.predict(inputs, pairs, batch_size=batch_size)
+
     def labelled_encoding(self, path, **columns):
         """A labelled file encoded as training encoded its data (export's parity checks use it)."""
         _, ex = self.file_examples(path, True, **columns)

@@ -101,6 +101,20 @@ class TokenPredictor:
         ex = to_token_examples(sentences, iob2, {n: i for i, n in enumerate(self.labels)}, "input")
         return self.encode_examples(ex), notes
 
+    def predict_inputs(self, inputs: list, pairs=None, batch_size: int = 64) -> list[dict]:
+        """Serve's batches, in input order: a string is a raw text (-> entities with character offsets), a list of
+        words is pre-split input (-> tags and entities)."""
+        out: list = [None] * len(inputs)
+        raw = [i for i, x in enumerate(inputs) if isinstance(x, str)]
+        split = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
+        if raw:
+            for i, p in zip(raw, self.predict([inputs[i] for i in raw], batch_size=batch_size)):
+                out[i] = p
+        if split:
+            for i, p in zip(split, self.predict_tokens([inputs[i] for i in split], batch_size=batch_size)):
+                out[i] = p
+        return out
+
     def labelled_encoding(self, path, encoding: str = "utf-8"):
         """A labelled CoNLL / JSONL file as subword windows with gold tags (export's parity checks use it)."""
         return self.encode_file(path, encoding)[0]

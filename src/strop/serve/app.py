@@ -34,6 +34,7 @@ from strop.serve.openapi import PREDICT_ERRORS, error_responses, publish_request
 from strop.serve.schema import Health, ModelInfo, PredictRequest, PredictResponse, published_request
 from strop.serve.settings import ServeConfig, read_api_key
 from strop.serve.telemetry import MetricsMiddleware, Telemetry
+from strop.tasks import get_task
 
 log = logging.getLogger("strop.serve")
 SWITCH_INTERVAL_S = 0.0005
@@ -125,7 +126,7 @@ def _published_request(path: str | Path, cfg: ServeConfig, loaded: LoadedModel |
     be read here: the background load then fails too, and readiness says why."""
     try:
         meta = loaded.predictor.meta if loaded else served_meta(path, cfg.backend)
-        return published_request(meta, cfg.max_inputs)
+        return published_request(meta, cfg.max_inputs, get_task(meta["task"]).takes_words)
     except (StropError, OSError, ValueError, KeyError):
         return None
 
@@ -225,7 +226,7 @@ def _require_ready(state: ServerState) -> LoadedModel:
 
 async def _predict(state: ServerState, body: PredictRequest) -> PredictResponse:
     model = _require_ready(state)
-    if model.predictor.meta["task"] == "token_classification":
+    if model.predictor.task.takes_words:  # entities (raw texts or pre-split words)
         return await predict_entities(state, model, body)
     return await predict_classes(state, model, body)
 

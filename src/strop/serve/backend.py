@@ -21,6 +21,8 @@ from torch import nn
 from strop.errors import ModelError, RunError
 from strop.models.classifier import Output, read_meta
 from strop.predict import Predictor
+from strop.runs import open_run
+from strop.tasks import get_task, load_predictor
 
 
 class OnnxLogits(nn.Module):
@@ -50,20 +52,8 @@ def find_export(path: Path) -> Path:
 
 
 def run_batch(predictor, inputs: list, pairs: list[str] | None) -> list[dict]:
-    """Outputs of one batch, in input order. Classification: `Predictor.predict`. Token classification: a string
-    is a raw text (-> entities with character offsets), a list of words is pre-split input (-> tags and entities)."""
-    if predictor.task != "token_classification":
-        return predictor.predict(inputs, pairs, batch_size=len(inputs))
-    out: list = [None] * len(inputs)
-    raw = [i for i, x in enumerate(inputs) if isinstance(x, str)]
-    split = [i for i, x in enumerate(inputs) if not isinstance(x, str)]
-    if raw:
-        for i, p in zip(raw, predictor.predict([inputs[i] for i in raw], batch_size=len(inputs))):
-            out[i] = p
-    if split:
-        for i, p in zip(split, predictor.predict_tokens([inputs[i] for i in split], batch_size=len(inputs))):
-            out[i] = p
-    return out
+    """Outputs of one batch, in input order (the task's predictor decides what an input may be)."""
+    return predictor.predict_inputs(inputs, pairs, batch_size=len(inputs))
 
 
 def onnx_predictor(path: Path, onnx_file: str | None, threads: int) -> tuple[Predictor, Path]:
@@ -91,12 +81,8 @@ def onnx_predictor(path: Path, onnx_file: str | None, threads: int) -> tuple[Pre
         raise ModelError(f"{file} has no output named 'logits' (outputs: {[o.name for o in session.get_outputs()]});"
                          " re-export it with `strop export`")
     meta = read_meta(folder)
-    kind = Predictor
-    if meta["task"] == "token_classification":  # entities: the NER predictor, same ONNX session underneath
-        from strop.predict_tokens import TokenPredictor
-
-        kind = TokenPredictor
-    return kind(OnnxLogits(session), load_tokenizer(folder), meta, torch.device("cpu")), file
+    task = get_task(meta["task"])
+    return task.predictor(OnnxLogits(session), load_tokenizer(folder), meta, torch.device("cpu")), file
 
 
 @dataclass
@@ -123,8 +109,6 @@ def _config_hash(path: Path, model_folder: Path) -> str:
 
 def served_meta(path: str | Path, backend: str) -> dict:
     """The strop.json of what `strop serve path` serves (the run's model or its export), without loading weights."""
-    from strop.run import open_run
-
     path = Path(path)
     return read_meta(find_export(path) if backend == "onnx" else open_run(path))
 
@@ -145,7 +129,6 @@ def load_model_for_serving(path: str | Path, backend: str = "torch", onnx_file: 
     precision (torch backend): fp32, bf16 (autocast with the Linear weights stored in bf16) or auto.
     device (torch backend): cpu, cuda or auto; the onnx backend runs on the CPU."""
     from strop.device import bf16_linear_weights, resolve_device, resolve_precision
-    from strop.run import open_run
 
     path = Path(path)
     start = time.perf_counter()
@@ -160,7 +143,7 @@ def load_model_for_serving(path: str | Path, backend: str = "torch", onnx_file: 
         folder = open_run(path)
         where = resolve_device(device, "serve.device")
         precision = resolve_precision(precision, where)
-        predictor = Predictor.load(folder, device=str(where), precision=precision)
+        predictor = load_predictor(folder, device=str(where), precision=precision)
         if precision == "bf16":
             bf16_linear_weights(predictor.model)
         source = folder

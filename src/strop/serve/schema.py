@@ -123,13 +123,13 @@ class WordsInput(BaseModel):
                                "single spaces")
 
 
-def published_request(meta: dict, max_inputs: int) -> type[BaseModel]:
-    """The request body the model with strop.json `meta` takes: a pair model {text, text_pair} only, a token
-    classification model also {tokens}, any other a string or {text}."""
+def published_request(meta: dict, max_inputs: int, takes_words: bool) -> type[BaseModel]:
+    """The request body the model with strop.json `meta` takes: a pair model {text, text_pair} only, a model whose
+    task takes pre-split words (token classification) also {tokens}, any other a string or {text}."""
     if meta.get("text_pair_column"):
         kinds: tuple = (TextPairInput,)
         example = [{"text": "a man plays a guitar", "text_pair": "someone makes music"}]
-    elif meta["task"] == "token_classification":
+    elif takes_words:
         kinds = (Text, SingleTextInput, WordsInput)
         example = ["Anna Berg flew to Paris", {"tokens": ["Anna", "Berg", "visited", "Como"]}]
     else:

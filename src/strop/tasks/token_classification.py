@@ -28,6 +28,7 @@ class TokenClassification(Task):
     name = "token_classification"
     description = "a tag per word (NER): CoNLL files or JSONL token lists"
     metrics = ("f1", "precision", "recall", "macro_f1", "token_accuracy", "loss")  # f1: entity-level micro F1
+    takes_words = True
     export = ExportSignature(INPUT_NAMES, ("batch", "sequence", "labels"))  # agreement: per real subword
 
     def detects(self, cfg) -> bool:
