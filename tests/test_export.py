@@ -15,12 +15,11 @@ from strop.compress.export import ExportOptions, export_run, logits_of
 from strop.compress.onnx import OnnxModel, export_onnx
 from strop.compress.prune import (encoder_layers, magnitude_prune, parse_prune, prune_ffn, prune_heads,
                                   sparsity_of)
-from strop.config import ModelConfig
+from strop.config import Config, ModelConfig
 from strop.data.batching import encode
 from strop.data.examples import Examples
 from strop.errors import ExportError, RunError
 from strop.models.backbone import load_tokenizer
-from strop.config import Config
 from strop.models.classifier import save_model
 from strop.tasks import build_model, get_task, load_trained
 
@@ -37,7 +36,7 @@ def _examples(n: int, pairs: bool = False) -> Examples:
 def _model(tiny_model, task: str, pooling: str = "cls"):
     torch.manual_seed(3)
     labels = {"single_label": ["a", "b", "c"], "multi_label": ["x", "y", "z", "w"], "regression": ["score"]}[task]
-    return build_model(ModelConfig(path=str(tiny_model), pooling=pooling), task, labels).eval()
+    return build_model(get_task(task), Config(model=ModelConfig(path=str(tiny_model), pooling=pooling)), labels).eval()
 
 
 @pytest.mark.parametrize("task,pooling,pairs", [("single_label", "cls", False), ("multi_label", "cls", False),
@@ -334,7 +333,8 @@ def test_default_model_exports_with_parity(tmp_path):
     from strop.compress.quantize import quantize_onnx_dynamic
 
     torch.manual_seed(0)
-    model = build_model(get_task("single_label"), Config(model=ModelConfig(path="default")), ["neg", "pos"]).eval()
+    model = build_model(get_task("single_label"), Config(model=ModelConfig(path="default")), ["neg", "pos"])
+    model.eval()
     from strop.models.backbone import default_model_path
 
     tok = load_tokenizer(default_model_path())

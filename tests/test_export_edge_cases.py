@@ -17,12 +17,11 @@ from strop.cli import main
 from strop.compress.export import ExportOptions, export_run, logits_of
 from strop.compress.folders import replace_folder, tidy_leftovers
 from strop.compress.onnx import OnnxModel, example_inputs, export_onnx, input_names_for
-from strop.config import ModelConfig
+from strop.config import Config, ModelConfig
 from strop.data.batching import encode
 from strop.data.examples import Examples
 from strop.errors import ExportError
 from strop.models.backbone import load_tokenizer
-from strop.config import Config
 from strop.tasks import build_model, get_task
 
 pytest.importorskip("onnxruntime")
@@ -180,7 +179,8 @@ def test_example_inputs_fit_max_length_and_the_axes_stay_dynamic(tiny_model, tmp
     batch, seq = inputs[0].shape
     assert 2 <= seq <= max_length and batch != seq  # equal sizes could be traced as one symbol
     torch.manual_seed(3)
-    model = build_model(ModelConfig(path=str(tiny_model)), "single_label", ["a", "b", "c"]).eval()
+    model = build_model(get_task("single_label"), Config(model=ModelConfig(path=str(tiny_model))), ["a", "b", "c"])
+    model.eval()
     export_onnx(model, tok, tmp_path / "m.onnx", max_length)
     texts = ["hi", "refund my card please", "x", "parcel delivery tracking again today with courier", "ok"]
     enc = encode(tok, Examples(texts, None, None, list(range(5))), max_length)

@@ -41,7 +41,8 @@ class DataConfig:
     text_pair_column: str | None = doc(None, "second text column for sentence pairs; empty = infer (sentence2, ...)")
     label_column: str | None = doc(None, "column with the label; empty = infer (label, labels, score, ...)")
     label_delimiter: str | None = doc(None, "multi-label: split string labels on this delimiter, e.g. '|'")
-    validation_ratio: float = doc(0.1, "share of train carved out for validation when no validation file is given")
+    validation_ratio: float | None = doc(None, "share of train carved out for validation when no validation file is "
+                                         "given; empty = 0.1, or 0 in few-shot mode (written to config.yaml)")
     test_ratio: float = doc(0.1, "share of train carved out for test when no test file is given (0 = no test split)")
     split_seed: int = doc(13, "seed of the stratified train/validation/test split")
 
@@ -103,7 +104,9 @@ class TrainConfig:
     max_steps: int = doc(-1, "stop after this many optimizer steps; -1 = run all epochs")
     batch_size: int = doc(32, "examples per optimizer step (micro_batch_size x accumulation)")
     micro_batch_size: int | None = doc(None, "examples per forward pass; empty = batch_size (no accumulation)")
-    lr: float = doc(5e-5, "peak learning rate (AdamW)")
+    lr: float | None = doc(None, "peak learning rate (AdamW); empty = the measured default of peft.method "
+                           "(METHOD_LR: none 5e-5, lora 5e-4, adalora 1e-3, adapter 5e-4, freeze 1e-4), printed at "
+                           "the start and written to config.yaml")
     head_lr: float | None = doc(None, "learning rate of the task head; empty = lr")
     weight_decay: float = doc(0.01, "AdamW weight decay (never applied to biases and LayerNorm weights)")
     betas: list = doc([0.9, 0.999], "AdamW betas")
@@ -444,6 +447,37 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
     return mapping
 
 
+# train.lr when the user sets none: PEFT methods train few parameters, which need a higher rate than full
+# fine-tuning's (LoRA at 5e-5 lost 16 points on held-out sentiment data); measured in bench/heldout.py (BENCHMARKS.md)
+METHOD_LR = {"none": 5e-5, "lora": 5e-4, "adalora": 1e-3, "adapter": 5e-4, "freeze": 1e-4}
+
+
+def resolve_method_defaults(cfg: Config) -> list[str]:
+    """Fill settings whose default depends on peft.method (train.lr); returns one note per value filled, for the
+    log. Idempotent: a value already set (by the user or an earlier call) is kept."""
+    if cfg.train.lr is not None:
+        return []
+    cfg.train.lr = METHOD_LR[cfg.peft.method]
+    return [f"train.lr={cfg.train.lr:g} (default for peft.method={cfg.peft.method}; set train.lr to override)"]
+
+
+# data.validation_ratio when the user sets none, outside few-shot mode
+VALIDATION_RATIO = 0.1
+
+
+def resolve_validation_ratio(cfg: Config, fewshot: bool, n_train: int) -> list[str]:
+    """Fill an empty data.validation_ratio once the training mode is known: 0.1, or 0 in few-shot mode, where a
+    tenth of 8 examples per class would take a class's examples out of training to score 1 or 2 rows. Returns the
+    note to print (n_train: labelled rows of the training file). Idempotent: a value already set is kept."""
+    if cfg.data.validation_ratio is not None:
+        return []
+    cfg.data.validation_ratio = 0.0 if fewshot else VALIDATION_RATIO
+    if not fewshot:
+        return []
+    return [f"few-shot mode: data.validation_ratio=0, so none of the {n_train} labelled rows of data.train is held "
+            "out for validation; to validate, set data.validation_ratio or give data.validation"]
+
+
 # settings whose default changed: the value a run trained with when its config.yaml predates the setting
 FORMER_DEFAULTS = {"model.sparse_embeddings": False}
 
@@ -498,10 +532,11 @@ def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express; each message names the field and the value."""
     _check_choices(cfg, "")
     t, d, m = cfg.train, cfg.data, cfg.model
-    positive = {"train.lr": t.lr, "train.eps": t.eps, "train.batch_size": t.batch_size, "train.epochs": t.epochs,
+    positive = {"train.eps": t.eps, "train.batch_size": t.batch_size, "train.epochs": t.epochs,
                 "model.max_length": m.max_length, "eval.batch_size": cfg.eval.batch_size, "train.log_every": t.log_every}
-    if t.head_lr is not None:
-        positive["train.head_lr"] = t.head_lr
+    for key, value in (("train.lr", t.lr), ("train.head_lr", t.head_lr)):
+        if value is not None:  # empty lr: the method's default (resolve_method_defaults)
+            positive[key] = value
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be > 0")
@@ -516,12 +551,14 @@ def validate(cfg: Config) -> None:
     if t.micro_batch_size is not None and (t.micro_batch_size <= 0 or t.batch_size % t.micro_batch_size):
         raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} must be > 0 and divide "
                           f"train.batch_size={t.batch_size}")
-    for key, value in {"data.validation_ratio": d.validation_ratio, "data.test_ratio": d.test_ratio}.items():
-        if not 0 <= value < 1:
+    ratios = {"data.validation_ratio": d.validation_ratio, "data.test_ratio": d.test_ratio}
+    for key, value in ratios.items():
+        if value is not None and not 0 <= value < 1:  # an empty validation_ratio: resolve_validation_ratio
             raise ConfigError(f"{key}={value} must be in [0, 1)")
-    if d.validation_ratio + d.test_ratio >= 0.9:
-        raise ConfigError(f"data.validation_ratio + data.test_ratio = {d.validation_ratio + d.test_ratio} leaves "
-                          "too little for training; lower them")
+    held = (VALIDATION_RATIO if d.validation_ratio is None else d.validation_ratio) + d.test_ratio
+    if held >= 0.9:
+        raise ConfigError(f"data.validation_ratio + data.test_ratio = {held:g} leaves too little for training; "
+                          "lower them")
     for key, value in {"train.weight_decay": t.weight_decay, "train.warmup": t.warmup,
                        "train.max_grad_norm": t.max_grad_norm, "train.eval_every": t.eval_every,
                        "train.early_stopping_patience": t.early_stopping_patience, "train.threads": t.threads,

@@ -14,8 +14,10 @@ import torch
 from rich.markup import escape
 
 from strop import __version__
-from strop.config import Config, check_run_name, dump_yaml, load_config, load_run_config
+from strop.config import (Config, check_run_name, dump_yaml, load_config, load_run_config,
+                          resolve_method_defaults, resolve_validation_ratio)
 from strop.data.prepare import Dataset
+from strop.data.split import too_small_to_score
 from strop.device import resolve_device, resolve_precision
 from strop.errors import ConfigError, DataError, RunError
 from strop.evaluate.metrics import tune_threshold
@@ -85,10 +87,14 @@ def resolve_run(config, overrides, overwrite: bool, resume) -> tuple[Config, Pat
     else:
         cfg = config if isinstance(config, Config) else load_config(config, overrides)
         run_dir = _run_dir_of(cfg)
+    for note in resolve_method_defaults(cfg):  # before the resume check: config.yaml holds the resolved value
+        console.print(f"[dim]{escape(note)}[/dim]")
     wants_resume = bool(resume) or cfg.train.resume == "auto"
     if wants_resume and run_dir.is_dir():
         ckpt = latest_checkpoint(run_dir, log=lambda m: console.print(f"[yellow]{escape(m)}[/yellow]"))
         if ckpt is not None:
+            if cfg.data.validation_ratio is None:  # resolved from the data when the run began: keep its split
+                cfg.data.validation_ratio = load_run_config(run_dir / "config.yaml").data.validation_ratio
             check_resumable(cfg, run_dir)
             return cfg, run_dir, ckpt
     if resume:
@@ -199,6 +205,34 @@ def check_correlation_defined(ds: Dataset, metric: str) -> None:
                         "undefined; set train.metric=mse (or rmse, mae), or give a validation set whose targets vary")
 
 
+def prepare_data(cfg: Config, tuning: bool = False) -> tuple[Dataset, Task, str]:
+    """(the run's data, its task, its training mode: 'standard' or 'fewshot'). The mode is decided on the whole
+    training file, before anything is held out, because it decides how much is: an empty data.validation_ratio is 0
+    in few-shot mode (resolve_validation_ratio); config.yaml, written later, keeps the resolved value."""
+    ds = prepare_task_data(cfg, carve=False)
+    task = get_task(ds.task)
+    train_rows = ds.splits["train"]
+    mode = resolve_mode(cfg, task, getattr(train_rows, "labels", None), ds.labels)  # tags: no labels
+    notes = resolve_validation_ratio(cfg, mode == "fewshot", len(train_rows))
+    if "validation" not in ds.splits:  # with a validation file the ratio carves nothing: nothing to say
+        for note in notes:
+            console.print(escape(note))
+    ds.carve_missing(cfg.data)
+    if tuning and mode == "fewshot" and "validation" not in ds.splits:  # refused before the first trial trains
+        raise ConfigError("strop tune scores a few-shot trial on its validation split, and this run has none "
+                          "(few-shot mode keeps every labelled row for training unless told otherwise): give "
+                          "data.validation or set data.validation_ratio, e.g. 0.2")
+    return ds, task, mode
+
+
+def small_splits(ds: Dataset, task: Task, final: dict) -> dict:
+    """{split: why} for each evaluated split too small for its metrics to mean anything (data/split.py): results.json
+    keeps their numbers, the printed summary and report.html show the reason instead."""
+    classes = len(ds.labels) if task.class_per_row else None
+    why = {s: too_small_to_score(len(ds.splits[s]), classes) for s in final}
+    return {s: reason for s, reason in why.items() if reason}
+
+
 def data_summary(ds: Dataset, task: Task, encoded: dict) -> dict:
     out = {"task": ds.task, "labels": ds.labels, "columns": vars(ds.columns), "splits": {}}
     for split, ex in ds.splits.items():
@@ -236,8 +270,7 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     cfg.name = run_dir.name
     set_threads(cfg.train.threads)
     # everything a user can get wrong is checked before the run folder is created, so bad input leaves nothing
-    ds = prepare_task_data(cfg)
-    task = get_task(ds.task)
+    ds, task, mode = prepare_data(cfg, tuning=on_eval is not None)
     model_folder = resolve_model_path(cfg.model.path, cfg.model.allow_pickle)
     tokenizer = load_tokenizer(model_folder, cfg.model.trust_remote_code)
     check_max_length(cfg, model_folder)
@@ -250,7 +283,6 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     check_correlation_defined(ds, metric)
 
     train_labels = getattr(ds.splits["train"], "labels", None)  # token classification keeps tags per sentence
-    mode = resolve_mode(cfg, task, train_labels, ds.labels)
     if cfg.train.early_stopping_patience and "validation" not in ds.splits and mode != "fewshot":
         raise ConfigError(f"train.early_stopping_patience={cfg.train.early_stopping_patience} needs a validation "
                           "split to watch, and this run has none; give data.validation, keep data.validation_ratio "
@@ -339,6 +371,7 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
         raise
     results = run_results(fitted, len(encoded["train"]), metric, precision, threshold, final, start_step)
     results["trainable_params"], results["total_params"], results["train_mode"] = trainable, total, mode
+    results["small_splits"] = small_splits(ds, task, final)
     write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
     del model, fitted, peft_hook  # the report loads model/ itself: free the training copy (and its optimizer) first
     release_memory()  # and give the pages back, so the report's peak does not stack on training's high-water mark
@@ -388,7 +421,8 @@ def run_results(fitted, n_train: int, metric: str, precision: str, threshold: fl
                 start_step: int) -> dict:
     s, secs = fitted.state, fitted.train_seconds
     steps_here = s.step - start_step
-    return {"metric": metric, "best_metric": s.best_metric, "best_step": s.best_step, "steps": s.step,
+    return {"metric": metric, "best_metric": s.best_metric, "best_step": s.best_step,
+            "best_loss": s.best_loss, "steps": s.step,
             "epochs": round(s.step / fitted.steps_per_epoch, 4), "resumed_from_step": start_step or None,
             "skipped_steps": s.skipped_steps, "stopped_early": s.stopped_early, "train_seconds": secs,
             "train_cpu_seconds": fitted.train_cpu_seconds,
@@ -401,16 +435,24 @@ def _print_summary(run_dir: Path, results: dict, metric: str) -> None:
 
     keys = [metric] + [k for k in ("accuracy", "token_accuracy", "macro_f1", "mcc", "micro_f1", "exact_match",
                                    "pearson", "spearman", "rmse", "loss") if k != metric]
-    table = Table(title=f"results ({results['steps']} steps, {results['train_seconds']:.0f} s, "
-                        f"{results['train_samples_per_s']:.0f} samples/s)")
-    table.add_column("split")
-    shown = [k for k in keys if any(k in results.get(s, {}) for s in ("validation", "test"))]
-    for k in shown:
-        table.add_column(k, justify="right")
-    for split in ("validation", "test"):
-        if split in results:
+    title = (f"results ({results['steps']} steps, {results['train_seconds']:.0f} s, "
+             f"{results['train_samples_per_s']:.0f} samples/s)")
+    small = results.get("small_splits", {})
+    scored = [s for s in ("validation", "test") if s in results and s not in small]
+    if scored:
+        table = Table(title=title)
+        table.add_column("split")
+        shown = [k for k in keys if any(k in results[s] for s in scored)]
+        for k in shown:
+            table.add_column(k, justify="right")
+        for split in scored:
             table.add_row(split, *[f"{results[split][k]:.4f}" for k in shown])
-    console.print(table)
+        console.print(table)
+    else:
+        console.print(title)
+    for split, why in small.items():
+        console.print(f"[yellow]{split} metrics not shown: {escape(why)}, too few for the numbers to mean anything "
+                      f"(results.json keeps them)[/yellow]")
     console.print(f"run folder: [bold]{escape(str(run_dir))}[/bold]  (model: {escape(str(run_dir / 'model'))})")
     if (run_dir / "report.html").is_file():
         console.print(f"report: {escape(str(run_dir / 'report.html'))}")

@@ -10,6 +10,7 @@ import numpy as np
 from strop.data.conll import CONLL_SUFFIXES, Sentence, jsonl_has_token_lists, looks_like_conll, read_sentences
 from strop.data.examples import Columns
 from strop.data.prepare import Dataset
+from strop.data.split import split_ratio
 from strop.data.tags import check_tag, detect_scheme, invalid_positions, repair, tag_names, to_iob2
 from strop.errors import DataError
 
@@ -35,6 +36,10 @@ class TokenExamples:
 @dataclass
 class TokenDataset(Dataset):
     scheme: str = "iob2"  # tag scheme of the input files (predictions can be written back in it)
+
+    def carve_missing(self, d) -> None:
+        """Validation/test sentences from train where no file gave them (a seeded shuffle, not stratified)."""
+        _carve(self.splits, d, self.notes)
 
 
 def is_token_data(cfg) -> bool:
@@ -101,8 +106,9 @@ def to_token_examples(sentences: list[Sentence], tags: list[list[str]], index: d
     return TokenExamples([s.tokens for s in sentences], ids, sentences)
 
 
-def prepare_tokens(cfg) -> TokenDataset:
-    """Read, validate, convert (to IOB2) and split token-classification data as `cfg.data` and `cfg.ner` say."""
+def prepare_tokens(cfg, carve: bool = True) -> TokenDataset:
+    """Read, validate, convert (to IOB2) and split token-classification data as `cfg.data` and `cfg.ner` say
+    (carve=False: as `prepare`)."""
     d, n = cfg.data, cfg.ner
     if not d.train:
         raise DataError("data.train is not set; give a training file, e.g. `strop train data.train=train.conll`")
@@ -122,24 +128,26 @@ def prepare_tokens(cfg) -> TokenDataset:
     labels = tag_names(types)
     index = {name: i for i, name in enumerate(labels)}
     splits = {split: to_token_examples(raw[split], iob2[split], index, split) for split in raw}
-    _carve(splits, d, notes)
-    return TokenDataset(TASK, labels, Columns("tokens", None, "tags"), splits, notes, scheme)
+    ds = TokenDataset(TASK, labels, Columns("tokens", None, "tags"), splits, notes, scheme)
+    if carve:
+        ds.carve_missing(d)
+    return ds
 
 
 def _carve(splits: dict, d, notes: list[str]) -> None:
     """Validation/test split from train (seeded sentence shuffle) where no file was given."""
-    missing = [s for s in ("validation", "test") if s not in splits and getattr(d, f"{s}_ratio") > 0]
+    missing = [s for s in ("validation", "test") if s not in splits and split_ratio(d, s) > 0]
     if not missing:
         return
     train = splits["train"]
     order = np.random.default_rng(d.split_seed).permutation(len(train))
     start = 0
     for split in missing:
-        k = max(1, round(getattr(d, f"{split}_ratio") * len(train)))
+        k = max(1, round(split_ratio(d, split) * len(train)))
         if len(train) - start - k < 1:
             raise DataError(f"{d.train}: {len(train)} sentences are too few to carve a {split} split; add data or "
                             f"give data.{split}")
         splits[split] = train.subset(order[start:start + k])
-        notes.append(f"{split} split: {k} sentences carved from train (ratio {getattr(d, f'{split}_ratio')})")
+        notes.append(f"{split} split: {k} sentences carved from train (ratio {split_ratio(d, split)})")
         start += k
     splits["train"] = train.subset(np.sort(order[start:]))

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from strop.data.examples import Columns, Examples, infer_task, label_names, resolve_columns, to_examples
 from strop.data.load import Table, read_table
-from strop.data.split import carve
+from strop.data.split import carve, split_ratio
 from strop.errors import DataError
 
 
@@ -17,6 +17,10 @@ class Dataset:
     columns: Columns
     splits: dict[str, Examples]  # train, and validation/test where present
     notes: list[str] = field(default_factory=list)  # what was inferred, for the log
+
+    def carve_missing(self, d) -> None:
+        """Carve validation/test from train where no file gave them (data.validation_ratio, data.test_ratio)."""
+        _carve_missing(self.splits, d, self.task, self.labels, self.notes)
 
 
 def _tables(data_cfg) -> dict[str, Table]:
@@ -39,8 +43,11 @@ def _tables(data_cfg) -> dict[str, Table]:
 
 def prepare_table(cfg, carve: bool = True) -> Dataset:
     """Read, validate and split the table described by `cfg.data` for a sequence task (`cfg.task`, auto =
-    inferred from the labels: single_label, multi_label or regression). carve=False: validation/test only from
-    files (train stays whole)."""
+    inferred from the labels: single_label, multi_label or regression).
+
+    carve=False leaves train whole (validation/test only where files give them): a run first decides its training
+    mode from the whole training file, which sets data.validation_ratio, then calls `ds.carve_missing(cfg.data)`.
+    """
     d = cfg.data
     tables = _tables(d)
     train = tables["train"]
@@ -63,18 +70,20 @@ def prepare_table(cfg, carve: bool = True) -> Dataset:
                 raise DataError(f"{key}={name!r} not found in {table.path} ({split} split); columns are "
                                 f"{table.columns}")
         splits[split] = to_examples(table, cols, task, names, d.label_delimiter, split)
+    ds = Dataset(task, names, cols, splits, notes)
     if carve:
-        _carve_missing(splits, d, task, names, notes)
-    return Dataset(task, names, cols, splits, notes)
+        ds.carve_missing(d)
+    return ds
 
 
 def _carve_missing(splits: dict, d, task: str, names: list[str], notes: list[str]) -> None:
-    missing = [s for s in ("validation", "test") if s not in splits and getattr(d, f"{s}_ratio") > 0]
+    missing = [s for s in ("validation", "test") if s not in splits and split_ratio(d, s) > 0]
     parts = 1 + len(missing)
     for i, split in enumerate(missing):
-        ratio = getattr(d, f"{split}_ratio")
+        ratio = split_ratio(d, split)
         # the second carve takes its share of what the first one left, so both ratios refer to the whole file
-        share = ratio / (1 - sum(getattr(d, f"{s}_ratio") for s in missing[:i]))
-        splits["train"], splits[split] = carve(splits["train"], share, d.split_seed + i, task == "single_label",
+        share = ratio / (1 - sum(split_ratio(d, s) for s in missing[:i]))
+        stratify = splits["train"].labels.dtype.kind == "i"  # class ids (single-label): keep each class's share
+        splits["train"], splits[split] = carve(splits["train"], share, d.split_seed + i, stratify,
                                                split, names, parts - i)
         notes.append(f"{split} split: {len(splits[split])} examples carved from train (ratio {ratio})")

@@ -4,8 +4,35 @@ from __future__ import annotations
 
 import numpy as np
 
+from strop.config import VALIDATION_RATIO
 from strop.data.examples import Examples
 from strop.errors import DataError
+
+# a split with fewer rows than this per class (on average) gets no printed metrics: one row more or less right moves
+# accuracy by 10 points or more, and MCC of 2 rows is -1, 0 or 1 (issue 24: few-shot validation 0.0000 / MCC -1.0)
+MIN_ROWS_PER_CLASS = 10
+
+
+def split_ratio(d, split: str) -> float:
+    """data.<split>_ratio; an empty validation_ratio that no run resolved (a benchmark or a report calling prepare
+    on a config it built) is the standard default."""
+    ratio = getattr(d, f"{split}_ratio")
+    return VALIDATION_RATIO if ratio is None else ratio
+
+
+def too_small_to_score(n_rows: int, classes: int | None) -> str | None:
+    """Why a split of n_rows is too small for its metrics to mean anything, or None when it is not: with one class
+    per row (`classes` of them: single-label) MIN_ROWS_PER_CLASS rows per class on average (a rare class in a large
+    test set does not disqualify it), otherwise MIN_ROWS_PER_CLASS rows (sentences for token classification)."""
+    if classes is not None:
+        need = MIN_ROWS_PER_CLASS * classes
+        if n_rows < need:
+            return (f"{n_rows} rows for {classes} classes, fewer than {MIN_ROWS_PER_CLASS} per class "
+                    f"(needs {need})")
+        return None
+    if n_rows < MIN_ROWS_PER_CLASS:
+        return f"{n_rows} rows, fewer than {MIN_ROWS_PER_CLASS}"
+    return None
 
 
 def carve(examples: Examples, ratio: float, seed: int, stratify: bool, split: str,

@@ -54,12 +54,17 @@ def summary_section(cfg, results: dict, meta: dict) -> str:
             ["peft", p.method], ["epochs run / steps", f"{results.get('epochs')} / {results.get('steps')}"],
             ["lr / batch size / scheduler", f"{t.lr} / {t.batch_size} / {t.scheduler}"],
             ["precision", results.get("precision")], ["seed", t.seed],
-            ["best step", f"{results.get('best_step')} ({results.get('metric')}={results.get('best_metric')})"],
+            ["best step", f"{results.get('best_step')} ({results.get('metric')}={_best_metric(results)})"],
             ["train seconds / samples per s", (f"{results.get('train_seconds', 0):.1f} / "
                                                f"{results.get('train_samples_per_s', 0):.1f}")]]
     if "trainable_params" in results:
         rows.append(["trainable parameters", f"{results['trainable_params']:,} of {results['total_params']:,}"])
     return _table(["", ""], rows, "kv")
+
+
+def _best_metric(results: dict):
+    why = results.get("small_splits", {}).get("validation")
+    return results.get("best_metric") if why is None else f"not shown: validation has {why}"
 
 
 def data_section(data: dict, ds) -> str:
@@ -152,8 +157,14 @@ def curves_section(records: list[dict], metric: str) -> str:
 
 
 def metrics_section(results: dict) -> str:
-    parts = []
-    splits = [s for s in ("validation", "test") if s in results]
+    """Final metrics of the splits large enough to mean something; for the others (results["small_splits"], set by
+    run.small_splits) the reason, not the numbers, which stay in results.json."""
+    small = results.get("small_splits", {})
+    parts = [f"<p>{html.escape(s)} metrics not shown: {html.escape(why)}, too few for the numbers to mean "
+             "anything (results.json keeps them)</p>" for s, why in small.items()]
+    splits = [s for s in ("validation", "test") if s in results and s not in small]
+    if not splits:
+        return "".join(parts)
     keys = [k for k in ("accuracy", "macro_f1", "micro_f1", "mcc", "exact_match", "pearson", "spearman", "rmse",
                         "mae", "loss") if any(k in results[s] for s in splits)]
     parts.append(_table(["split", *keys], [[s, *[results[s].get(k, "-") for k in keys]] for s in splits]))

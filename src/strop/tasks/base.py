@@ -40,6 +40,7 @@ class Task:
     head_names: tuple[str, ...] = ("classifier", "score", "pre_classifier")
     modes: tuple[str, ...] = ("standard",)  # training modes (train.mode) the task supports
     tunes_threshold: bool = False  # outputs are thresholded (multi-label): the threshold is tuned on validation
+    class_per_row: bool = False  # each example has exactly one class (single-label): counts per class mean something
     takes_words: bool = False  # its predictor also takes pre-split words (serve's {tokens} inputs, entities out)
     export: ExportSignature | None = None  # None: `strop export` refuses with `export_refusal`
     export_refusal: str = "this task has no ONNX export"

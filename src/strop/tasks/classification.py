@@ -114,6 +114,8 @@ class SequenceClassification(Task):
 
 
 class SingleLabel(SequenceClassification):
+    class_per_row = True
+
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         return F.cross_entropy(logits.float(), batch["labels"])
 

@@ -35,7 +35,7 @@ class TokenClassification(Task):
         return is_token_data(cfg)
 
     def prepare(self, cfg, carve: bool = True):
-        return prepare_tokens(cfg)  # TEMP until the few-shot carve change is merged
+        return prepare_tokens(cfg, carve)
 
     def check_settings(self, cfg, ds, processor) -> None:
         window_size(processor, cfg.model.max_length, cfg.ner.stride)  # a stride too large for the windows stops here
