@@ -183,8 +183,6 @@ def test_auto_mode_switches_to_fewshot_for_a_tiny_training_set(tiny_model, tmp_p
 
 
 @pytest.mark.parametrize("extra, error, words", [
-    ({"task": "regression"}, ConfigError, "does not support task='regression'"),
-    ({"task": "multi_label"}, ConfigError, "does not support task='multi_label'"),
     ({"train.resume": "auto"}, ConfigError, "train.resume='auto' is not supported"),
     ({"fewshot.lr": 0}, ConfigError, "fewshot.lr=0"),
     ({"fewshot.loss": "triplet"}, ConfigError, "fewshot.loss='triplet' is not one of"),
@@ -200,8 +198,12 @@ def test_unsupported_data_and_peft_are_clear_errors(tiny_model, tmp_path):
     multi = [{"text": r["text"], "label": f"{r['label']}|billing"} for r in rows]
     over = {**_files(tmp_path), **FEWSHOT, "data.train": write_csv(tmp_path / "multi.csv", multi),
             "data.label_delimiter": "|", "data.test": None}
-    with pytest.raises(ConfigError, match="supports single-label classification"):
+    with pytest.raises(ConfigError, match="does not support task='multi_label'.*single-label classification"):
         train(None, tiny_overrides(tiny_model, tmp_path / "runs", **{k: v for k, v in over.items() if v is not None}))
+    # a task named in the config that has no few-shot mode: refused by the task's modes, before any folder
+    with pytest.raises(ConfigError, match="does not support task='regression'"):
+        train(None, tiny_overrides(tiny_model, tmp_path / "runs", **_files(tmp_path), **FEWSHOT,
+                                   **{"task": "regression"}))
     with pytest.raises(ConfigError, match="peft.method='lora' is not supported"):
         train(None, tiny_overrides(tiny_model, tmp_path / "runs", **_files(tmp_path), **FEWSHOT,
                                    **{"peft.method": "lora"}))

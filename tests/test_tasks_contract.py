@@ -109,5 +109,6 @@ def test_task_through_every_stage(name, runs, tmp_path):
     parity = export_run(run.run_dir, ExportOptions(int8=False, timing=False), log=lambda m: None)
     assert parity["onnx"]["passed"] and parity["primary_metric"] == task.primary_metric
     exported = strop.load(run.run_dir / "export")
+    # ONNX Runtime's kernels round differently: logits agree to the parity gate's 1e-3, a correlation to ~1e-4
     assert exported.evaluate_file(files["test"])[task.primary_metric] == pytest.approx(again[task.primary_metric],
-                                                                                        abs=1e-6)
+                                                                                        abs=1e-3)

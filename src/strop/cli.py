@@ -22,9 +22,11 @@ err = Console(stderr=True, soft_wrap=True)  # error messages stay one line, grep
 
 def _print_config_help() -> None:
     from strop.config import help_lines
+    from strop.tasks import TASKS
 
     # plain aligned text, not a table: keys must stay whole (greppable, copy-pasteable) at any terminal width
     print("config fields: set them in YAML sections or as key=value overrides\n")
+    print("tasks (task=...): auto, " + ", ".join(f"{name} ({t.description})" for name, t in TASKS.items()) + "\n")
     section = None
     for key, default, text in help_lines():
         head = key.split(".")[0] if "." in key else ""

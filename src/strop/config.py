@@ -248,8 +248,9 @@ class TuneConfig:
 class Config:
     name: str | None = doc(None, "run name; the run folder is <output_dir>/<name>; empty = from data file and time")
     output_dir: str = doc("runs", "folder that holds run folders")
-    task: str = doc("auto", "auto = infer from the labels (CoNLL files / JSONL tokens+tags: token_classification)",
-                    ("auto", "single_label", "multi_label", "regression", "token_classification"))
+    task: str = doc("auto", "a task of the registry (strop.tasks; --help-config lists them), or auto = the task "
+                    "whose data data.train holds (CoNLL / JSONL token lists: token_classification; a table: by its "
+                    "labels)")
     track: list = doc(["tensorboard"], "experiment trackers besides metrics.jsonl, several allowed: "
                       "tensorboard, mlflow, wandb, none")
     data: DataConfig = field(default_factory=DataConfig)
@@ -342,7 +343,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}={value!r} is not a valid {want}{hint}")
 
 
-def _apply(cfg: Any, mapping: dict, prefix: str = "") -> None:
+def apply_mapping(cfg: Any, mapping: dict, prefix: str = "") -> None:
     types_ = _field_types(type(cfg))
     for name, value in mapping.items():
         key = f"{prefix}{name}"
@@ -352,7 +353,7 @@ def _apply(cfg: Any, mapping: dict, prefix: str = "") -> None:
         if _is_section(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"'{key}' is a section; give it a mapping of keys, not {value!r}")
-            _apply(getattr(cfg, name), value, key + ".")
+            apply_mapping(getattr(cfg, name), value, key + ".")
         else:
             setattr(cfg, name, _coerce(key, value, tp))
 
@@ -418,7 +419,7 @@ def parse_override(text: str, root: Any = None, section: str = "") -> tuple[str,
     return key, _scalar(raw)
 
 
-def _nest(key: str, value: Any) -> dict:
+def nest_key(key: str, value: Any) -> dict:
     out: dict = {}
     node = out
     parts = key.split(".")
@@ -511,10 +512,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         mapping = read_yaml(path)
         if not isinstance(mapping, dict):
             raise ConfigError(f"{path} must hold a mapping of config sections, got {type(mapping).__name__}")
-        _apply(cfg, mapping)
+        apply_mapping(cfg, mapping)
     items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
     for key, value in items:
-        _apply(cfg, _nest(key, value))
+        apply_mapping(cfg, nest_key(key, value))
     validate(cfg)
     return cfg
 
@@ -619,9 +620,6 @@ def validate(cfg: Config) -> None:
                        "fewshot.auto_max_per_class": f.auto_max_per_class}.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be > 0")
-    if t.mode != "standard" and cfg.task in ("multi_label", "regression", "token_classification"):
-        raise ConfigError(f"train.mode={t.mode!r} does not support task={cfg.task!r}: few-shot training is for "
-                          "single-label classification (texts or text pairs); use train.mode=standard")
     if t.mode == "fewshot" and t.resume == "auto":
         raise ConfigError("train.resume='auto' is not supported with train.mode='fewshot' (a few-shot run has no "
                           "checkpoints; it takes minutes): set train.resume=never")
@@ -737,7 +735,7 @@ def flat_dict(cfg: Config) -> dict[str, Any]:
 
 def from_dict(mapping: dict) -> Config:
     cfg = Config()
-    _apply(cfg, mapping)
+    apply_mapping(cfg, mapping)
     validate(cfg)
     return cfg
 

@@ -70,7 +70,7 @@ class Predictor:
                             f"{table.columns}; expected {m['text_pair_column']!r}")
         if not m.get("text_pair_column"):
             cols = Columns(cols.text, None, cols.label)
-        return table, to_examples(table, cols, self.task.name, self.labels, m.get("label_delimiter"), "input",
+        return table, to_examples(table, cols, self.task.label_kind, self.labels, m.get("label_delimiter"), "input",
                                   need_label)
 
     def predict_inputs(self, inputs: list, pairs: list[str] | None = None, batch_size: int = 64) -> list[dict]:

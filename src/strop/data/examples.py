@@ -13,7 +13,9 @@ from strop.errors import DataError
 TEXT_COLUMNS = ["text", "sentence", "sentence1", "question", "content", "review", "document", "query", "text_a"]
 PAIR_COLUMNS = ["text_pair", "sentence2", "text_b", "question2", "hypothesis"]
 LABEL_COLUMNS = ["label", "labels", "score", "target", "class", "category", "y"]
-TASKS = ("single_label", "multi_label", "regression")
+# what a label column holds: one class per row, a set of classes per row (lists or delimited), or a number. The
+# sequence tasks each read one kind (strop.tasks.classification: single_label, multi_label, regression)
+LABEL_KINDS = ("class", "classes", "number")
 
 
 @dataclass
@@ -27,7 +29,7 @@ class Columns:
 class Examples:
     """Validated examples of one split.
 
-    labels: (n,) int64 class ids for single_label; (n, L) float32 0/1 for multi_label; (n,) float32 for regression;
+    labels: (n,) int64 class ids (kind "class"); (n, L) float32 0/1 (kind "classes"); (n,) float32 (kind "number");
     None for unlabelled prediction input.
     """
 
@@ -104,24 +106,24 @@ def _label_list(value, delimiter: str | None) -> list[str]:
     return [str(value).strip()]
 
 
-def infer_task(table: Table, label: str, delimiter: str | None) -> tuple[str, str]:
-    """(task, why) from the training labels: lists or a delimiter -> multi_label; non-integer numbers ->
-    regression; anything else -> single_label."""
+def infer_label_kind(table: Table, label: str, delimiter: str | None) -> tuple[str, str]:
+    """(label kind, why) from the training labels: lists or a delimiter -> classes; non-integer numbers ->
+    number; anything else -> class."""
     values = [r.get(label) for r in table.rows if not _missing(r.get(label))]
     if not values:
         raise DataError(f"{table.path}: label column '{label}' is empty in every row; fill in the labels, or set "
                         "data.label_column to the column that holds them")
     if delimiter or any(isinstance(v, (list, tuple, np.ndarray)) for v in values):
-        return "multi_label", "labels are lists" if not delimiter else f"data.label_delimiter={delimiter!r} is set"
+        return "classes", "labels are lists" if not delimiter else f"data.label_delimiter={delimiter!r} is set"
     numbers = [_number(v) for v in values]
     if all(n is not None for n in numbers) and any(not n.is_integer() for n in numbers):
-        return "regression", "labels are non-integer numbers"
-    return "single_label", f"{len(set(map(str, values)))} distinct label values"
+        return "number", "labels are non-integer numbers"
+    return "class", f"{len(set(map(str, values)))} distinct label values"
 
 
-def label_names(table: Table, label: str, task: str, delimiter: str | None) -> list[str]:
-    """Sorted label names of the training split (numeric names sort numerically)."""
-    if task == "regression":
+def label_names(table: Table, label: str, kind: str, delimiter: str | None) -> list[str]:
+    """Sorted label names of the training split (numeric names sort numerically); kind: LABEL_KINDS."""
+    if kind == "number":
         return [label]
     names: set[str] = set()
     types_seen: dict[str, tuple[int, object]] = {}
@@ -129,9 +131,9 @@ def label_names(table: Table, label: str, task: str, delimiter: str | None) -> l
         value = row.get(label)
         if _missing(value):
             continue
-        if task == "single_label":
-            kind = "number" if _number(value) is not None else "text"
-            types_seen.setdefault(kind, (i, value))
+        if kind == "class":
+            seen = "number" if _number(value) is not None else "text"
+            types_seen.setdefault(seen, (i, value))
             names.add(_name(value))
         else:
             names.update(_label_list(value, delimiter))
@@ -139,7 +141,7 @@ def label_names(table: Table, label: str, task: str, delimiter: str | None) -> l
         (i, a), (j, b) = types_seen["number"], types_seen["text"]
         raise DataError(f"label column '{label}' mixes numbers ({a!r} at {table.where(i)}) and text "
                         f"({b!r} at {table.where(j)}); make the labels consistent")
-    if task == "single_label" and len(names) < 2:
+    if kind == "class" and len(names) < 2:
         raise DataError(f"{table.path}: label column '{label}' has only {sorted(names)}; a classifier needs at "
                         "least 2 classes: add examples of other classes (for numeric targets set task=regression)")
     return sorted(names, key=lambda n: (0, float(n), n) if _number(n) is not None else (1, 0.0, n))
@@ -153,9 +155,10 @@ def _name(value) -> str:
     return str(value).strip()
 
 
-def to_examples(table: Table, cols: Columns, task: str, names: list[str], delimiter: str | None,
+def to_examples(table: Table, cols: Columns, kind: str, names: list[str], delimiter: str | None,
                 split: str, need_label: bool = True) -> Examples:
-    """Validate every row and convert it; the first bad row raises with its location."""
+    """Validate every row and convert it (labels of `kind`, LABEL_KINDS); the first bad row raises with its
+    location."""
     if not table.rows:
         raise DataError(f"{table.path}: the {split} split has no rows (header only?); add examples")
     index = {n: i for i, n in enumerate(names)}
@@ -166,12 +169,12 @@ def to_examples(table: Table, cols: Columns, task: str, names: list[str], delimi
         if pairs is not None:
             pairs.append(_text(table, i, row, cols.pair))
         if has_label:
-            labels.append(_label(table, i, row.get(cols.label), cols.label, task, index, delimiter, split))
+            labels.append(_label(table, i, row.get(cols.label), cols.label, kind, index, delimiter, split))
     if not has_label:
         y = None
-    elif task == "single_label":
+    elif kind == "class":
         y = np.asarray(labels, dtype=np.int64)
-    elif task == "multi_label":
+    elif kind == "classes":
         y = np.zeros((len(labels), len(names)), dtype=np.float32)
         for r, ids in enumerate(labels):
             y[r, ids] = 1.0
@@ -188,16 +191,16 @@ def _text(table: Table, i: int, row: dict, column: str) -> str:
     return str(value)
 
 
-def _label(table, i, value, column, task, index, delimiter, split):
+def _label(table, i, value, column, kind, index, delimiter, split):
     if _missing(value):
         raise DataError(f"{table.where(i)}: missing label in column '{column}'; label the row or remove it")
-    if task == "regression":
+    if kind == "number":
         number = _number(value)
         if number is None or not math.isfinite(number):
             raise DataError(f"{table.where(i)}: label {value!r} in column '{column}' is not a number, but the task "
                             "is regression; fix the value or set task=single_label")
         return number
-    if task == "multi_label":
+    if kind == "classes":
         found = _label_list(value, delimiter)
         unknown = [n for n in found if n not in index]
         ids = [index[n] for n in found if n in index]

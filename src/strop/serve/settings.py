@@ -11,7 +11,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from strop.config import _apply, _nest, doc, parse_override, read_yaml
+from strop.config import apply_mapping, doc, nest_key, parse_override, read_yaml
 from strop.errors import ConfigError
 
 
@@ -73,7 +73,7 @@ def load_serve_config(path: str | Path | None = None, overrides: list[str] | dic
         (parse_override(o, ServeConfig, "serve.") for o in overrides or [])
     for key, value in items:
         key = key.removeprefix("serve.")
-        _apply_serve(cfg, _nest(key, value))
+        _apply_serve(cfg, nest_key(key, value))
     validate_serve(cfg)
     return cfg
 
@@ -85,7 +85,7 @@ def _apply_serve(cfg: ServeConfig, mapping: dict) -> None:
             near = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
             hint = f"; did you mean 'serve.{near[0]}'?" if near else "; run `strop serve --help-config` for the list"
             raise ConfigError(f"unknown serve config key 'serve.{key}'{hint}")
-    _apply(cfg, mapping, "serve.")
+    apply_mapping(cfg, mapping, "serve.")
 
 
 def is_loopback(host: str) -> bool:

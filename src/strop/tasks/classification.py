@@ -15,8 +15,9 @@ import torch
 from torch.nn import functional as F
 
 from strop.data.batching import INPUT_NAMES, Encoded, collate_inputs, encode
-from strop.data.prepare import prepare_table
-from strop.errors import ConfigError
+from strop.data.examples import infer_label_kind, label_names, resolve_columns, to_examples
+from strop.data.prepare import Dataset, read_tables
+from strop.errors import ConfigError, DataError
 from strop.evaluate.evaluator import batched_logits
 from strop.evaluate.metrics import ClassificationMetrics, MultiLabelMetrics, RegressionMetrics
 from strop.evaluate.report_parts import (calibration, calibration_section, confusion_section, errors_section,
@@ -45,6 +46,8 @@ class SequenceClassification(Task):
 
     def __init__(self, name: str, description: str, metrics: tuple[str, ...], modes: tuple[str, ...]):
         self.name, self.description, self.metrics, self.modes = name, description, metrics, modes
+
+    label_kind = "class"  # what its label column holds (data/examples.py LABEL_KINDS)
 
     def prepare(self, cfg, carve: bool = True):
         return prepare_table(cfg, carve)
@@ -164,6 +167,7 @@ class SingleLabel(SequenceClassification):
 
 class MultiLabel(SequenceClassification):
     problem_type = "multi_label_classification"
+    label_kind = "classes"
     tunes_threshold = True
 
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -199,6 +203,7 @@ class MultiLabel(SequenceClassification):
 
 class Regression(SequenceClassification):
     problem_type = "regression"
+    label_kind = "number"
 
     def num_outputs(self, labels: list[str]) -> int:
         return 1
@@ -237,3 +242,41 @@ MULTI_LABEL = MultiLabel("multi_label", "any number of classes per text (labels 
                           "loss"), ("standard",))
 REGRESSION = Regression("regression", "a number per text (scores)",
                         ("pearson", "spearman", "mse", "rmse", "mae", "loss"), ("standard",))
+BY_KIND = {t.label_kind: t for t in (SINGLE_LABEL, MULTI_LABEL, REGRESSION)}
+
+
+def prepare_table(cfg, carve: bool = True) -> Dataset:
+    """Read, validate and split the table described by `cfg.data` for a sequence task (`cfg.task`, or task=auto:
+    the one whose label kind the training labels hold).
+
+    carve=False leaves train whole (validation/test only where files give them): a run first decides its training
+    mode from the whole training file, which sets data.validation_ratio, then calls `ds.carve_missing(cfg.data)`.
+    """
+    d = cfg.data
+    tables = read_tables(d)
+    train = tables["train"]
+    if not train.rows:
+        raise DataError(f"{train.path} has a header but no rows; add training examples")
+    cols = resolve_columns(train, d.text_column, d.text_pair_column, d.label_column)
+    notes = [f"columns: text={cols.text!r}" + (f", pair={cols.pair!r}" if cols.pair else "") + f", label={cols.label!r}"]
+    if cfg.task == "auto":
+        kind, why = infer_label_kind(train, cols.label, d.label_delimiter)
+        task = BY_KIND[kind]
+        notes.append(f"task inferred: {task.name} ({why}); set task=... to override")
+    else:
+        task = next(t for t in BY_KIND.values() if t.name == cfg.task)
+    names = label_names(train, cols.label, task.label_kind, d.label_delimiter)
+    splits = {}
+    for split, table in tables.items():
+        if split not in ("train", "validation", "test"):
+            continue
+        for key, name in (("data.text_column", cols.text), ("data.text_pair_column", cols.pair),
+                          ("data.label_column", cols.label)):
+            if name and name not in table.columns:
+                raise DataError(f"{key}={name!r} not found in {table.path} ({split} split); columns are "
+                                f"{table.columns}")
+        splits[split] = to_examples(table, cols, task.label_kind, names, d.label_delimiter, split)
+    ds = Dataset(task.name, names, cols, splits, notes)
+    if carve:
+        ds.carve_missing(d)
+    return ds

@@ -50,8 +50,8 @@ def check_fewshot(cfg, task, train_labels, label_names: list[str], world: int = 
         raise ConfigError(f"train.mode=fewshot runs in one process (it trains on a few dozen examples); it was "
                           f"started with {world} processes: run it without torchrun / accelerate launch")
     if "fewshot" not in task.modes:
-        raise ConfigError(f"train.mode=fewshot supports single-label classification (texts or text pairs), not "
-                          f"{task.name}; use train.mode=standard")
+        raise ConfigError(f"train.mode={cfg.train.mode!r} does not support task={task.name!r}: few-shot training is "
+                          "for single-label classification (texts or text pairs); use train.mode=standard")
     if cfg.peft.method != "none":
         raise ConfigError(f"train.mode=fewshot fine-tunes the whole encoder; peft.method={cfg.peft.method!r} is not "
                           "supported with it: set peft.method=none")
