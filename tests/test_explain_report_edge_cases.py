@@ -14,6 +14,7 @@ import strop
 from strop.cli import main
 from strop.errors import StropError
 from strop.evaluate import report_parts as report
+from strop.evaluate.report import build_report
 
 # labels that are syntax elsewhere: `$...$` is mathtext to matplotlib; MLflow allows only [/\w.\- ] in metric names
 ODD_LABELS = ["$x^$", "US$ & CA$", "C++", "what?", "a&b", "a?b", "neg (1)", "<script>"]
@@ -79,7 +80,7 @@ def test_odd_labels_give_a_report(odd_labels_run, monkeypatch):
     assert '<section id="confusion">' in page and "US$ &amp; CA$" in page
     assert not list(run_dir.glob("*.tmp"))  # report.html and report.json are written whole, then renamed
     drawn = _drawn_text(monkeypatch)
-    report.build_report(run_dir, explain_k=0)
+    build_report(run_dir, explain_k=0)
     assert all((label, False) in drawn for label in ODD_LABELS)
     assert not [text for text, math in drawn if math]
 
@@ -157,7 +158,7 @@ def test_report_calibrates_the_decisions_at_the_model_threshold(tiny_model, tmp_
     assert ((probs >= threshold) & (probs < 0.5)).any() and threshold != 0.5
     meta_path = run.run_dir / "model" / "strop.json"
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "threshold": threshold}))
-    report.build_report(run.run_dir, explain_k=0)
+    build_report(run.run_dir, explain_k=0)
     cal = json.loads((run.run_dir / "report.json").read_text())["calibration"]
 
     decided = probs >= threshold
@@ -226,7 +227,7 @@ def test_a_report_that_fails_does_not_fail_the_run(tiny_model, tmp_path, monkeyp
     def broken(*args, **kwargs):
         raise ValueError("a plot failed")
 
-    monkeypatch.setattr(report, "build_report", broken)
+    monkeypatch.setattr("strop.evaluate.report.build_report", broken)
     src = write_csv(tmp_path / "d.csv", toy_rows(60, 4))
     args = tiny_overrides(tiny_model, tmp_path / "runs", **{"data.train": src, "train.epochs": 1,
                                                             "track": "tensorboard"})

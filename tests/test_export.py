@@ -16,7 +16,7 @@ from strop.compress.onnx import OnnxModel, export_onnx
 from strop.compress.prune import (encoder_layers, magnitude_prune, parse_prune, prune_ffn, prune_heads,
                                   sparsity_of)
 from strop.config import Config, ModelConfig
-from strop.data.batching import encode
+from strop.data.batching import collate_inputs, encode
 from strop.data.examples import Examples
 from strop.errors import ExportError, RunError
 from strop.models.backbone import load_tokenizer
@@ -240,15 +240,13 @@ def test_student_keeps_every_other_layer_and_trains(tiny_model, tmp_path):
 
     # the distillation loss moves the student towards the teacher: KL falls over a few steps (the teacher made
     # confident and the student's head scrambled, so they start far apart)
-    from strop.data.batching import collate
-
     with torch.no_grad():
         teacher.classifier.weight.normal_(0, 2.0)
         student.classifier.weight.normal_(0, 2.0)
     enc = encode(tok, _examples(24), 64)
-    batch = collate(enc, np.arange(24))
+    batch = collate_inputs(enc, np.arange(24))
     batch["labels"] = torch.tensor([i % 3 for i in range(24)])
-    loss_fn = distillation_loss(teacher, "single_label", 2.0, 1.0, torch.device("cpu"), "fp32")
+    loss_fn = distillation_loss(teacher, get_task("single_label"), 2.0, 1.0, torch.device("cpu"), "fp32")
     opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
     student.eval()  # no dropout: the loss curve is then a clean signal
     losses = []
@@ -374,16 +372,15 @@ def test_augmented_copies_are_unlabelled_perturbations():
 @pytest.mark.parametrize("task", ["single_label", "regression"])
 def test_distillation_loss_uses_gold_labels_only_where_they_exist(tiny_model, task):
     from strop.compress.distill import distillation_loss
-    from strop.data.batching import collate
 
     teacher, tok = _model(tiny_model, task), load_tokenizer(tiny_model)
     enc = encode(tok, _examples(6), 64)
-    batch = collate(enc, np.arange(6))
+    batch = collate_inputs(enc, np.arange(6))
     gold = torch.tensor([2, 0, 1, 1, 0, 2]) if task == "single_label" else torch.rand(6)
     missing = torch.tensor([-1] * 6) if task == "single_label" else torch.full((6,), float("nan"))
     logits = torch.randn(6, 3 if task == "single_label" else 1)
-    fn = distillation_loss(teacher, task, 2.0, 0.3, torch.device("cpu"), "fp32")
-    soft_only = distillation_loss(teacher, task, 2.0, 1.0, torch.device("cpu"), "fp32")
+    fn = distillation_loss(teacher, get_task(task), 2.0, 0.3, torch.device("cpu"), "fp32")
+    soft_only = distillation_loss(teacher, get_task(task), 2.0, 1.0, torch.device("cpu"), "fp32")
     full = fn(logits, {**batch, "labels": gold})
     none = fn(logits, {**batch, "labels": missing})
     torch.testing.assert_close(none, 0.7 * 0 + 0.3 * soft_only(logits, {**batch, "labels": missing}))

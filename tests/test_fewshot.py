@@ -200,10 +200,6 @@ def test_unsupported_data_and_peft_are_clear_errors(tiny_model, tmp_path):
             "data.label_delimiter": "|", "data.test": None}
     with pytest.raises(ConfigError, match="does not support task='multi_label'.*single-label classification"):
         train(None, tiny_overrides(tiny_model, tmp_path / "runs", **{k: v for k, v in over.items() if v is not None}))
-    # a task named in the config that has no few-shot mode: refused by the task's modes, before any folder
-    with pytest.raises(ConfigError, match="does not support task='regression'"):
-        train(None, tiny_overrides(tiny_model, tmp_path / "runs", **_files(tmp_path), **FEWSHOT,
-                                   **{"task": "regression"}))
     with pytest.raises(ConfigError, match="peft.method='lora' is not supported"):
         train(None, tiny_overrides(tiny_model, tmp_path / "runs", **_files(tmp_path), **FEWSHOT,
                                    **{"peft.method": "lora"}))

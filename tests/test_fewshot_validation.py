@@ -64,7 +64,7 @@ def test_explicit_fewshot_keeps_every_row_for_training_and_says_so(tiny_model, t
 
     # `strop train runs/x/config.yaml` sees the recorded 0: the same split, and the line is not printed again
     cfg = load_config(res.run_dir / "config.yaml")
-    ds, mode = prepare_data(cfg)
+    ds, _, mode = prepare_data(cfg)
     assert mode == "fewshot" and {s: len(e) for s, e in ds.splits.items()} == {"train": 16, "test": 20}
     assert HELD_OUT_NOTE not in _printed(capsys)
 
@@ -82,7 +82,7 @@ def test_auto_decides_on_the_whole_training_file(tmp_path):
     """The mode sets how much is held out, so it is decided before anything is: 8 per class > 7 is standard (on the
     7 per class left after a 0.1 split it would have been few-shot), which then carves the usual 0.1."""
     cfg = load_config(None, {**_files(tmp_path), "train.mode": "auto", "fewshot.auto_max_per_class": 7})
-    ds, mode = prepare_data(cfg)
+    ds, _, mode = prepare_data(cfg)
     assert mode == "standard" and cfg.data.validation_ratio == 0.1
     # 0.1 of 8 rounds to 1 row per class (data/split.carve keeps at least one)
     assert {s: len(e) for s, e in ds.splits.items()} == {"train": 14, "test": 20, "validation": 2}
@@ -91,7 +91,7 @@ def test_auto_decides_on_the_whole_training_file(tmp_path):
 @pytest.mark.parametrize("mode", ["fewshot", "auto"])
 def test_a_ratio_the_user_set_is_kept(tmp_path, capsys, mode):
     cfg = load_config(None, {**_files(tmp_path), "train.mode": mode, "data.validation_ratio": 0.25})
-    ds, chosen = prepare_data(cfg)
+    ds, _, chosen = prepare_data(cfg)
     assert chosen == "fewshot" and cfg.data.validation_ratio == 0.25
     # 0.25 of 8 = 2 rows per class held out, stratified
     assert {s: len(e) for s, e in ds.splits.items()} == {"train": 12, "test": 20, "validation": 4}

@@ -15,7 +15,7 @@ from conftest import tiny_overrides, toy_rows, write_csv, write_jsonl
 
 import strop
 from strop.cli import main
-from strop.config import load_config
+from strop.config import load_config, resolve_method_defaults
 from strop.tasks import build_model, get_task, prepare
 from strop.errors import ConfigError
 from strop.models.peft import apply_peft, count_parameters, resolve_targets
@@ -81,6 +81,7 @@ def test_optimizer_sees_only_trainable_parameters(tiny_model, tmp_path, method):
     model, _ = apply_peft(model, cfg.peft, 100)
     trainable, total = count_parameters(model)
     assert 0 < trainable < 0.5 * total
+    resolve_method_defaults(cfg)  # train.lr: the method's default, as a run resolves it
     in_optimizer = {id(p) for g in build_optimizer(model, cfg.train).param_groups for p in g["params"]}
     assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
     head = [p for n, p in model.named_parameters() if "classifier" in n and p.requires_grad]

@@ -79,11 +79,11 @@ def export_onnx(run_dir: Path, out: Path | None = None) -> Path:
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from strop.models.classifier import load_model
-    from strop.run import open_run
+    from strop.runs import open_run
+    from strop.tasks import load_trained
 
     model_dir = open_run(run_dir)
-    model, tokenizer, _ = load_model(model_dir)
+    model, tokenizer, _, _ = load_trained(model_dir)
     out = out or Path(run_dir) / "export"
     out.mkdir(parents=True, exist_ok=True)
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from strop.predict import Predictor
+import strop
 
 from .serve_helpers import ServerProcess
 
@@ -29,7 +29,7 @@ def test_predictions_match_strop_predict(server, single_run):
     r = httpx.post(f"{server.url}/v1/predict", json={"inputs": texts})
     assert r.status_code == 200, r.text
     body = r.json()
-    expected = Predictor.load(single_run).predict(texts)
+    expected = strop.load(single_run).predict(texts)
     assert body["task"] == "single_label" and body["model"].startswith("single@")
     for got, want in zip(body["predictions"], expected):
         assert got["label"] == want["label"]
@@ -112,7 +112,7 @@ def test_words_the_tokenizer_drops_neither_refuse_nor_cut_an_input(server, singl
     assert r.status_code == 200, r.text
     got = r.json()["predictions"][0]
     assert "truncated" not in got
-    want = Predictor.load(single_run).predict(["refund my card parcel delivery"])[0]
+    want = strop.load(single_run).predict(["refund my card parcel delivery"])[0]
     assert got["probs"] == pytest.approx(want["probs"], abs=1e-5)  # the dropped words change nothing
     # a long input is still refused, and counted by tokens when the count is known
     r = httpx.post(url, json={"inputs": [text + " word" * 200]})

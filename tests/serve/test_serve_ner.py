@@ -7,7 +7,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from strop.predict import Predictor
+import strop
 
 from .serve_helpers import ServerProcess, ThreadServer
 
@@ -37,7 +37,7 @@ def ner_server(ner_run, tmp_path_factory):
 
 
 def test_entities_match_strop_predict(ner_server, ner_run):
-    predictor = Predictor.load(ner_run)
+    predictor = strop.load(ner_run)
     want_raw, want_tok = predictor.predict(TEXTS), predictor.predict_tokens(TOKENS)
     assert any(p["entities"] for p in want_raw + want_tok)  # the tiny model finds something to compare
     inputs = [TEXTS[0], {"tokens": TOKENS[0]}, {"text": TEXTS[1]}, {"tokens": TOKENS[1]}]
@@ -126,7 +126,7 @@ def test_ner_onnx_export_serves_the_same_entities(ner_run):
     from strop.compress.export import ExportOptions, export_run
 
     export_run(ner_run, ExportOptions(timing=False, threads=1), log=lambda m: None)
-    predictor = Predictor.load(ner_run)
+    predictor = strop.load(ner_run)
     want_raw, want_tok = predictor.predict(TEXTS), predictor.predict_tokens(TOKENS)
     with ThreadServer(ner_run, backend="onnx", onnx_file="model.onnx") as srv:
         r = httpx.post(f"{srv.url}/v1/predict", json={"inputs": [*TEXTS, *({"tokens": t} for t in TOKENS)]})

@@ -7,7 +7,7 @@ import random
 import httpx
 import pytest
 
-from strop.predict import Predictor
+import strop
 from strop.serve.guard import iban_ok, luhn_ok, mask_pii
 
 from .serve_helpers import ServerProcess, ThreadServer
@@ -128,7 +128,7 @@ def test_no_seeded_value_reaches_the_server_log(single_run, tmp_path, mask_input
 
 def test_mask_pii_setting_changes_what_the_model_sees(single_run):
     text = "refund to GB82 WEST 1234 5698 7654 32 or card 4111 1111 1111 1111, mail anna@example.com"
-    want = Predictor.load(single_run).predict([mask_pii(text)])[0]
+    want = strop.load(single_run).predict([mask_pii(text)])[0]
     with ThreadServer(single_run, mask_pii=True) as srv:
         got = httpx.post(f"{srv.url}/v1/predict", json={"inputs": [text]}).json()["predictions"][0]
     assert got["probs"] == pytest.approx(want["probs"], abs=1e-5)

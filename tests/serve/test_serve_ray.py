@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from strop.predict import Predictor
+import strop
 
 from .serve_helpers import free_port
 
@@ -39,7 +39,7 @@ def test_ray_serve_deployment(single_run):
         texts = ["refund my card payment please", "where is my parcel"]
         r = httpx.post(f"{url}/v1/predict", json={"inputs": texts}, timeout=30)
         assert r.status_code == 200, r.text
-        want = Predictor.load(single_run).predict(texts)
+        want = strop.load(single_run).predict(texts)
         assert [p["label"] for p in r.json()["predictions"]] == [w["label"] for w in want]
         assert httpx.post(f"{url}/v1/predict", json={"inputs": []}, timeout=30).status_code == 400
         assert httpx.get(f"{url}/v1/model", timeout=30).json()["task"] == "single_label"

@@ -6,7 +6,7 @@ import httpx
 import numpy as np
 import pytest
 
-from strop.predict import Predictor
+import strop
 
 from .serve_helpers import ThreadServer
 
@@ -22,7 +22,7 @@ def _predict(url: str, inputs: list, **kw) -> list[dict]:
 
 def test_pairs(pair_run):
     pairs = ["please help", "my order", "need this", "about today"]
-    want = Predictor.load(pair_run).predict(TEXTS, pairs)
+    want = strop.load(pair_run).predict(TEXTS, pairs)
     with ThreadServer(pair_run) as srv:
         got = _predict(srv.url, [{"text": t, "text_pair": p} for t, p in zip(TEXTS, pairs)])
         assert [g["label"] for g in got] == [w["label"] for w in want]
@@ -33,14 +33,14 @@ def test_pairs(pair_run):
 
 
 def test_multi_label_and_regression(multi_run, regression_run):
-    want = Predictor.load(multi_run).predict(TEXTS)
+    want = strop.load(multi_run).predict(TEXTS)
     with ThreadServer(multi_run) as srv:
         got = _predict(srv.url, TEXTS)
     assert [g["labels"] for g in got] == [w["labels"] for w in want]
     assert all(set(g) == {"labels", "probs"} for g in got)
     np.testing.assert_allclose([list(g["probs"].values()) for g in got], [list(w["probs"].values()) for w in want],
                                atol=1e-5)
-    want = Predictor.load(regression_run).predict(TEXTS)
+    want = strop.load(regression_run).predict(TEXTS)
     with ThreadServer(regression_run) as srv:
         got = _predict(srv.url, TEXTS)
         assert httpx.get(f"{srv.url}/v1/model").json()["task"] == "regression"
@@ -51,8 +51,8 @@ def test_multi_label_and_regression(multi_run, regression_run):
 def test_bf16_precision_serves_what_a_bf16_predictor_predicts(single_run):
     """serve.precision=bf16 stores the Linear weights in bf16 and runs under autocast: the same numbers as autocast
     over fp32 weights (Predictor(precision='bf16'), as training evaluates), close to fp32."""
-    want = Predictor.load(single_run, precision="bf16").predict(TEXTS, batch_size=1)
-    fp32 = Predictor.load(single_run).predict(TEXTS)
+    want = strop.load(single_run, precision="bf16").predict(TEXTS, batch_size=1)
+    fp32 = strop.load(single_run).predict(TEXTS)
     with ThreadServer(single_run, precision="bf16", batching=False) as srv:
         got = [_predict(srv.url, [t])[0] for t in TEXTS]
         info = httpx.get(f"{srv.url}/v1/model").json()
@@ -67,7 +67,7 @@ def test_bf16_precision_serves_what_a_bf16_predictor_predicts(single_run):
 
 
 def test_onnx_backend_matches_torch(single_run, single_export):
-    want = Predictor.load(single_run).predict(TEXTS)
+    want = strop.load(single_run).predict(TEXTS)
     with ThreadServer(single_run, backend="onnx", onnx_file="model.onnx") as srv:
         got = _predict(srv.url, TEXTS)
         info = httpx.get(f"{srv.url}/v1/model").json()
@@ -160,7 +160,7 @@ def test_auto_device_serves_on_what_this_machine_has(single_run):
     """serve.device=auto: the GPU when one is visible (checked against the CPU's numbers there), else the CPU."""
     import torch
 
-    want = Predictor.load(single_run).predict(TEXTS)
+    want = strop.load(single_run).predict(TEXTS)
     with ThreadServer(single_run, device="auto") as srv:
         got = _predict(srv.url, TEXTS)
         info = httpx.get(f"{srv.url}/v1/model").json()
