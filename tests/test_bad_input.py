@@ -452,5 +452,15 @@ def test_odd_but_valid_input_trains(case: Good, tiny_model, tmp_path, capsys):
     case.check(run_dir, err)
 
 
-def test_the_sweep_is_big_enough():
-    assert len(ERRORS) >= 35 and len(GOOD) >= 5
+def test_every_error_case_is_distinct_and_expects_a_message():
+    """Each case has its own id (pytest would silently run a duplicate id's case twice under one name) and expects
+    non-empty message parts; a case expecting the same message as another must test another verb or input."""
+    ids = [c.id for c in ERRORS] + [g.id for g in GOOD]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
+    for case in ERRORS:
+        assert case.expect and all(part.strip() for part in case.expect), case.id
+    same: dict = {}
+    for case in ERRORS:
+        same.setdefault(tuple(sorted(p.lower() for p in case.expect)), []).append(case.id)
+    for group in (g for g in same.values() if len(g) > 1):  # e.g. eval-data-missing / predict-data-missing
+        assert len({i.split("-")[0] for i in group}) == len(group) or len(group) == 2, group

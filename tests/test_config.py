@@ -351,7 +351,29 @@ def test_unknown_tracker_message_names_tracker_and_choices():
     ["track=none"],
 ])
 def test_boundary_values_are_accepted(overrides):
-    load_config(None, overrides)
+    cfg = load_config(None, overrides)
+    for override in overrides:  # accepted and held as given, not silently clamped or replaced by a default
+        _assert_taken(cfg, override)
+
+
+def _loaded(cfg, override: str):
+    """(the value the config holds for an override's key, the value the override asked for)."""
+    key, raw = override.split("=", 1)
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    asked = parse_override(override)[1]
+    return node, asked
+
+
+def _assert_taken(cfg, override: str) -> None:
+    held, asked = _loaded(cfg, override)
+    if isinstance(held, float) and not isinstance(asked, (list, dict)) and asked is not None:
+        assert held == pytest.approx(float(asked)), override  # '1e-12' is text to YAML, a float to the field
+    elif isinstance(held, list) and not isinstance(asked, list):
+        assert held == [asked], override  # a single tracker name becomes a one-item list
+    else:
+        assert held == asked, override
 
 
 def test_validate_checks_a_config_built_in_code():

@@ -94,7 +94,14 @@ def test_value_checks_name_the_key_and_value(override, key):
     ["data.split_seed=0"], ["train.max_steps=-1"], ["train.max_steps=1"], ["name=run.v2"], ["name=a..b"],
 ])
 def test_boundary_values_are_accepted(overrides):
-    load_config(None, overrides)
+    cfg = load_config(None, overrides)
+    for override in overrides:  # accepted and held as given (an empty head_lr: None = train.lr)
+        key, raw = override.split("=", 1)
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        asked = parse_override(override)[1]
+        assert node == (pytest.approx(float(asked)) if isinstance(node, float) else asked), override
 
 
 def test_a_seed_built_in_code_must_be_a_whole_number():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_overrides, toy_rows, write_csv, write_jsonl
@@ -229,7 +230,14 @@ def test_lora_works_for_every_classification_task(tiny_model, tmp_path, task, ca
     assert meta["peft"]["merge_max_abs_diff"] < 1e-4
     predictor = strop.load(out / "run")
     pred = predictor.predict(["refund card"], pairs=["please help"] if task == "pairs" else None)[0]
-    assert ("value" in pred) if task == "regression" else ("probs" in pred)
+    if task == "regression":
+        assert set(pred) == {"value"} and np.isfinite(pred["value"])
+    else:  # a distribution over the run's labels (sigmoids for multi-label: each in [0, 1])
+        probs = np.array(list(pred["probs"].values()))
+        assert list(pred["probs"]) == meta["labels"] and ((probs >= 0) & (probs <= 1)).all()
+        if task != "multi_label":
+            assert probs.sum() == pytest.approx(1.0, abs=1e-5) and pred["label"] == max(pred["probs"],
+                                                                                        key=pred["probs"].get)
 
 
 def test_lora_with_mean_pooling(tiny_model, tmp_path):
