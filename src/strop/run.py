@@ -254,23 +254,36 @@ def run_meta(cfg: Config, ds: Dataset, task: Task, mode: str) -> dict:
     return meta
 
 
-def train(config: Config | str | Path | None = None, overrides: list[str] | dict | None = None,
-          overwrite: bool = False, resume: bool | str | Path = False, on_eval=None) -> RunResult:
-    """Fine-tune a model as the config says; returns the run folder and its results.
+@dataclass
+class RunSetup:
+    """Everything a run has checked and built before its folder exists (bad input leaves nothing behind)."""
 
-    `config`: a Config, a YAML path, or None for defaults; `overrides`: ['train.lr=3e-4', ...] or {'train.lr': 3e-4};
-    `resume`: True to continue the run the config names from its newest complete checkpoint, or a run folder path;
-    `on_eval(step, value)`: called after each validation with the validation metric (hyperparameter search prunes
-    there by raising).
-    """
+    cfg: Config
+    run_dir: Path
+    ckpt: Path | None  # the checkpoint to resume from
+    dist: object  # training/distributed.Dist: this process's rank
+    ds: Dataset
+    task: Task
+    mode: str  # standard | fewshot
+    model_folder: Path
+    tokenizer: object
+    device: torch.device
+    precision: str
+    metric: str  # the validation metric that picks the best step
+    model: torch.nn.Module
+    peft_hook: object
+
+
+def setup_run(config, overrides, overwrite: bool, resume, tuning: bool) -> RunSetup:
+    """Resolve the config and check the data, model, settings and trackers; build the model (PEFT applied).
+    Creates nothing on disk."""
     dist = init_distributed()  # rank 0 of 1 unless started by torchrun / accelerate launch
     console.quiet = not dist.main  # one voice: rank 0 prints, logs and writes the run folder
     cfg, run_dir, ckpt = resolve_run(config, overrides, overwrite, resume)
     run_dir = Path(dist.from_main(str(run_dir)))  # a name from the clock could differ by a second between ranks
     cfg.name = run_dir.name
     set_threads(cfg.train.threads)
-    # everything a user can get wrong is checked before the run folder is created, so bad input leaves nothing
-    ds, task, mode = prepare_data(cfg, tuning=on_eval is not None)
+    ds, task, mode = prepare_data(cfg, tuning=tuning)
     model_folder = resolve_model_path(cfg.model.path, cfg.model.allow_pickle)
     tokenizer = load_tokenizer(model_folder, cfg.model.trust_remote_code)
     check_max_length(cfg, model_folder)
@@ -281,34 +294,50 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
     if metric not in task.metrics:
         raise ConfigError(f"train.metric={metric!r} is not a {task.name} metric; choose from {list(task.metrics)}")
     check_correlation_defined(ds, metric)
-
-    train_labels = getattr(ds.splits["train"], "labels", None)  # token classification keeps tags per sentence
-    if cfg.train.early_stopping_patience and "validation" not in ds.splits and mode != "fewshot":
-        raise ConfigError(f"train.early_stopping_patience={cfg.train.early_stopping_patience} needs a validation "
-                          "split to watch, and this run has none; give data.validation, keep data.validation_ratio "
-                          "> 0, or set train.early_stopping_patience=0")
-    if mode == "fewshot":
-        check_fewshot(cfg, task, train_labels, ds.labels, dist.world)
-        if cfg.model.pooling != "mean":
-            console.print("[dim]train.mode=fewshot: model.pooling=mean (the sentence encoder's own pooling)[/dim]")
-            cfg.model.pooling = "mean"
+    check_mode(cfg, ds, task, mode, dist.world)
 
     torch.manual_seed(cfg.train.seed)  # the new head's initial weights (and the adapters')
     model = build_model(task, cfg, ds.labels)  # before the run folder: broken weights leave nothing behind
     if mode == "fewshot":
         model.normalize = True  # the head reads the unit-length embeddings that contrastive training shapes
     model, peft_hook = apply_peft(model, cfg.peft, count_steps(cfg.train, len(ds.splits["train"]))[1])
-
     check_trackers(cfg.track)
     if cfg.train.distributed == "deepspeed":
         from strop.training.ds_engine import read_ds_config
 
         read_ds_config(cfg.train.deepspeed, cfg.train, dist.world)  # a bad DeepSpeed JSON stops here
-    dist.barrier()  # every rank has checked the run folder before rank 0 (re)creates it
-    if not dist.main:
-        return _train_other_rank(model, ds, task, tokenizer, cfg, ckpt, run_dir, device, precision, metric,
-                                 peft_hook, dist)
-    start_step = open_run_dir(run_dir, ckpt)
+    return RunSetup(cfg, run_dir, ckpt, dist, ds, task, mode, model_folder, tokenizer, device, precision, metric,
+                    model, peft_hook)
+
+
+def check_mode(cfg: Config, ds: Dataset, task: Task, mode: str, world: int) -> None:
+    """What the training mode needs of the data and settings (few-shot: its own checks and mean pooling)."""
+    if cfg.train.early_stopping_patience and "validation" not in ds.splits and mode != "fewshot":
+        raise ConfigError(f"train.early_stopping_patience={cfg.train.early_stopping_patience} needs a validation "
+                          "split to watch, and this run has none; give data.validation, keep data.validation_ratio "
+                          "> 0, or set train.early_stopping_patience=0")
+    if mode == "fewshot":
+        train_labels = getattr(ds.splits["train"], "labels", None)
+        check_fewshot(cfg, task, train_labels, ds.labels, world)
+        if cfg.model.pooling != "mean":
+            console.print("[dim]train.mode=fewshot: model.pooling=mean (the sentence encoder's own pooling)[/dim]")
+            cfg.model.pooling = "mean"
+
+
+def train(config: Config | str | Path | None = None, overrides: list[str] | dict | None = None,
+          overwrite: bool = False, resume: bool | str | Path = False, on_eval=None) -> RunResult:
+    """Fine-tune a model as the config says; returns the run folder and its results.
+
+    `config`: a Config, a YAML path, or None for defaults; `overrides`: ['train.lr=3e-4', ...] or {'train.lr': 3e-4};
+    `resume`: True to continue the run the config names from its newest complete checkpoint, or a run folder path;
+    `on_eval(step, value)`: called after each validation with the validation metric (hyperparameter search prunes
+    there by raising).
+    """
+    s = setup_run(config, overrides, overwrite, resume, tuning=on_eval is not None)
+    s.dist.barrier()  # every rank has checked the run folder before rank 0 (re)creates it
+    if not s.dist.main:
+        return _train_other_rank(s)
+    start_step = open_run_dir(s.run_dir, s.ckpt)
     caller_stopped = False
 
     def report(step: int, value: float) -> None:
@@ -320,84 +349,100 @@ def train(config: Config | str | Path | None = None, overrides: list[str] | dict
             raise
 
     try:
-        write_atomic(run_dir / "config.yaml", dump_yaml(cfg))  # first file of a new run: the resolved config
-        for note in ds.notes:
-            console.print(f"[dim]{escape(note)}[/dim]")
-        meta = run_meta(cfg, ds, task, mode)
-        encoded = {split: task.encode(tokenizer, ex, meta) for split, ex in ds.splits.items()}
-        write_atomic(run_dir / "data.json", json.dumps(data_summary(ds, task, encoded), indent=2))
-        for split, enc in encoded.items():
-            if enc.n_truncated:
-                console.print(f"[yellow]{split}: {enc.n_truncated} of {len(enc)} examples are longer than "
-                              f"model.max_length={cfg.model.max_length} tokens and were truncated[/yellow]")
-        trainable, total = count_parameters(model)
-        model_name = model_folder.name if cfg.model.path != "default" else "all-MiniLM-L6-v2 (default)"
-        console.print(f"model: {model_name}, {total / 1e6:.1f}M parameters; task {ds.task} with {len(ds.labels)} "
-                      f"label(s); {len(ds.splits['train'])} training examples; {device.type} {precision}")
-        console.print(f"peft.method={cfg.peft.method}: trainable parameters {trainable:,} of {total:,} "
-                      f"({100 * trainable / total:.2f}%)")
-
-        tracker = Trackers(run_dir, cfg.track, purge_step=start_step + 1 if start_step else None, config=cfg)
-        try:
-            if "validation" not in encoded:
-                console.print("[yellow]no validation split: no evaluation during training[/yellow]")
-            if mode == "fewshot":
-                fitted = train_fewshot(model, encoded["train"], cfg, task, ds.labels, device, precision, tracker,
-                                       run_dir, resume_from=ckpt)
-            else:
-                fitted = fit(model, encoded["train"], encoded.get("validation"), cfg, task, ds.labels, device,
-                             precision, tracker, metric, run_dir, resume_from=ckpt, peft_hook=peft_hook,
-                             on_eval=report if on_eval else None, dist=dist)
-            if is_sharded(model):  # FSDP: the full weights into a plain model for the final evaluation and model/
-                model = unshard(model, dist, lambda: build_model(task, cfg, ds.labels).to(device))
-            # LoRA through the fused linear, as the evaluations during training ran: the same numbers, and PEFT's
-            # forward would cast every frozen weight on every batch (about 100 MB more at the peak on SST-2)
-            with fused_lora_in(model, cfg.train.fused_lora):
-                threshold, final = final_evaluation(model, encoded, ds, task, cfg, device, precision)
-            for split, metrics in final.items():
-                tracker.log({"step": fitted.state.step, "split": f"final_{split}", **metrics})
-        except BaseException:
-            tracker.close(failed=True)
-            raise
-
-        meta["threshold"] = threshold
-        probe = next(iter(encoded.values()))  # a few real examples check that merging adapters changes no logits
-        probe_inputs = {k: v.to(device) for k, v in task.collate(probe, np.arange(min(8, len(probe)))).items()
-                        if k in task.model_inputs}
-        meta = save_trained(model, tokenizer, run_dir, meta, cfg.peft, probe_inputs, str(model_folder))
+        results, tracker = _train_in_folder(s, start_step, report if on_eval else None)
     except BaseException:
-        if ckpt is None and not caller_stopped:
-            discard_failed_run(run_dir)
+        if s.ckpt is None and not caller_stopped:
+            discard_failed_run(s.run_dir)
         raise
-    results = run_results(fitted, len(encoded["train"]), metric, precision, threshold, final, start_step)
-    results["trainable_params"], results["total_params"], results["train_mode"] = trainable, total, mode
-    results["small_splits"] = small_splits(ds, task, final)
-    write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
-    del model, fitted, peft_hook  # the report loads model/ itself: free the training copy (and its optimizer) first
+    write_atomic(s.run_dir / "results.json", json.dumps(results, indent=2))
+    s.model = s.peft_hook = None  # the report loads model/ itself: free the training copy (and its optimizer) first
     release_memory()  # and give the pages back, so the report's peak does not stack on training's high-water mark
-    if cfg.eval.report:
-        from strop.evaluate.report import build_report
-
-        try:
-            build_report(run_dir, explain_k=cfg.eval.report_explain)
-        except Exception as e:  # noqa: BLE001 - model/ and results.json are written: a failed report must not fail
-            console.print(f"[yellow]report.html not written ({escape(type(e).__name__)}: {escape(str(e))}); the run "
-                          f"itself is complete. Rebuild the report with: strop report {escape(str(run_dir))}[/yellow]")
-    tracker.finish(run_dir)  # after model/, results.json and the report: MLflow logs them; then trackers close
-    _print_summary(run_dir, results, metric)
-    return RunResult(run_dir, results)
+    if s.cfg.eval.report:
+        _write_report(s.run_dir, s.cfg.eval.report_explain)
+    tracker.finish(s.run_dir)  # after model/, results.json and the report: MLflow logs them; then trackers close
+    _print_summary(s.run_dir, results, s.metric)
+    return RunResult(s.run_dir, results)
 
 
-def _train_other_rank(model, ds: Dataset, task: Task, tokenizer, cfg: Config, ckpt, run_dir: Path, device,
-                      precision, metric, peft_hook, dist) -> RunResult:
+def _train_in_folder(s: RunSetup, start_step: int, on_eval) -> tuple[dict, Trackers]:
+    """config.yaml, data.json, training, the final evaluation and model/ in the run folder; (results, tracker)."""
+    cfg, ds, task, run_dir = s.cfg, s.ds, s.task, s.run_dir
+    write_atomic(run_dir / "config.yaml", dump_yaml(cfg))  # first file of a new run: the resolved config
+    for note in ds.notes:
+        console.print(f"[dim]{escape(note)}[/dim]")
+    meta = run_meta(cfg, ds, task, s.mode)
+    encoded = {split: task.encode(s.tokenizer, ex, meta) for split, ex in ds.splits.items()}
+    write_atomic(run_dir / "data.json", json.dumps(data_summary(ds, task, encoded), indent=2))
+    for split, enc in encoded.items():
+        if enc.n_truncated:
+            console.print(f"[yellow]{split}: {enc.n_truncated} of {len(enc)} examples are longer than "
+                          f"model.max_length={cfg.model.max_length} tokens and were truncated[/yellow]")
+    trainable, total = count_parameters(s.model)
+    model_name = s.model_folder.name if cfg.model.path != "default" else "all-MiniLM-L6-v2 (default)"
+    console.print(f"model: {model_name}, {total / 1e6:.1f}M parameters; task {ds.task} with {len(ds.labels)} "
+                  f"label(s); {len(ds.splits['train'])} training examples; {s.device.type} {s.precision}")
+    console.print(f"peft.method={cfg.peft.method}: trainable parameters {trainable:,} of {total:,} "
+                  f"({100 * trainable / total:.2f}%)")
+    tracker = Trackers(run_dir, cfg.track, purge_step=start_step + 1 if start_step else None, config=cfg)
+    try:
+        fitted, threshold, final = _fit_and_evaluate(s, encoded, tracker, on_eval)
+    except BaseException:
+        tracker.close(failed=True)
+        raise
+    meta["threshold"] = threshold
+    probe = next(iter(encoded.values()))  # a few real examples check that merging adapters changes no logits
+    probe_inputs = {k: v.to(s.device) for k, v in task.collate(probe, np.arange(min(8, len(probe)))).items()
+                    if k in task.model_inputs}
+    save_trained(s.model, s.tokenizer, run_dir, meta, cfg.peft, probe_inputs, str(s.model_folder))
+    results = run_results(fitted, len(encoded["train"]), s.metric, s.precision, threshold, final, start_step)
+    results.update(trainable_params=trainable, total_params=total, train_mode=s.mode,
+                   small_splits=small_splits(ds, task, final))
+    return results, tracker
+
+
+def _fit_and_evaluate(s: RunSetup, encoded: dict, tracker, on_eval):
+    """(FitResult, decision threshold, final metrics per split): the training loop (or few-shot training), then the
+    final evaluation with the weights it kept."""
+    cfg, ds, task = s.cfg, s.ds, s.task
+    if "validation" not in encoded:
+        console.print("[yellow]no validation split: no evaluation during training[/yellow]")
+    if s.mode == "fewshot":
+        fitted = train_fewshot(s.model, encoded["train"], cfg, task, ds.labels, s.device, s.precision, tracker,
+                               s.run_dir, resume_from=s.ckpt)
+    else:
+        fitted = fit(s.model, encoded["train"], encoded.get("validation"), cfg, task, ds.labels, s.device,
+                     s.precision, tracker, s.metric, s.run_dir, resume_from=s.ckpt, peft_hook=s.peft_hook,
+                     on_eval=on_eval, dist=s.dist)
+    if is_sharded(s.model):  # FSDP: the full weights into a plain model for the final evaluation and model/
+        s.model = unshard(s.model, s.dist, lambda: build_model(task, cfg, ds.labels).to(s.device))
+    # LoRA through the fused linear, as the evaluations during training ran: the same numbers, and PEFT's
+    # forward would cast every frozen weight on every batch (about 100 MB more at the peak on SST-2)
+    with fused_lora_in(s.model, cfg.train.fused_lora):
+        threshold, final = final_evaluation(s.model, encoded, ds, task, cfg, s.device, s.precision)
+    for split, metrics in final.items():
+        tracker.log({"step": fitted.state.step, "split": f"final_{split}", **metrics})
+    return fitted, threshold, final
+
+
+def _write_report(run_dir: Path, explain_k: int) -> None:
+    from strop.evaluate.report import build_report
+
+    try:
+        build_report(run_dir, explain_k=explain_k)
+    except Exception as e:  # noqa: BLE001 - model/ and results.json are written: a failed report must not fail
+        console.print(f"[yellow]report.html not written ({escape(type(e).__name__)}: {escape(str(e))}); the run "
+                      f"itself is complete. Rebuild the report with: strop report {escape(str(run_dir))}[/yellow]")
+
+
+def _train_other_rank(s: RunSetup) -> RunResult:
     """Ranks > 0 of a multi-process run: the same loop on their slice of each batch; they write and log nothing."""
-    meta = run_meta(cfg, ds, task, "standard")
-    encoded = {split: task.encode(tokenizer, ex, meta) for split, ex in ds.splits.items()}
-    fit(model, encoded["train"], encoded.get("validation"), cfg, task, ds.labels, device, precision, NoTracker(),
-        metric, run_dir, resume_from=ckpt, peft_hook=peft_hook, dist=dist)
-    if is_sharded(model):
-        unshard(model, dist, rebuild=None)  # collective: rank 0 gathers the full weights
-    return RunResult(run_dir, {"rank": dist.rank})
+    meta = run_meta(s.cfg, s.ds, s.task, "standard")
+    encoded = {split: s.task.encode(s.tokenizer, ex, meta) for split, ex in s.ds.splits.items()}
+    fit(s.model, encoded["train"], encoded.get("validation"), s.cfg, s.task, s.ds.labels, s.device, s.precision,
+        NoTracker(), s.metric, s.run_dir, resume_from=s.ckpt, peft_hook=s.peft_hook, dist=s.dist)
+    if is_sharded(s.model):
+        unshard(s.model, s.dist, rebuild=None)  # collective: rank 0 gathers the full weights
+    return RunResult(s.run_dir, {"rank": s.dist.rank})
 
 
 def final_evaluation(model, encoded: dict, ds: Dataset, task: Task, cfg: Config, device, precision
