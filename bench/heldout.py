@@ -158,7 +158,7 @@ def run_config_lr(run_dir: Path) -> float:
 
 
 def run_hf(cfg, start: float) -> dict:
-    from strop.data.prepare import prepare
+    from strop.tasks import prepare
 
     n_train = len(prepare(cfg).splits["train"])
     with tempfile.TemporaryDirectory() as out_dir:
