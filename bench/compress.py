@@ -53,16 +53,15 @@ def timed_round_robin(models: dict, enc, rounds: int, n_latency: int, n_throughp
 def sparsity_sweep(model_dir: Path, enc, meta: dict) -> list[dict]:
     """Accuracy on dev vs pruning strength, without recovery: magnitude, FFN-neuron and head pruning."""
     from strop.compress.prune import magnitude_prune, parameter_count, prune_ffn, prune_heads
-    from strop.evaluate.evaluator import evaluate
-    from strop.models.classifier import load_model
+    from strop.tasks import get_task, load_trained
 
     out = []
     for kind, values in (("magnitude", (0.5, 0.7)), ("ffn", (0.25, 0.5)), ("heads", (0.25, 0.5))):
         for value in values:
-            model = load_model(model_dir)[0]
+            model = load_trained(model_dir)[0]
             before = parameter_count(model)
             {"magnitude": magnitude_prune, "ffn": prune_ffn, "heads": prune_heads}[kind](model, value)
-            metrics, _ = evaluate(model, enc, meta["task"], meta["labels"], 64, torch.device("cpu"))
+            metrics, _ = get_task(meta["task"]).evaluate(model, enc, meta["labels"], 64, torch.device("cpu"))
             out.append({"kind": kind, "fraction": value, "accuracy": metrics["accuracy"],
                         "parameters": parameter_count(model), "parameters_before": before})
             print(f"  sweep {kind}={value}: accuracy {metrics['accuracy']:.4f}", flush=True)
@@ -102,16 +101,15 @@ def main() -> None:
     from strop.compress.onnx import OnnxModel
     from strop.compress.prune import parse_prune
     from strop.compress.quantize import torch_dynamic_int8
-    from strop.data.batching import encode
-    from strop.models.classifier import load_model
-    from strop.predict import Predictor
+    from strop.tasks import load_trained
 
     run = Path(args.run)
     if args.copy_run_to:
         run = _copy_run(run, Path(args.copy_run_to))
-    teacher, tokenizer, meta = load_model(run / "model")
-    _, dev = Predictor(teacher, tokenizer, meta, torch.device("cpu"))._file_examples(args.data, need_label=True)
-    enc = encode(tokenizer, dev, meta["max_length"])
+    teacher, tokenizer, meta, task = load_trained(run / "model")
+    predictor = task.predictor(teacher, tokenizer, meta, torch.device("cpu"))
+    _, dev = predictor.file_examples(args.data, need_label=True)
+    enc = task.encode(tokenizer, dev, meta)
     base_opts = dict(data=args.data, timing=False, threads=args.threads)
     # phase 1 (minutes): ONNX + int8 only, timed and written, so a slow machine still yields these numbers
     # phase 2: pruning with recovery and the distilled student (training), everything timed again together
@@ -134,8 +132,8 @@ def main() -> None:
                   "onnx_int8": OnnxModel(run / "export" / "model.int8.onnx", args.threads),
                   "torch_int8": torch_dynamic_int8(teacher)}
         if phase == "all":
-            models.update(pruned=load_model(run / "export" / "pruned")[0],
-                          student=load_model(run / "export" / "student")[0])
+            models.update(pruned=load_trained(run / "export" / "pruned")[0],
+                          student=load_trained(run / "export" / "student")[0])
         print(f"[{phase}] timing {list(models)} on {len(enc)} dev examples (mean {enc.lengths.mean():.1f} "
               f"tokens), {args.threads} threads", flush=True)
         timing = timed_round_robin(models, enc, args.rounds, args.latency_examples, len(enc))

@@ -73,12 +73,12 @@ def main() -> None:
     from strop.compress.export import _held_file, logits_of
     from strop.compress.onnx import OnnxModel, export_onnx
     from strop.compress.timing import latency_ms
-    from strop.models.classifier import load_model
+    from strop.tasks import load_trained
 
     logging.getLogger().setLevel(logging.ERROR)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    model, tok, meta = load_model(Path(args.run) / "model")
+    model, tok, meta, _ = load_trained(Path(args.run) / "model")
     enc = _held_file(args.data, meta, tok)
     gold, ref = np.asarray(enc.labels), logits_of(model, enc)
     export_onnx(model, tok, work / "model.onnx", meta["max_length"])

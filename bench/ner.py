@@ -69,11 +69,11 @@ def run_strop(over: dict) -> dict:
 
 def decoding_ablation(run) -> dict:
     """Test entity F1 of the trained model under each decoding (argmax per word vs constrained Viterbi)."""
+    import strop
     from strop.config import load_config
     from strop.evaluate.entities import TagDecoder
-    from strop.predict import Predictor
 
-    predictor = Predictor.load(run.run_dir)
+    predictor = strop.load(run.run_dir)
     test = load_config(run.run_dir / "config.yaml").data.test
     out = {}
     for decoding in ("argmax", "constrained"):

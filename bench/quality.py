@@ -53,7 +53,7 @@ def strop_overrides(task: str, epochs: float | None, compare: bool) -> dict:
     all steps (no early stopping, no best-weights restore), one dev evaluation at the end, no TensorBoard.
     """
     from strop.config import load_config
-    from strop.data.prepare import prepare
+    from strop.tasks import prepare
 
     over: dict = {"name": f"bench-{task}"}  # never overwrite a user's runs/<task>
     if epochs is not None:
@@ -121,14 +121,15 @@ def run_child(side: str, task: str, over: dict, n_train: int = 0) -> dict:
 
 
 def bench_task(task: str, args, mach: dict, command: str) -> dict:
-    from strop.config import load_config, to_dict
-    from strop.data.prepare import prepare
+    from strop.config import load_config, resolve_method_defaults, to_dict
+    from strop.tasks import prepare
 
     compare = task in HF_TASKS and not args.skip_hf
     # by default strop runs its shipped config as a user would (bf16 where the CPU has it, early stopping with the
     # best weights restored); --match-hf makes strop train exactly like the HF side (fp32, all steps, last weights)
     over = strop_overrides(task, args.epochs, compare=task in HF_TASKS and args.match_hf)
     cfg = load_config(REPO / "configs" / f"{task}.yaml", over)
+    resolve_method_defaults(cfg)  # train.lr left empty: the method's default, as strop's run uses
     n_train = len(prepare(cfg).splits["train"])
     report = {"task": task, "config": f"configs/{task}.yaml", "strop_overrides": over, "resolved_config": to_dict(cfg),
               "train_examples": n_train, "machine": mach, "command": command,
@@ -161,7 +162,7 @@ def bench_seeds(task: str, seeds: list[int], args, mach: dict, command: str) -> 
         over.update(dict(map(parse_override, args.set)))
         over["train.seed"] = seed
         from strop.config import load_config
-        from strop.data.prepare import prepare
+        from strop.tasks import prepare
 
         n_train = len(prepare(load_config(REPO / "configs" / f"{task}.yaml", over)).splits["train"])
         one = {"seed": seed, "overrides": over}

@@ -143,8 +143,8 @@ def ceiling(run: Path, sentences: list[str], n: int = 256, batch: int = 32) -> d
     call cut into length-sorted sub-batches as the server does), for each backend/precision served here."""
     import torch
 
+    import strop
     from strop.device import bf16_linear_weights
-    from strop.predict import Predictor
     from strop.serve.backend import onnx_predictor
 
     torch.set_num_threads(1)
@@ -154,7 +154,7 @@ def ceiling(run: Path, sentences: list[str], n: int = 256, batch: int = 32) -> d
         if name == "onnx-int8":
             predictor = onnx_predictor(run, "model.int8.onnx", 1)[0]
         else:
-            predictor = Predictor.load(run, precision=name.split("-")[1])
+            predictor = strop.load(run, precision=name.split("-")[1])
             if name == "torch-bf16":
                 bf16_linear_weights(predictor.model)
         rates = {}

@@ -54,13 +54,12 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from strop.config import load_config
-    from strop.data.batching import encode, epoch_batches
-    from strop.data.prepare import prepare
+    from strop.config import load_config, resolve_method_defaults
+    from strop.data.batching import epoch_batches
     from strop.device import resolve_precision
     from strop.models.backbone import load_tokenizer, resolve_model_path
-    from strop.models.classifier import build_model
     from strop.models.peft import apply_peft
+    from strop.tasks import build_model, get_task, prepare
     from strop.training.fast import tune_allocator
     from strop.training.loop import accumulate_gradients, speed_ups
     from strop.training.optim import build_optimizer, clip_grad_norm, sparse_embeddings_in
@@ -70,7 +69,9 @@ def main() -> None:
     config = REPO / "configs" / "sst2.yaml"
     base = load_config(config, {"train.batch_size": 32})
     ds = prepare(base)
-    enc = encode(load_tokenizer(resolve_model_path(base.model.path)), ds.splits["train"], base.model.max_length)
+    task = get_task(ds.task)
+    enc = task.encode(load_tokenizer(resolve_model_path(base.model.path)), ds.splits["train"],
+                      {"max_length": base.model.max_length, "labels": ds.labels})
     cpu = torch.device("cpu")
     precision = resolve_precision("auto", cpu)
     batches = epoch_batches(enc.lengths, 32, 42, 0, True)
@@ -80,8 +81,9 @@ def main() -> None:
         over = dict(over)
         compiled = over.pop("compile", False)
         cfg = load_config(config, {"train.batch_size": 32, **over})
+        resolve_method_defaults(cfg)  # train.lr left empty: the method's default, as strop's run uses
         torch.manual_seed(0)
-        model, hook = apply_peft(build_model(cfg.model, ds.task, ds.labels), cfg.peft, 1000)
+        model, hook = apply_peft(build_model(task, cfg, ds.labels), cfg.peft, 1000)
         model.train()
         ctx = contextlib.ExitStack()
         ctx.enter_context(sparse_embeddings_in(model, cfg.model.sparse_embeddings))
@@ -93,7 +95,7 @@ def main() -> None:
 
     def step(side: str, i: int) -> None:
         model, optimizer, params, cfg = sides[side]
-        accumulate_gradients(model, enc, batches[i], 32, ds.task, cpu, precision)
+        accumulate_gradients(model, enc, batches[i], 32, task, cpu, precision)
         clip_grad_norm(params, cfg.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

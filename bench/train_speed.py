@@ -133,29 +133,35 @@ def run_strop_side(over: dict) -> dict:
 
     import strop
     import strop.run
-    import strop.training.loop as loop
 
     # strop's train_seconds holds the dev evaluation its loop runs at the last step; time fit() and that evaluation
-    # from outside (without touching strop) so training alone is compared with HF's trainer.train()
+    # from outside (without touching strop) so training alone is compared with HF's trainer.train(). The loop
+    # evaluates through its task object (fit's 5th argument): that object's `evaluate` is wrapped while fit()
+    # runs, so the final evaluation strop.run does after fit() is not counted.
     timers = {"fit_seconds": 0.0, "eval_seconds": 0.0, "evals": 0}
-    fit, evaluate = strop.run.fit, loop.evaluate
+    fit = strop.run.fit
 
     def timed_fit(*a, **k):
+        task = a[4] if len(a) > 4 else k["task"]
+        evaluate = task.evaluate
+
+        def timed_evaluate(*ea, **ek):
+            start = time.perf_counter()
+            try:
+                return evaluate(*ea, **ek)
+            finally:
+                timers["eval_seconds"] += time.perf_counter() - start
+                timers["evals"] += 1
+
+        task.evaluate = timed_evaluate  # on this instance only, for the length of fit()
         start = time.perf_counter()
         try:
             return fit(*a, **k)
         finally:
             timers["fit_seconds"] += time.perf_counter() - start
+            del task.evaluate
 
-    def timed_evaluate(*a, **k):
-        start = time.perf_counter()
-        try:
-            return evaluate(*a, **k)
-        finally:
-            timers["eval_seconds"] += time.perf_counter() - start
-            timers["evals"] += 1
-
-    strop.run.fit, loop.evaluate = timed_fit, timed_evaluate
+    strop.run.fit = timed_fit
     r = strop.train(CONFIG, over, overwrite=True).results
     separated = timers["fit_seconds"] > 0 and timers["evals"] > 0
     return {"train_seconds": timers["fit_seconds"] - timers["eval_seconds"] if separated else r["train_seconds"],
@@ -181,14 +187,14 @@ def run_peak_side(threads: int) -> dict:
 def work(over: dict) -> dict:
     """What one variant's config trains on: examples, real tokens (strop's tokenization), optimizer steps."""
     from strop.config import load_config
-    from strop.data.batching import encode
-    from strop.data.prepare import prepare
     from strop.models.backbone import load_tokenizer, resolve_model_path
+    from strop.tasks import get_task, prepare
 
     cfg = load_config(CONFIG, over)
     ds = prepare(cfg)
     folder = resolve_model_path(cfg.model.path)
-    enc = encode(load_tokenizer(folder), ds.splits["train"], cfg.model.max_length)
+    enc = get_task(ds.task).encode(load_tokenizer(folder), ds.splits["train"],
+                                   {"max_length": cfg.model.max_length, "labels": ds.labels})
     n_train, lengths = len(enc), enc.lengths.astype("int64")
     steps_per_epoch = math.ceil(n_train / cfg.train.batch_size)
     steps = total_steps(cfg, n_train)
@@ -205,9 +211,14 @@ INVARIANTS = ("model.path", "train.seed", "train.lr", "train.batch_size", "train
 
 def check_config(v: str, v_over: dict, shared: dict) -> None:
     """Refuse a variant (before it runs) that changes what every variant must share."""
-    from strop.config import load_config, to_dict
+    from strop.config import load_config, resolve_method_defaults, to_dict
 
-    a, b = to_dict(load_config(CONFIG, v_over)), to_dict(load_config(CONFIG, shared))
+    def resolved(over: dict) -> dict:
+        cfg = load_config(CONFIG, over)
+        resolve_method_defaults(cfg)  # train.lr left empty: the method's default, as strop's run uses
+        return to_dict(cfg)
+
+    a, b = resolved(v_over), resolved(shared)
     for key in INVARIANTS:
         section, name = key.split(".")
         if a[section][name] != b[section][name]:
@@ -314,7 +325,7 @@ def measure_peaks(threads: int, when: str) -> dict:
 
 
 def bench(args, command: str) -> dict:
-    from strop.config import load_config, to_dict
+    from strop.config import load_config, resolve_method_defaults, to_dict
 
     mach = machine()
     threads = args.threads or os.cpu_count() or 1
@@ -336,6 +347,7 @@ def bench(args, command: str) -> dict:
             v_over = {**shared, "name": f"train-speed-{v}", **extra}
             check_config(v, v_over, shared)
             resolved = load_config(CONFIG, v_over)
+            resolve_method_defaults(resolved)  # train.lr as the run resolves it
             v_work = work(v_over)  # differs from base only if the variant changes what is trained on (max_length)
             load_before = os.getloadavg()[0]  # other work on the machine shows here; it skews that variant's timing
             raw = run_child(__file__, ["--side", side, "--overrides", json.dumps(v_over),
