@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from strop.training.ds_engine import deepspeed_engine
+from strop.training.optim import build_optimizer, build_scheduler, warmup_steps
+
 
 @dataclass
 class Dist:
@@ -221,3 +224,21 @@ def unshard(model: torch.nn.Module, d: Dist, rebuild) -> torch.nn.Module | None:
     plain = rebuild()
     plain.load_state_dict(weights)
     return plain
+
+
+def training_engine(model, t, dist: Dist, device: torch.device, lr_scales: dict, total_steps: int):
+    """(module to train through, optimizer, scheduler, DeepSpeed engine or None) for this process layout.
+
+    DDP: a wrapper that all-reduces gradients (`model` itself evaluates and saves); FSDP: `model` sharded in place;
+    DeepSpeed (several processes): ZeRO's engine, which reduces gradients in its backward and clips in its step.
+    The optimizer is built after wrapping: FSDP replaces the parameters, and ZeRO takes only torch's own AdamW
+    class (no lazy sparse rows)."""
+    ddp_model = wrap_model(model, dist, device, t.distributed)
+    deepspeed = t.distributed == "deepspeed" and dist.world > 1
+    optimizer = build_optimizer(model, t, lr_scales, lazy_rows=not deepspeed)
+    scheduler = build_scheduler(optimizer, t.scheduler, warmup_steps(t.warmup, total_steps), total_steps)
+    engine = None
+    if deepspeed:
+        engine, optimizer = deepspeed_engine(model, optimizer, t, dist.world)  # ZeRO wraps the AdamW
+        ddp_model = engine
+    return ddp_model, optimizer, scheduler, engine

@@ -20,14 +20,12 @@ from strop.models.peft import PeftHook
 from strop.training.checkpoint import (COMPLETE, PREFIX, TrainState, load_best_weights, load_checkpoint, load_weights,
                                        prune_checkpoints, save_checkpoint)
 from strop.training.distributed import (Dist, full_tensors, gather_full_state, is_sharded, load_full_state, shard,
-                                        trainable_snapshot, wrap_model)
-from strop.training.ds_engine import deepspeed_engine
+                                        trainable_snapshot, training_engine)
 from strop.training.fast import fast_dropout_in, tuned_allocator
 from strop.training.fast_lora import fused_lora_in
 from strop.training.fused_layer import fused_layers_in
 from strop.training.guards import MicroBatchSize, NonFiniteError, StopSignals, TrainingInterrupted, is_finite
-from strop.training.optim import (build_optimizer, build_scheduler, clip_grad_norm, sparse_embeddings_in,
-                                  warmup_steps)
+from strop.training.optim import clip_grad_norm, sparse_embeddings_in
 from strop.training.progress import TrainProgress
 
 
@@ -113,17 +111,9 @@ def _fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task, label
     eval_every = t.eval_every or steps_per_epoch
     save_every = eval_every if t.save_every == 0 else t.save_every
     model.to(device).train()
-    # DDP: a wrapper that all-reduces gradients, `model` evaluates and saves; FSDP: `model` itself, sharded in place
-    ddp_model = wrap_model(model, dist, device, t.distributed)
+    ddp_model, optimizer, scheduler, engine = training_engine(model, t, dist, device, peft_hook.lr_scales,
+                                                              total_steps)
     sharded = is_sharded(model)  # then saving and loading state gathers/splits it over the ranks
-    deepspeed = t.distributed == "deepspeed" and dist.world > 1
-    # after wrapping: FSDP replaces the parameters; ZeRO takes only torch's own AdamW class
-    optimizer = build_optimizer(model, t, peft_hook.lr_scales, lazy_rows=not deepspeed)
-    scheduler = build_scheduler(optimizer, t.scheduler, warmup_steps(t.warmup, total_steps), total_steps)
-    engine = None  # DeepSpeed's engine: reduces gradients in its backward, clips in its step
-    if deepspeed:
-        engine, optimizer = deepspeed_engine(model, optimizer, t, dist.world)  # ZeRO wraps the AdamW
-        ddp_model = engine
     step = optimizer.step if engine is None else engine.step  # the engine's step also clips (gradient_clipping)
     params = [p for p in model.parameters() if p.requires_grad]
     micro = MicroBatchSize(t.micro_batch_size or t.batch_size, t.auto_batch_size)
@@ -175,20 +165,8 @@ def _fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task, label
                 else:  # ZeRO holds the reduced gradients in its partitions: it clips in its step, checked after it
                     norm = torch.zeros(())
                 if not is_finite(loss, norm):
-                    state.skipped_steps += 1
                     optimizer.zero_grad(set_to_none=True)
-                    where = f"step {state.step + 1} (epoch {state.epoch}, batch {state.batch_in_epoch}, training " \
-                            f"examples {idx[:6].tolist()}{'...' if len(idx) > 6 else ''})"
-                    if t.nonfinite == "stop" or state.skipped_steps > t.max_skipped_steps:
-                        found = f"non-finite loss ({float(loss)}) or gradient norm ({float(norm)}) at {where}"
-                        if t.nonfinite == "skip":
-                            found += (f"; that makes {state.skipped_steps} skipped steps, more than "
-                                      f"train.max_skipped_steps={t.max_skipped_steps}")
-                        fix = "set train.nonfinite=skip" if t.nonfinite == "stop" else "raise train.max_skipped_steps"
-                        raise NonFiniteError(f"{found}; checkpoints written before it are kept. Lower train.lr, use "
-                                             f"train.precision=fp32, check the data, or {fix}")
-                    progress.note(f"[yellow]skipped {where}: non-finite loss/gradient "
-                                  f"({state.skipped_steps}/{t.max_skipped_steps})[/yellow]")
+                    skip_nonfinite(state, t, loss, norm, idx, progress.note)  # or stop, as train.nonfinite says
                     state.batch_in_epoch += 1
                     continue
                 lr = scheduler.get_last_lr()[0]  # the lr this step used
@@ -225,13 +203,7 @@ def _fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task, label
                               "split": "validation", **metrics}
                     tracker.log(record)
                     result.history.append(record)
-                    progress.note(f"step {state.step}: validation {metric}={metrics[metric]:.4f}"
-                                  f"{' (best)' if improved else ''} loss={metrics['loss']:.4f}")
-                    if on_eval is not None:
-                        on_eval(state.step, metrics[metric])
-                    if t.early_stopping_patience and state.bad_evals >= t.early_stopping_patience:
-                        progress.note(f"early stopping: no improvement in {state.bad_evals} evaluations")
-                        state.stopped_early = True
+                    after_validation(state, t, metric, metrics, improved, progress.note, on_eval)
 
                 done = state.stopped_early or state.step >= total_steps
                 if signals.requested or (save_every > 0 and state.step % save_every == 0 and not done):
@@ -252,6 +224,34 @@ def _fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task, label
             model.load_state_dict(best_state, strict=False)
         progress.note(f"restored the best weights (step {state.best_step}, {metric}={state.best_metric:.4f})")
     return result
+
+
+def skip_nonfinite(state: TrainState, t, loss, norm, idx: np.ndarray, note) -> None:
+    """A step whose loss or gradient norm is NaN/Inf: counted and noted (train.nonfinite=skip), or the run stops
+    with where it happened (stop, or more skips than train.max_skipped_steps)."""
+    state.skipped_steps += 1
+    where = f"step {state.step + 1} (epoch {state.epoch}, batch {state.batch_in_epoch}, training " \
+            f"examples {idx[:6].tolist()}{'...' if len(idx) > 6 else ''})"
+    if t.nonfinite == "stop" or state.skipped_steps > t.max_skipped_steps:
+        found = f"non-finite loss ({float(loss)}) or gradient norm ({float(norm)}) at {where}"
+        if t.nonfinite == "skip":
+            found += (f"; that makes {state.skipped_steps} skipped steps, more than "
+                      f"train.max_skipped_steps={t.max_skipped_steps}")
+        fix = "set train.nonfinite=skip" if t.nonfinite == "stop" else "raise train.max_skipped_steps"
+        raise NonFiniteError(f"{found}; checkpoints written before it are kept. Lower train.lr, use "
+                             f"train.precision=fp32, check the data, or {fix}")
+    note(f"[yellow]skipped {where}: non-finite loss/gradient ({state.skipped_steps}/{t.max_skipped_steps})[/yellow]")
+
+
+def after_validation(state: TrainState, t, metric: str, metrics: dict, improved: bool, note, on_eval) -> None:
+    """Say what a validation found, let the caller see it (tune's pruning may raise), and decide early stopping."""
+    note(f"step {state.step}: validation {metric}={metrics[metric]:.4f}{' (best)' if improved else ''} "
+         f"loss={metrics['loss']:.4f}")
+    if on_eval is not None:
+        on_eval(state.step, metrics[metric])
+    if t.early_stopping_patience and state.bad_evals >= t.early_stopping_patience:
+        note(f"early stopping: no improvement in {state.bad_evals} evaluations")
+        state.stopped_early = True
 
 
 def track_best(state: TrainState, value: float, loss: float | None, higher: bool) -> bool:
