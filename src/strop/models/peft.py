@@ -309,7 +309,7 @@ def merge_lora(model: nn.Module, probe: dict | None, atol: float = 1e-4) -> tupl
 def merge_tolerance(logits: torch.Tensor, atol: float = 1e-4) -> float:
     """The largest merge difference that is float32 rounding, not a bug: `atol` for logits up to 1, relative above.
     W + B A summed into one matrix rounds differently from W x + B (A x), and the error grows with the logits'
-    size: a confident 6-class model (logits near 9) differed by 1.9e-4 after a correct merge."""
+    size: a correct merge of a 6-class emotion model differed by 1.9e-4 (bench/heldout.py, seed 42)."""
     return atol * max(1.0, float(logits.abs().max()))
 
 
