@@ -241,7 +241,9 @@ def main() -> None:
                     extra = ["--data-dir", args.data_dir]
                     result = run_child(__file__, ["--child", key, *extra], key, key)
                     result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+                    keep = {k: results[k] for k in ("machine", "command")}
                     results = load_results()  # another process may have added runs meanwhile
+                    results.update(keep)
                     results["runs"][key] = result
                     save_results(results)
                     print(f"{key}: test accuracy {100 * result['test']['accuracy']:.2f}", flush=True)
