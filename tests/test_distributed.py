@@ -173,10 +173,12 @@ def test_fsdp_follows_the_loss_curve_of_one_process_and_only_rank_zero_writes(on
     assert [fsdp[s] for s in sorted(fsdp)] == pytest.approx([ref[s] for s in sorted(ref)], rel=1e-4)
     assert _losses(run_dir, "validation", "accuracy") == _losses(one_process, "validation", "accuracy")
     assert yaml_value(run_dir, "train", "distributed") == "fsdp"
-    # the best weights (step 18 of 24) were restored from the shards and gathered into model/
+    # both chose the same best step and model/ holds its weights (validation accuracy saturates on the toy set and
+    # a tie goes to the lower loss, so that is usually the last step; restoring an earlier best step from shards is
+    # test_fsdp_resume_restores_a_best_step_that_has_no_checkpoint's scripted case)
     r1 = json.loads((one_process / "results.json").read_text())
     r2 = json.loads((run_dir / "results.json").read_text())
-    assert r1["best_step"] == r2["best_step"] < STEPS
+    assert r1["best_step"] == r2["best_step"] and r1["best_loss"] == pytest.approx(r2["best_loss"], rel=1e-4)
     assert r2["validation"]["loss"] == pytest.approx(r1["validation"]["loss"], rel=1e-4)
     names = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("report."))
     assert names == ["checkpoints", "config.yaml", "data.json", "metrics.jsonl", "model", "results.json", "tb"]
@@ -319,7 +321,8 @@ def test_deepspeed_follows_the_loss_curve_of_one_process_and_only_rank_zero_writ
     assert _losses(run_dir, "validation", "accuracy") == _losses(one_process, "validation", "accuracy")
     r1 = json.loads((one_process / "results.json").read_text())
     r2 = json.loads((run_dir / "results.json").read_text())
-    assert r1["best_step"] == r2["best_step"] < STEPS  # the best weights were restored
+    # the same best step (the tie rule usually picks the last one on this saturating toy set) and its weights
+    assert r1["best_step"] == r2["best_step"] and r1["best_loss"] == pytest.approx(r2["best_loss"], rel=1e-4)
     assert r2["validation"]["loss"] == pytest.approx(r1["validation"]["loss"], rel=1e-4)
     names = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("report."))
     assert names == ["config.yaml", "data.json", "metrics.jsonl", "model", "results.json", "tb"]  # save_every=-1

@@ -68,6 +68,13 @@ def test_workers_share_the_port_and_stop_together(single_run, tmp_path):
             time.sleep(0.2)
         assert len(workers) == 2
         with httpx.Client(timeout=30) as client:
+            # each worker loads its own model: ready answers 503 from one still loading; wait for a run of 200s
+            # (the kernel spreads connections over both listeners, so 10 in a row means both are ready)
+            streak = 0
+            while streak < 10 and time.monotonic() < deadline:
+                ok = httpx.get(f"{srv.url}/health/ready", timeout=30).status_code == 200
+                streak = streak + 1 if ok else 0
+                time.sleep(0 if ok else 0.2)
             codes = [client.post(f"{srv.url}/v1/predict", json={"inputs": [f"parcel {i}"]}).status_code
                      for i in range(20)]
         assert codes == [200] * 20
