@@ -80,3 +80,47 @@ def tiny_overrides(model: Path, out: Path, **extra) -> list[str]:
             "name": "run"}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+FOODS = ["italian", "chinese", "french", "indian", "japanese", "english"]
+NAMES = ["alimentum", "aromi", "bibimbap", "clowns", "cotto", "giraffe", "loch", "strada", "wrestlers", "zizzi"]
+
+
+def toy_generation_rows(n: int, seed: int) -> list[dict]:
+    """E2E-like pairs whose answer is a fixed function of the prompt (a tiny model can learn it)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        name, food = rng.choice(NAMES), rng.choice(FOODS)
+        rows.append({"prompt": f"name[{name}], food[{food}]", "completion": f"{name} serves {food} food."})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide random Llama with a byte-level BPE tokenizer trained here and a ChatML template (the
+    format of SmolLM2-Instruct), saved as safetensors."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [f"{r['prompt']} {r['completion']} user assistant system" for r in toy_generation_rows(300, 0)]
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  bos_token="<|im_start|>", unk_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(str(folder), safe_serialization=True)
+    tok.save_pretrained(str(folder))
+    return folder

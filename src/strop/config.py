@@ -74,9 +74,10 @@ class ModelConfig:
 
 @dataclass
 class PeftConfig:
-    method: str = doc("none", "none = full fine-tuning; lora / adalora (Hugging Face PEFT); adapter = Houlsby "
-                      "bottleneck adapters; freeze = train only the head and the top `unfrozen_layers` layers",
-                      ("none", "lora", "adalora", "adapter", "freeze"))
+    method: str = doc("auto", "auto = the task's default (none for the encoder tasks, lora for generation); none = "
+                      "full fine-tuning; lora / adalora (Hugging Face PEFT); adapter = Houlsby bottleneck adapters; "
+                      "freeze = train only the head and the top `unfrozen_layers` layers",
+                      ("auto", "none", "lora", "adalora", "adapter", "freeze"))
     r: int = doc(8, "LoRA rank; for AdaLoRA the average rank it prunes down to (its target rank)")
     alpha: float = doc(16, "LoRA scaling numerator: updates are scaled by alpha / r")
     dropout: float = doc(0.0, "dropout on the LoRA / adapter input; > 0 costs a mask over every adapted layer's "
@@ -196,6 +197,19 @@ class NerConfig:
 
 
 @dataclass
+class GenerateConfig:
+    train_on_prompt: bool = doc(False, "generation: also train on the prompt's tokens (default: the loss covers the "
+                                "answers only)")
+    max_new_tokens: int = doc(128, "generation: most tokens an answer may have (final evaluation, predict, serve)")
+    temperature: float = doc(0.0, "generation: sampling temperature; 0 = greedy (deterministic)")
+    top_p: float = doc(1.0, "generation: nucleus sampling mass (with temperature > 0)")
+    stop: list = doc([], "generation: texts that end an answer (besides the end-of-sequence token)")
+    eval_examples: int = doc(0, "generation: the final evaluation generates for at most this many test prompts; "
+                             "0 = all")
+    eval_batch_size: int = doc(16, "generation: prompts answered together (left-padded, one KV cache)")
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = doc(128, "examples per forward pass during evaluation and prediction")
     report: bool = doc(True, "write report.html (plots, metrics, calibration, worst errors) at the end of the run")
@@ -259,6 +273,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ner: NerConfig = field(default_factory=NerConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     fewshot: FewshotConfig = field(default_factory=FewshotConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -453,13 +468,22 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
 METHOD_LR = {"none": 5e-5, "lora": 5e-4, "adalora": 1e-3, "adapter": 5e-4, "freeze": 1e-4}
 
 
-def resolve_method_defaults(cfg: Config) -> list[str]:
-    """Fill settings whose default depends on peft.method (train.lr); returns one note per value filled, for the
-    log. Idempotent: a value already set (by the user or an earlier call) is kept."""
-    if cfg.train.lr is not None:
-        return []
-    cfg.train.lr = METHOD_LR[cfg.peft.method]
-    return [f"train.lr={cfg.train.lr:g} (default for peft.method={cfg.peft.method}; set train.lr to override)"]
+def resolve_method_defaults(cfg: Config, task_method: str = "none", task: str = "") -> list[str]:
+    """Fill peft.method=auto with the task's default method (`task_method`), then the settings whose default
+    depends on the method (train.lr); returns one note per value filled, for the log. Idempotent: a value already
+    set (by the user or an earlier call) is kept."""
+    notes = []
+    if cfg.peft.method == "auto":
+        cfg.peft.method = task_method
+        validate(cfg)  # the method-dependent checks, now that the method is known
+        if task_method != "none":
+            notes.append(f"peft.method={task_method} (default for task {task}; set peft.method=none for full "
+                         "fine-tuning)")
+    if cfg.train.lr is None:
+        cfg.train.lr = METHOD_LR[cfg.peft.method]
+        notes.append(f"train.lr={cfg.train.lr:g} (default for peft.method={cfg.peft.method}; set train.lr to "
+                     "override)")
+    return notes
 
 
 # data.validation_ratio when the user sets none, outside few-shot mode
@@ -585,11 +609,11 @@ def validate(cfg: Config) -> None:
     validate_peft(cfg.peft)
     if cfg.model.frozen_layers < 0:
         raise ConfigError(f"model.frozen_layers={cfg.model.frozen_layers} must be >= 0")
-    if cfg.model.frozen_layers and cfg.peft.method != "none":
+    if cfg.model.frozen_layers and cfg.peft.method not in ("none", "auto"):
         raise ConfigError(f"model.frozen_layers={cfg.model.frozen_layers} applies to full fine-tuning; with "
                           f"peft.method={cfg.peft.method!r} the method decides what trains (peft.method=freeze "
                           "trains only the top peft.unfrozen_layers layers)")
-    if t.distributed != "ddp" and cfg.peft.method != "none":
+    if t.distributed != "ddp" and cfg.peft.method not in ("none", "auto"):
         # adapters already keep the trainable state small; sharding them was not built or tested
         raise ConfigError(f"train.distributed={t.distributed} trains all parameters; peft.method="
                           f"{cfg.peft.method!r} runs with train.distributed=ddp (or set peft.method=none)")
@@ -679,7 +703,10 @@ def validate_tune(tu: TuneConfig) -> None:
 
 
 def validate_peft(p: PeftConfig) -> None:
-    """Checks of the peft section that need no model; the ones that do (targets, layers) run when it is applied."""
+    """Checks of the peft section that need no model; the ones that do (targets, layers) run when it is applied.
+    peft.method=auto is checked again once the task has resolved it (run.resolve_run)."""
+    if p.method == "auto":
+        return
     used = {"lora": ("r", "alpha", "dropout", "target_modules", "lr_ratio", "train_norms"),
             "adalora": ("r", "alpha", "dropout", "target_modules", "init_r", "tinit", "tfinal", "delta_t",
                         "orth_reg_weight", "lr_ratio", "train_norms"),

@@ -24,7 +24,7 @@ from strop.evaluate.metrics import tune_threshold
 from strop.models.backbone import load_tokenizer, read_model_config, resolve_model_path
 from strop.models.peft import apply_peft, count_parameters, save_trained
 from strop.runs import write_atomic
-from strop.tasks import Task, build_model, get_task
+from strop.tasks import Task, build_model, detect_task, get_task
 from strop.tasks import prepare as prepare_task_data
 from strop.track import NoTracker, Trackers, check_trackers
 from strop.training.checkpoint import complete_checkpoints, latest_checkpoint
@@ -87,7 +87,9 @@ def resolve_run(config, overrides, overwrite: bool, resume) -> tuple[Config, Pat
     else:
         cfg = config if isinstance(config, Config) else load_config(config, overrides)
         run_dir = _run_dir_of(cfg)
-    for note in resolve_method_defaults(cfg):  # before the resume check: config.yaml holds the resolved value
+    task = detect_task(cfg)
+    # before the resume check: config.yaml holds the resolved values
+    for note in resolve_method_defaults(cfg, task.default_peft, task.name):
         console.print(f"[dim]{escape(note)}[/dim]")
     wants_resume = bool(resume) or cfg.train.resume == "auto"
     if wants_resume and run_dir.is_dir():
@@ -284,7 +286,7 @@ def setup_run(config, overrides, overwrite: bool, resume, tuning: bool) -> RunSe
     cfg.name = run_dir.name
     set_threads(cfg.train.threads)
     ds, task, mode = prepare_data(cfg, tuning=tuning)
-    model_folder = resolve_model_path(cfg.model.path, cfg.model.allow_pickle)
+    model_folder = resolve_model_path(task.model_path(cfg), cfg.model.allow_pickle)
     tokenizer = load_tokenizer(model_folder, cfg.model.trust_remote_code)
     check_max_length(cfg, model_folder)
     task.check_settings(cfg, ds, tokenizer)
@@ -372,6 +374,8 @@ def _train_in_folder(s: RunSetup, start_step: int, on_eval) -> tuple[dict, Track
         console.print(f"[dim]{escape(note)}[/dim]")
     meta = run_meta(cfg, ds, task, s.mode)
     encoded = {split: task.encode(s.tokenizer, ex, meta) for split, ex in ds.splits.items()}
+    for split, enc in encoded.items():
+        task.check_encoded(enc, ds.splits[split], split)
     write_atomic(run_dir / "data.json", json.dumps(data_summary(ds, task, encoded), indent=2))
     for split, enc in encoded.items():
         if enc.n_truncated:
@@ -418,7 +422,7 @@ def _fit_and_evaluate(s: RunSetup, encoded: dict, tracker, on_eval):
     # LoRA through the fused linear, as the evaluations during training ran: the same numbers, and PEFT's
     # forward would cast every frozen weight on every batch (about 100 MB more at the peak on SST-2)
     with fused_lora_in(s.model, cfg.train.fused_lora):
-        threshold, final = final_evaluation(s.model, encoded, ds, task, cfg, s.device, s.precision)
+        threshold, final = final_evaluation(s.model, s.tokenizer, encoded, ds, task, cfg, s.device, s.precision)
     for split, metrics in final.items():
         tracker.log({"step": fitted.state.step, "split": f"final_{split}", **metrics})
     return fitted, threshold, final
@@ -445,20 +449,20 @@ def _train_other_rank(s: RunSetup) -> RunResult:
     return RunResult(s.run_dir, {"rank": s.dist.rank})
 
 
-def final_evaluation(model, encoded: dict, ds: Dataset, task: Task, cfg: Config, device, precision
+def final_evaluation(model, processor, encoded: dict, ds: Dataset, task: Task, cfg: Config, device, precision
                      ) -> tuple[float, dict]:
     """(decision threshold, {split: metrics}) with the final weights; a task that thresholds its outputs
-    (multi-label) has the threshold tuned on validation."""
+    (multi-label) has the threshold tuned on validation. A generating task generates on test (else validation)."""
     threshold, val = 0.5, encoded.get("validation")
     if task.tunes_threshold and val is not None:
         _, probs = task.evaluate(model, val, ds.labels, cfg.eval.batch_size, device, precision, keep_outputs=True)
         threshold = tune_threshold(probs, val.labels)
         console.print(f"decision threshold tuned on validation: {threshold:.2f}")
-    final = {}
+    final, scored = {}, "test" if "test" in encoded else "validation"
     for split in ("validation", "test"):
         if split in encoded:
-            final[split], _ = task.evaluate(model, encoded[split], ds.labels, cfg.eval.batch_size, device,
-                                            precision, threshold)
+            final[split] = task.final_evaluate(model, processor, encoded[split], ds.labels, cfg, device, precision,
+                                               threshold, generate=split == scored)
     return threshold, final
 
 
@@ -479,7 +483,8 @@ def _print_summary(run_dir: Path, results: dict, metric: str) -> None:
     from rich.table import Table
 
     keys = [metric] + [k for k in ("accuracy", "token_accuracy", "macro_f1", "mcc", "micro_f1", "exact_match",
-                                   "pearson", "spearman", "rmse", "loss") if k != metric]
+                                   "pearson", "spearman", "rmse", "bleu", "rouge_l", "chrf", "stopped", "loss")
+                       if k != metric]
     title = (f"results ({results['steps']} steps, {results['train_seconds']:.0f} s, "
              f"{results['train_samples_per_s']:.0f} samples/s)")
     small = results.get("small_splits", {})
@@ -491,7 +496,7 @@ def _print_summary(run_dir: Path, results: dict, metric: str) -> None:
         for k in shown:
             table.add_column(k, justify="right")
         for split in scored:
-            table.add_row(split, *[f"{results[split][k]:.4f}" for k in shown])
+            table.add_row(split, *[f"{results[split][k]:.4f}" if k in results[split] else "-" for k in shown])
         console.print(table)
     else:
         console.print(title)

@@ -24,7 +24,7 @@ __all__ = [
     "greater_is_better",
 ]
 
-_LOWER_IS_BETTER = frozenset({"mse", "rmse", "mae", "loss", "hamming_loss"})
+_LOWER_IS_BETTER = frozenset({"mse", "rmse", "mae", "loss", "hamming_loss", "perplexity"})
 
 def _to_numpy(x) -> np.ndarray:
     """Array-like or torch tensor -> numpy array (same shape)."""

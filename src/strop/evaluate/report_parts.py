@@ -353,3 +353,24 @@ SCRIPT = """
   document.body.dataset.rendered="1";
 })();
 """
+
+
+def generations_section(predictor, ex, split: str, base=None, k: int = 8) -> str:
+    """Generation: the first `k` prompts of a split, the fine-tuned model's answer beside the references and (when
+    the base model loads) the base model's answer to the same prompt."""
+    prompts = ex.prompts()[:k]
+    tuned = predictor.predict(prompts)
+    before = base.predict(prompts) if base is not None else None
+    header = ["prompt", "reference(s)", "fine-tuned"] + (["base model"] if before is not None else [])
+    rows = []
+    for i, turns in enumerate(prompts):
+        refs = " | ".join(ex.references[i][:3]) + (f" (+{len(ex.references[i]) - 3})"
+                                                  if len(ex.references[i]) > 3 else "")
+        row = [turns[-1]["content"], refs, _answer(tuned[i])]
+        rows.append(row + ([_answer(before[i])] if before is not None else []))
+    note = "" if before is not None else '<p class="warn">the base model could not be loaded here: no comparison</p>'
+    return f"<p>sample answers ({html.escape(split)}, greedy)</p>" + _table(header, rows) + note
+
+
+def _answer(pred: dict) -> str:
+    return pred["text"] + ("" if pred["finish_reason"] == "stop" else " [cut at the token limit]")

@@ -55,7 +55,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def resolve_targets(model: nn.Module, targets: list, default: list[str] | None) -> list[str]:
     """Full names of the nn.Linear modules to adapt. targets: [] (= default), ['all-linear'], ['re:<regex>'] or
     name suffixes. The head is never a target: naming it is an error, all-linear leaves it out."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # the output embedding (a decoder's lm_head, often tied to the input embedding) is never adapted, as in PEFT's
+    # own all-linear: it is as large as the vocabulary and already maps hidden states to tokens
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output]
     heads = head_names(model)
     body = [n for n in linears if not under(n, heads)]
     wanted = list(targets) or default or ["all-linear"]

@@ -19,11 +19,13 @@ from strop.models.peft import load_adapter, load_bottleneck
 from strop.runs import open_run
 from strop.tasks.base import ExportSignature, Task
 from strop.tasks.classification import MULTI_LABEL, REGRESSION, SINGLE_LABEL
+from strop.tasks.generation import GENERATION
 from strop.tasks.token_classification import TOKEN_CLASSIFICATION
 
 # the order matters for task=auto: the first task whose `detects` says yes reads the data; single_label is the
 # fallback, and its reader infers single / multi-label / regression from a table's labels
-TASKS: dict[str, Task] = {t.name: t for t in (TOKEN_CLASSIFICATION, SINGLE_LABEL, MULTI_LABEL, REGRESSION)}
+TASKS: dict[str, Task] = {t.name: t for t in (TOKEN_CLASSIFICATION, GENERATION, SINGLE_LABEL, MULTI_LABEL,
+                                              REGRESSION)}
 FALLBACK = SINGLE_LABEL
 
 __all__ = ["TASKS", "ExportSignature", "Task", "build_model", "detect_task", "get_task", "load_predictor",

@@ -45,6 +45,7 @@ class Task:
     export: ExportSignature | None = None  # None: `strop export` refuses with `export_refusal`
     export_refusal: str = "this task has no ONNX export"
     compressible: bool = False  # `strop export --prune / --distill` apply (soft_loss, gold_rows, a sequence head)
+    default_peft: str = "none"  # what peft.method=auto means for this task (none = full fine-tuning)
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"
@@ -68,6 +69,10 @@ class Task:
         """cfg.data -> validated `Dataset` (task name, labels, columns, splits); carve=False leaves train whole."""
         raise NotImplementedError
 
+    def model_path(self, cfg):
+        """The model folder cfg.model.path names (`default`: the task's default model)."""
+        return cfg.model.path
+
     def check_settings(self, cfg, ds, processor) -> None:
         """Settings that need the data and the processor (model.max_length against special tokens, ...)."""
 
@@ -80,6 +85,14 @@ class Task:
         """A padded batch of the examples `idx` (model inputs plus `labels` where the split has them). `rng`
         draws what is random per batch (masks, augmentation); seeded by the loop so a resumed run is exact."""
         return collate_inputs(enc, idx)
+
+    def check_encoded(self, enc: Encoded, examples, split: str) -> None:
+        """Refuse an encoded split that cannot train or score (e.g. a row with nothing left to learn)."""
+
+    def batch_weight(self, enc: Encoded, idx: np.ndarray) -> float:
+        """What the loss of examples `idx` is averaged over: examples by default; the loop weights each
+        micro-batch by its share, so accumulation and several processes equal one large batch."""
+        return float(len(idx))
 
     def split_summary(self, ds, split: str, enc: Encoded) -> dict:
         """Task-specific fields of data.json for one split (label counts, windows, ...)."""
@@ -109,6 +122,12 @@ class Task:
                  precision: str = "fp32", threshold: float = 0.5, keep_outputs: bool = False):
         """(metrics with `loss`, kept outputs in input order or None) on a labelled split."""
         raise NotImplementedError
+
+    def final_evaluate(self, model, processor, enc: Encoded, labels: list[str], cfg, device: torch.device,
+                       precision: str, threshold: float, generate: bool) -> dict:
+        """The metrics of a split with the final weights (generate: this split is the one the run's final scores
+        come from, for tasks that answer by generating)."""
+        return self.evaluate(model, enc, labels, cfg.eval.batch_size, device, precision, threshold)[0]
 
     def meta(self, cfg, ds) -> dict:
         """What a finished model must remember to predict as it trained (strop.json, besides the common fields)."""

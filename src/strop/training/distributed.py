@@ -76,20 +76,22 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
-def shard(idx: np.ndarray, d: Dist) -> tuple[np.ndarray, float]:
-    """(this rank's examples of the global batch `idx`, the count its loss is averaged over).
+def shard(idx: np.ndarray, d: Dist, weight: float | None = None) -> tuple[np.ndarray, float]:
+    """(this rank's examples of the global batch `idx`, what its loss is averaged over).
 
-    Rank r takes idx[r::world]. Each rank's loss is a sum over its examples divided by len(idx) / world, so DDP's
+    Rank r takes idx[r::world]. `weight`: the global batch's weight (its examples by default; supervised tokens for
+    generation, Task.batch_weight). Each rank's loss is a sum over its examples divided by weight / world, so DDP's
     mean over ranks is the mean over the whole global batch, also when the slices differ in size. A rank whose slice
     is empty (a last batch smaller than the process count) runs one example with weight 0: every rank must run
     backward for DDP's all-reduce.
     """
+    weight = float(len(idx)) if weight is None else weight
     if d.world == 1:
-        return idx, float(len(idx))
+        return idx, weight
     part = idx[d.rank::d.world]
     if len(part) == 0:
         return idx[:1], float("inf")
-    return part, len(idx) / d.world
+    return part, weight / d.world
 
 
 def wrap_model(model: torch.nn.Module, d: Dist, device: torch.device, engine: str = "ddp") -> torch.nn.Module:

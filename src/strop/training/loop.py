@@ -62,12 +62,13 @@ def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_
     """Forward + backward over the examples `idx` in micro-batches; returns the batch's mean loss (detached).
 
     `task` (strop.tasks) builds the batches (`collate`), names the model inputs and gives the loss. Each
-    micro-batch loss is weighted by its share of the batch, so the summed gradients equal those of one
-    forward/backward over the whole batch (also when the last micro-batch is smaller). `regularizer()` (e.g.
+    micro-batch loss is weighted by its share of the batch (`task.batch_weight`: examples, or supervised tokens
+    for generation), so the summed gradients equal those of one forward/backward over the whole batch (also when
+    the last micro-batch is smaller). `regularizer()` (e.g.
     AdaLoRA's orthogonality penalty) returns a term added once per batch, or None.
     loss_fn(logits, batch) -> mean loss replaces the task loss (distillation uses it); None = task.loss.
-    `batch_examples`: what the loss is averaged over, len(idx) by default; with several processes
-    len(global batch) / world (distributed.shard). `backward(loss)`: DeepSpeed's engine.backward; None = loss.backward.
+    `batch_examples`: what the loss is averaged over, task.batch_weight(enc, idx) by default; with several processes
+    the global batch's weight / world (distributed.shard). `backward(loss)`: DeepSpeed's engine.backward; None = loss.backward.
     `rng`: what a task draws per batch (masks, augmentation), seeded by the caller from the batch's position.
     """
     total = torch.zeros((), device=device)
@@ -78,7 +79,8 @@ def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_
             logits = model(**{k: v for k, v in batch.items() if k in task.model_inputs}).logits
         loss = loss_fn(logits, batch) if loss_fn else task.loss(logits, batch)
         penalty = regularizer() if regularizer else None
-        loss = (loss if penalty is None else loss + penalty) * (len(part) / (batch_examples or len(idx)))
+        whole = batch_examples or task.batch_weight(enc, idx)
+        loss = (loss if penalty is None else loss + penalty) * (task.batch_weight(enc, part) / whole)
         loss.backward() if backward is None else backward(loss)
         total += loss.detach()
     return total
@@ -150,7 +152,8 @@ def _fit(model: nn.Module, train: Encoded, val: Encoded | None, cfg, task, label
         while state.step < total_steps and not state.stopped_early:
             batches = epoch_batches(train.lengths, t.batch_size, t.seed, state.epoch, t.batching == "length_grouped")
             for idx in batches[state.batch_in_epoch:]:
-                part, share = shard(idx, dist)  # this process's slice of the global batch (all of it with one)
+                # this process's slice of the global batch (all of it with one) and what its loss is averaged over
+                part, share = shard(idx, dist, task.batch_weight(train, idx))
                 # what the task draws for this batch depends on its position only, so a resumed run draws the same
                 rng = np.random.default_rng([t.seed, dist.rank, state.epoch, state.batch_in_epoch])
                 loss = micro.run(lambda m: accumulate_gradients(ddp_model, train, part, m, task, device, precision,
