@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides, toy_rows, write_csv, write_jsonl
+from conftest import tiny_overrides, toy_generation_rows, toy_rows, write_csv, write_jsonl
 from ner.toy_ner import toy_sentences, write_conll
 
 import strop
@@ -40,13 +40,20 @@ def _tokens(folder: Path, n: int, seed: int) -> Path:
     return write_conll(folder / f"tokens-{seed}.conll", toy_sentences(n, seed))
 
 
+def _generation(folder: Path, n: int, seed: int) -> Path:
+    return write_jsonl(folder / f"generation-{seed}.jsonl", toy_generation_rows(n, seed))
+
+
 # task -> (writer of n rows of its data, the inputs its predictor takes)
 SAMPLES = {
     "single_label": (_single, ["refund my card please", "where is my parcel"]),
     "multi_label": (_multi, ["refund my card please", "password login help"]),
     "regression": (_regression, ["refund my card please", "where is my parcel"]),
     "token_classification": (_tokens, ["john smith visited paris", "the report from unesco"]),
+    "generation": (_generation, ["name[cotto], food[french]", "name[zizzi], food[indian]"]),
 }
+# the tiny model each task trains (conftest fixtures): an encoder, or a decoder for tasks that generate
+MODELS = {"generation": "tiny_decoder"}
 
 
 def test_every_registered_task_has_sample_data_here():
@@ -65,16 +72,17 @@ def test_every_task_implements_the_protocol():
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_model, tmp_path_factory) -> dict:
+def runs(request, tmp_path_factory) -> dict:
     """One tiny finished run per task (train 60 rows, validation 20, test 20)."""
     out = {}
     for name, (write, _) in SAMPLES.items():
+        tiny_model = request.getfixturevalue(MODELS.get(name, "tiny_model"))
         folder = tmp_path_factory.mktemp(name)
         files = {split: str(write(folder, n, seed)) for split, n, seed in
                  (("train", 60, 1), ("validation", 20, 2), ("test", 20, 3))}
         args = tiny_overrides(tiny_model, folder / "runs", **{f"data.{k}": v for k, v in files.items()},
                               **{"task": name, "train.max_steps": 6, "train.eval_every": 3, "eval.report": False,
-                                 "track": "none"})
+                                 "track": "none", "generate.max_new_tokens": 8})
         out[name] = (strop.train(None, args), files, args)
     return out
 

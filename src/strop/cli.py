@@ -148,10 +148,19 @@ def predict(
     batch_size: int = typer.Option(64, min=1, help="examples per forward pass"),
     fmt: str = typer.Option("auto", "--format", help=FORMAT_HELP),
     encoding: str = typer.Option("utf-8", "--encoding", help=ENCODING_HELP),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1,
+                                                 help="generation runs: most tokens per answer (default: the run's)"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0,
+                                                help="generation runs: 0 = greedy (default), > 0 samples"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="generation runs: nucleus sampling mass"),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="generation runs: a text that ends an answer "
+                                                                  "(repeatable)"),
 ):
-    """Predict labels and probabilities; the output keeps the input columns, in input order.
+    """Predict labels and probabilities, or (generation runs) generate answers to prompts; the output keeps the
+    input columns, in input order.
 
-    An output named like an input column (a gold 'label', say) is written as 'pred_label' beside it.
+    An output named like an input column (a gold 'label', say) is written as 'pred_label' beside it. Generation
+    runs read prompts from stdin (one per line), .txt (one per line) or JSONL/CSV/Parquet (prompt or messages).
     """
     from strop.predict import check_output
     from strop.tasks import load_predictor
@@ -159,8 +168,10 @@ def predict(
     if out is not None:
         check_output(out)
     predictor = load_predictor(run)
+    options = _generation_options(predictor, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  stop=stop or None)
     if data is not None and out is not None:
-        n = predictor.predict_file(data, out, batch_size, fmt=fmt, encoding=encoding)
+        n = predictor.predict_file(data, out, batch_size, fmt=fmt, encoding=encoding, **options)
         err.print(f"wrote {n} predictions to {escape(str(out))}")
         return
     if data is not None:
@@ -168,13 +179,13 @@ def predict(
 
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "preds.jsonl"
-            predictor.predict_file(data, path, batch_size, fmt=fmt, encoding=encoding)
+            predictor.predict_file(data, path, batch_size, fmt=fmt, encoding=encoding, **options)
             sys.stdout.write(path.read_text(encoding="utf-8"))
         return
     texts = _stdin_lines()
     if not texts:
         raise StropError("no input: give --data FILE or pipe one text per line on stdin")
-    preds = predictor.predict(texts, batch_size=batch_size)
+    preds = predictor.predict(texts, batch_size=batch_size, **options)
     if out is not None:
         from strop.predict import write_predictions
 
@@ -182,6 +193,54 @@ def predict(
         return
     for text, pred in zip(texts, preds):
         print(json.dumps({"text": text, **pred}, ensure_ascii=False))
+
+
+def _generation_options(predictor, **given) -> dict:
+    """The decoding options the user gave; refused for a model that does not generate."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if given and not hasattr(predictor, "stream"):
+        raise StropError(f"{', '.join('--' + k.replace('_', '-') for k in given)} apply to generation runs; this "
+                         f"model is a {predictor.task.name} model")
+    return given
+
+
+@app.command()
+def chat(
+    run: Path = typer.Argument(..., help="a generation run folder (runs/<name>) or its model/ folder"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="most tokens per answer"),
+    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="0 = greedy, > 0 samples"),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="nucleus sampling mass (with --temperature)"),
+    system: Optional[str] = typer.Option(None, "--system", help="a system message that opens the conversation"),
+):
+    """Talk to a generation run: type a message, the answer streams token by token; the conversation is kept
+    (/reset clears it, /exit or Ctrl-D leaves)."""
+    from strop.tasks import load_predictor
+
+    generator = load_predictor(run)
+    options = _generation_options(generator, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    if not hasattr(generator, "stream"):
+        raise StropError(f"strop chat talks to generation runs; {run} is a {generator.task.name} model "
+                         "(use strop predict)")
+    opening = [{"role": "system", "content": system}] if system else []
+    turns = list(opening)
+    err.print("chat: type a message (/reset clears the conversation, /exit leaves)")
+    for line in sys.stdin:
+        message = line.rstrip("\r\n")
+        if message.strip() in ("/exit", "/quit"):
+            break
+        if message.strip() == "/reset":
+            turns = list(opening)
+            continue
+        if not message.strip():
+            continue
+        turns.append({"role": "user", "content": message})
+        answer = ""
+        for piece in generator.stream(turns, **options):
+            answer += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        turns.append({"role": "assistant", "content": answer})
 
 
 @app.command()

@@ -16,11 +16,12 @@ import torch
 
 from strop.data.batching import eval_batches
 from strop.data.chat import ROLES, find_layout, to_chat_examples
-from strop.data.chat_tokens import eos_id, prompt_ids
+from strop.data.chat_tokens import PLAIN_TEMPLATE, eos_id, prompt_ids
 from strop.data.load import read_lines, read_table
 from strop.device import autocast
 from strop.errors import DataError
 from strop.evaluate.generation_metrics import score_generations
+from strop.predict import check_output, write_predictions
 
 
 @dataclass
@@ -108,6 +109,8 @@ class Generator:
         stopped = self.eos in new
         new = new[:new.index(self.eos)] if stopped else [t for t in new if t != self.pad]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
+        if self.tokenizer.chat_template == PLAIN_TEMPLATE:
+            text = text.removeprefix(" ")  # the plain format's space after "assistant:"
         cut = min((text.find(x) for x in s.stop if x in text), default=-1)
         if cut >= 0:
             text, stopped = text[:cut], True
@@ -167,13 +170,14 @@ class Generator:
         ex = to_chat_examples(table, layout, "test" if need_answers else "predict", need_answers=False)
         return table, ex
 
-    def predict_file(self, path, out: str | Path, batch_size: int = 16, **columns) -> int:
-        from strop.predict import check_output, write_predictions
-
+    def predict_file(self, path, out: str | Path, batch_size: int = 16, fmt: str = "auto", encoding: str = "utf-8",
+                     text_column=None, label_column=None, **options) -> int:
+        """Answer every prompt of `path` (one per line in .txt; a prompt or messages column otherwise) into `out`
+        (.jsonl or .csv), keeping the input columns."""
         check_output(out)
-        table, ex = self.file_examples(path, False, **columns)
+        table, ex = self.file_examples(path, False, fmt, encoding, text_column=text_column, label_column=label_column)
         rows = self.generate_ids([prompt_ids(self.tokenizer, p, self.meta["max_length"])[0] for p in ex.prompts()],
-                                 batch_size)
+                                 batch_size, **options)
         write_predictions(out, table.columns, table.rows, rows, self.flat)
         return len(rows)
 

@@ -18,8 +18,10 @@ from strop.data.batching import Encoded
 from strop.errors import DataError, ModelError
 
 # the format of a model without a chat template (a base model): role-labelled turns, the answer after "assistant:"
-PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if m['role'] == 'assistant' %}"
-                  "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+# (transformers renders templates with trim_blocks: a newline must be an expression, not text after a block tag).
+# The answer follows "assistant:" after one space, which the generator drops from what it returns.
+PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% if m['role'] == 'assistant' %}"
+                  "{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 @dataclass
@@ -109,9 +111,9 @@ def _fit(ids: list[int], mask: list[bool], max_length: int, answer_start: int, w
         return ids, mask, False
     answer = len(ids) - answer_start
     if answer + 1 > max_length:
-        raise DataError(f"{where}: the answer alone is {answer} tokens (with the end-of-sequence token), more than "
-                        f"model.max_length={max_length} leaves room for with any prompt; raise model.max_length or "
-                        "shorten that completion (answers are never cut)")
+        raise DataError(f"{where}: the answer alone takes {answer} tokens (with the end-of-sequence token and what "
+                        f"the chat template adds after it), more than model.max_length={max_length} leaves room for "
+                        "with any prompt; raise model.max_length or shorten that completion (answers are never cut)")
     return ids[-max_length:], mask[-max_length:], True
 
 
