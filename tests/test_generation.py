@@ -1,0 +1,126 @@
+"""The generation task end to end with a tiny decoder: training on answers only (token-weighted, also across
+accumulation), LoRA as the decoder default, scoring generations, predict / eval / chat from the CLI, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import toy_generation_rows, write_jsonl
+
+import strop
+from strop.cli import main
+from strop.config import load_config
+from strop.models.backbone import load_tokenizer
+from strop.tasks import build_model, get_task, prepare
+from strop.training.loop import accumulate_gradients
+
+TASK = get_task("generation")
+
+
+def _overrides(model, folder, **extra) -> dict:
+    # a random 64-wide decoder learns the toy mapping in ~140 steps at lr 5e-3 (measured: test BLEU ~90)
+    return {"data.train": str(folder / "train.jsonl"), "data.test": str(folder / "test.jsonl"),
+            "model.path": str(model), "output_dir": str(folder / "runs"), "name": "run", "train.epochs": 6,
+            "train.batch_size": 8, "train.lr": 5e-3, "train.warmup": 0, "train.precision": "fp32",
+            "train.threads": 2, "peft.method": "none", "generate.max_new_tokens": 16, "track": "none", **extra}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_decoder, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gen")
+    write_jsonl(folder / "train.jsonl", toy_generation_rows(200, 1))
+    write_jsonl(folder / "test.jsonl", [{"prompt": r["prompt"], "references": [r["completion"], "something else"]}
+                                        for r in toy_generation_rows(20, 3)])
+    return strop.train(None, _overrides(tiny_decoder, folder)), folder
+
+
+def test_training_learns_the_answers_and_scores_generations(trained):
+    run, _ = trained
+    test = run.results["test"]
+    # from the runs measured when this test was written: validation perplexity falls from ~12 after one epoch to
+    # ~1.3; the greedy answers match the toy mapping (BLEU 88-90, 18-20 of 20 answers end with EOS in 16 tokens)
+    assert test["perplexity"] < 1.6 and test["bleu"] > 60 and test["stopped"] >= 80.0
+    assert test["references_per_output"] == 2.0 and test["n"] == 20
+    history = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r["perplexity"] for r in history if r.get("split") == "validation"]
+    assert val[-1] < val[0] / 4 and run.results["best_step"] == run.results["steps"]  # lower perplexity wins
+
+
+def test_generator_answers_deterministically_and_streams_the_same_text(trained):
+    run, _ = trained
+    gen = strop.load(run.run_dir)
+    first = gen.predict(["name[cotto], food[french]", "name[zizzi], food[indian]"])
+    assert first == gen.predict(["name[cotto], food[french]", "name[zizzi], food[indian]"], batch_size=1)
+    assert first[0]["text"] == "cotto serves french food." and first[0]["finish_reason"] == "stop"
+    assert "".join(gen.stream("name[cotto], food[french]")) == first[0]["text"]
+    cut = gen.predict("name[cotto], food[french]", stop=["french"])[0]
+    assert cut["text"] == "cotto serves " and cut["finish_reason"] == "stop"
+    short = gen.predict("name[cotto], food[french]", max_new_tokens=2)[0]
+    assert short["finish_reason"] == "length" and short["tokens"] == 2
+
+
+def test_gradient_accumulation_equals_one_batch_with_uneven_answer_lengths(tiny_decoder, tmp_path):
+    """The loss is a mean over supervised tokens of the whole batch: micro-batches whose answers differ in length
+    must not be averaged as equals (the accumulation bug TRL users hit)."""
+    rows = [{"prompt": f"p{i}", "completion": "word " * (1 + 6 * (i % 2))} for i in range(8)]
+    cfg = load_config(None, {"data.train": str(write_jsonl(tmp_path / "t.jsonl", rows)), "model.path": str(tiny_decoder),
+                             "data.validation_ratio": 0, "data.test_ratio": 0, "peft.method": "none"})
+    ds = prepare(cfg)
+    enc = TASK.encode(load_tokenizer(tiny_decoder), ds.splits["train"], {"max_length": 64})
+    idx = np.arange(8)
+    grads = []
+    for micro in (8, 2, 3):
+        torch.manual_seed(0)
+        model = build_model(TASK, cfg, [])
+        accumulate_gradients(model, enc, idx, micro, TASK, torch.device("cpu"), "fp32")
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
+    # micro-batches of 3 hold different numbers of answer tokens (short, long, short vs long, short, long)
+    assert TASK.batch_weight(enc, idx[:3]) < TASK.batch_weight(enc, idx[3:6])
+
+
+def test_lora_is_the_decoder_default_and_leaves_the_output_embedding_alone(tiny_decoder, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", toy_generation_rows(40, 1))
+    write_jsonl(tmp_path / "test.jsonl", toy_generation_rows(8, 3))
+    over = _overrides(tiny_decoder, tmp_path, **{"train.max_steps": 3, "peft.method": "auto", "eval.report": False})
+    over.pop("train.lr")
+    run = strop.train(None, over)
+    saved = load_config(run.run_dir / "config.yaml")
+    assert saved.peft.method == "lora" and saved.train.lr == 5e-4  # config.METHOD_LR["lora"]
+    meta = json.loads((run.run_dir / "model" / "strop.json").read_text())
+    targets = meta["peft"]["targets"]
+    # every linear layer of the 2 blocks (q, k, v, o, gate, up, down), never lm_head
+    assert len(targets) == 14 and not any("lm_head" in t for t in targets)
+    assert meta["peft"]["merge_max_abs_diff"] < 1e-4
+
+
+def test_predict_eval_and_chat_from_the_command_line(trained, tmp_path, monkeypatch, capsys):
+    run, folder = trained
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"name[cotto], food[french]\n")))
+    assert main(["predict", str(run.run_dir), "--max-new-tokens", "16"]) == 0
+    line = json.loads(capsys.readouterr().out.strip())
+    assert line["text"] == "cotto serves french food." and line["finish_reason"] == "stop"
+    out = tmp_path / "answers.csv"
+    assert main(["predict", str(run.run_dir), "--data", str(folder / "test.jsonl"), "--out", str(out)]) == 0
+    assert out.read_text().splitlines()[0] == "prompt,references,generation,finish_reason,tokens"
+    assert main(["eval", str(run.run_dir), "--data", str(folder / "test.jsonl")]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["bleu"] == pytest.approx(run.results["test"]["bleu"])  # same weights, same greedy answers
+    monkeypatch.setattr("sys.stdin", io.StringIO("name[cotto], food[french]\n/reset\n/exit\n"))
+    assert main(["chat", str(run.run_dir)]) == 0
+    assert capsys.readouterr().out == "cotto serves french food.\n"
+
+
+def test_bad_generation_input_exits_2_and_writes_nothing(tiny_decoder, tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "p", "answer_text": "a"}])
+    args = ["train", "task=generation", f"data.train={train}", f"model.path={tiny_decoder}",
+            f"output_dir={tmp_path / 'runs'}", "name=bad"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no completion column (columns: ['prompt', 'answer_text'])" in err and "data.label_column" in err
+    assert not (tmp_path / "runs" / "bad").exists()
+    assert main(["train", "task=generation", f"data.train={train}", "model.path=/nowhere/model.gguf"]) == 2
