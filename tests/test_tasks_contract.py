@@ -110,6 +110,11 @@ def test_task_through_every_stage(name, runs, tmp_path):
     again = predictor.evaluate_file(files["test"])
     assert again[task.primary_metric] == pytest.approx(run.results["test"][task.primary_metric], abs=1e-6)
     # export: ONNX with its parity gate, loaded back behind the same interface, or a refusal with a reason
+    if task.generates:  # a GGUF file whose greedy answers equal the run's model's on held prompts
+        parity = export_run(run.run_dir, ExportOptions(int8=False, timing=False), log=lambda m: None)
+        assert parity["passed"] and parity["check"]["identical"] == parity["check"]["prompts"] == 8
+        assert (run.run_dir / "export" / "model.gguf").is_file()
+        return
     if task.export is None:
         with pytest.raises(ExportError, match="cannot export"):
             export_run(run.run_dir, ExportOptions(int8=False, timing=False))

@@ -332,11 +332,14 @@ def export(
                                         "default: the run's validation split"),
     timing: bool = typer.Option(True, "--timing/--no-timing", help="measure latency and throughput per variant"),
     threads: int = typer.Option(0, min=0, help="threads for torch and onnxruntime; 0 = all cores"),
+    gguf: str = typer.Option("f16", "--gguf", help="generation runs: GGUF weights, f16 (near-lossless) or q8_0"),
 ):
     """Export a run to ONNX (+ int8, pruned, distilled), each checked against the original; writes RUN/export/.
 
     Example: strop export runs/sst2 --prune heads=0.25,ffn=0.5 --recover-epochs 1 --distill 3
     Token-classification (NER) runs export ONNX fp32 + int8 with per-token parity (no --prune / --distill).
+    Generation runs export RUN/export/model.gguf (llama.cpp / Ollama; chat template inside), its greedy answers
+    compared with the run's model on held prompts; RUN/model/ is already the merged Hugging Face model.
     """
     from strop.compress.export import ExportOptions, export_run, print_summary
     from strop.compress.prune import parse_prune
@@ -345,9 +348,10 @@ def export(
                          recover_epochs=recover_epochs, distill=distill, distill_epochs=distill_epochs,
                          temperature=temperature, alpha=alpha, distill_augment=distill_augment, lr=lr,
                          tolerance=tolerance,
-                         data=str(data) if data else None, timing=timing, threads=threads)
+                         data=str(data) if data else None, timing=timing, threads=threads, gguf=gguf)
     parity = export_run(run, opts, log=err.print)
-    print_summary(parity)
+    if parity.get("format") != "gguf":  # the GGUF export says its result in one line as it finishes
+        print_summary(parity)
 
 
 @app.command()
@@ -390,6 +394,11 @@ def serve(
     help_config: bool = typer.Option(False, "--help-config", help="list every serve.* setting with its default"),
 ):
     """Serve a trained or exported model over HTTP: POST /v1/predict, GET /v1/model, /health/*, /metrics.
+
+    A generation run answers OpenAI-compatible routes instead of /v1/predict:
+    POST /v1/chat/completions, POST /v1/completions (plain, or "stream": true), GET /v1/models.
+    Point an OpenAI client at http://HOST:PORT/v1 with the run's name as model.
+    Concurrent requests share decode steps (serve.max_batch_size sequences at most).
 
     Example: strop serve runs/try2 --backend onnx serve.max_batch_tokens=4096
     """

@@ -382,9 +382,10 @@ def _train_in_folder(s: RunSetup, start_step: int, on_eval) -> tuple[dict, Track
             console.print(f"[yellow]{split}: {enc.n_truncated} of {len(enc)} examples are longer than "
                           f"model.max_length={cfg.model.max_length} tokens and were truncated[/yellow]")
     trainable, total = count_parameters(s.model)
-    model_name = s.model_folder.name if cfg.model.path != "default" else "all-MiniLM-L6-v2 (default)"
-    console.print(f"model: {model_name}, {total / 1e6:.1f}M parameters; task {ds.task} with {len(ds.labels)} "
-                  f"label(s); {len(ds.splits['train'])} training examples; {s.device.type} {s.precision}")
+    model_name = f"{task.default_model} (default)" if cfg.model.path == "default" else s.model_folder.name
+    labels = f" with {len(ds.labels)} label(s)" if ds.labels else ""
+    console.print(f"model: {model_name}, {total / 1e6:.1f}M parameters; task {ds.task}{labels}; "
+                  f"{len(ds.splits['train'])} training examples; {s.device.type} {s.precision}")
     console.print(f"peft.method={cfg.peft.method}: trainable parameters {trainable:,} of {total:,} "
                   f"({100 * trainable / total:.2f}%)")
     tracker = Trackers(run_dir, cfg.track, purge_step=start_step + 1 if start_step else None, config=cfg)

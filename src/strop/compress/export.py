@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from strop.compress.folders import replace_folder, tidy_leftovers
+from strop.compress.generation_export import export_generation
 from strop.compress.onnx import OnnxModel, export_onnx
 from strop.compress.options import ExportOptions, check_options, check_options_for_model
 from strop.compress.timing import latency_ms, throughput
@@ -170,6 +171,8 @@ def export_run(run: str | Path, opts: ExportOptions | None = None, log=print) ->
     run_dir = model_dir.parent
     tidy_leftovers(run_dir, log)
     teacher, tokenizer, meta, task = load_trained(model_dir)
+    if task.export is None and task.generates:
+        return _export_generation(run_dir, model_dir, opts, log)
     if task.export is None:
         raise ExportError(f"cannot export {run_dir}: {task.export_refusal}")
     check_options_for_model(opts, teacher, meta, task, run_dir)
@@ -191,6 +194,21 @@ def export_run(run: str | Path, opts: ExportOptions | None = None, log=print) ->
         raise
     log(f"wrote {final}")
     return parity
+
+
+def _export_generation(run_dir: Path, model_dir: Path, opts: ExportOptions, log) -> dict:
+    """A generation run's GGUF export (generation_export.py), held prompts from its data when they are readable."""
+    from strop.config import load_config
+
+    if opts.prune or opts.distill or opts.static_int8:
+        raise ExportError("--prune, --distill and --static-int8 apply to classifiers; a generation run exports a GGUF "
+                          "file (--gguf f16 or q8_0)")
+    try:
+        ds = prepare_task_data(load_config(run_dir / "config.yaml"))
+        examples = ds.splits.get("validation") or ds.splits.get("test")
+    except (StropError, OSError):
+        examples = None  # the data moved: the check uses generic prompts
+    return export_generation(run_dir, model_dir, examples, opts.gguf, log)
 
 
 def _export_into(tmp: Path, run_dir: Path, model_dir: Path, teacher, tokenizer, meta: dict, held: Encoded,

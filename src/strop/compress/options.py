@@ -34,6 +34,7 @@ class ExportOptions:
     timing: bool = True  # measure p50/p95 latency at batch 1 and throughput at batch 32 for every variant
     timing_examples: int = 100  # examples timed at batch 1 (and x4 for throughput)
     threads: int = 0  # threads for torch and onnxruntime; 0 = torch's current setting
+    gguf: str = "f16"  # generation runs: the GGUF file's weights, f16 or q8_0
 
 
 def check_options(opts: ExportOptions) -> None:

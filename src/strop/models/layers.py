@@ -6,6 +6,9 @@ whatever wrapper (PEFT's, DDP's) the model is later inside: the flag travels wit
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from torch import nn
 
 from strop.errors import ModelError
@@ -40,3 +43,19 @@ def head_names(model: nn.Module) -> list[str]:
 def under(name: str, prefixes: list[str]) -> bool:
     """Whether the dotted `name` is one of `prefixes` or inside one of them."""
     return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+@contextlib.contextmanager
+def scored_positions(model: nn.Module, labels: torch.Tensor):
+    """While active, the causal LM `model`'s output layer computes logits only where the next token is scored
+    (`labels[:, 1:] != -100`): the model returns (scored positions, vocabulary) instead of (batch, sequence,
+    vocabulary). A pre-hook on the output embedding, so it works through PEFT and DDP wrappers alike."""
+    inner = model.module if hasattr(model, "module") else model  # DDP
+    head = inner.get_output_embeddings()
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][keep],) + tuple(args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()

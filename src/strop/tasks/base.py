@@ -42,9 +42,11 @@ class Task:
     tunes_threshold: bool = False  # outputs are thresholded (multi-label): the threshold is tuned on validation
     class_per_row: bool = False  # each example has exactly one class (single-label): counts per class mean something
     takes_words: bool = False  # its predictor also takes pre-split words (serve's {tokens} inputs, entities out)
+    generates: bool = False  # its predictor answers prompts with text (serve's OpenAI-compatible routes)
     export: ExportSignature | None = None  # None: `strop export` refuses with `export_refusal`
     export_refusal: str = "this task has no ONNX export"
     compressible: bool = False  # `strop export --prune / --distill` apply (soft_loss, gold_rows, a sequence head)
+    default_model: str = "all-MiniLM-L6-v2"  # what model.path=default loads (model_path), by name
     default_peft: str = "none"  # what peft.method=auto means for this task (none = full fine-tuning)
 
     def __repr__(self) -> str:
@@ -111,6 +113,10 @@ class Task:
     def num_outputs(self, labels: list[str]) -> int:
         """Width of the head's output for these labels."""
         return len(labels)
+
+    def forward(self, model, batch: dict) -> torch.Tensor:
+        """The logits `loss` reads: the model on the batch's model inputs (a task may compute fewer of them)."""
+        return model(**{k: v for k, v in batch.items() if k in self.model_inputs}).logits
 
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         """Mean training loss of a batch (the loop averages over accumulation and processes)."""

@@ -29,6 +29,7 @@ from strop.evaluate.generation_metrics import score_generations
 from strop.evaluate.report_parts import generations_section
 from strop.generate import Generator
 from strop.models.backbone import load_pretrained
+from strop.models.layers import scored_positions
 from strop.models.gguf_import import default_decoder_path
 from strop.tasks.base import Task
 
@@ -41,7 +42,9 @@ class Generation(Task):
     metrics = ("perplexity", "loss")
     model_inputs = ("input_ids", "attention_mask")
     head_names = ()  # nothing new to train in full: the output embedding is pretrained (and often tied)
+    default_model = "SmolLM2-135M-Instruct"
     default_peft = "lora"
+    generates = True
     export_refusal = ("a generation model is not exported to ONNX; its model/ folder is a plain Hugging Face "
                       "causal LM (AutoModelForCausalLM.from_pretrained)")
 
@@ -102,11 +105,21 @@ class Generation(Task):
     def num_outputs(self, labels: list[str]) -> int:
         return 0
 
+    def forward(self, model, batch: dict) -> torch.Tensor:
+        """Logits at the positions the loss reads only, (supervised tokens, vocabulary): the output layer and the
+        softmax are as wide as the vocabulary (49k for SmolLM2, ~20% of its compute), and most positions are
+        prompt."""
+        with scored_positions(model, batch["labels"]):
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Mean next-token cross-entropy over the batch's supervised tokens (labels shifted by one)."""
+        """Mean next-token cross-entropy over the batch's supervised tokens (labels shifted by one); `logits` are
+        the model's (batch, sequence, vocabulary), or those of the scored positions only (`forward`)."""
         labels = batch["labels"][:, 1:]
         keep = labels != -100
-        return F.cross_entropy(logits[:, :-1][keep].float(), labels[keep])
+        if logits.dim() == 3:
+            logits = logits[:, :-1][keep]
+        return F.cross_entropy(logits.float(), labels[keep])
 
     # -- evaluation, metadata, prediction -------------------------------------------------------------------------
 
@@ -121,7 +134,7 @@ class Generation(Task):
             for idx in eval_batches(enc.lengths, min(batch_size, EVAL_ROWS)):
                 batch = {k: v.to(device) for k, v in collate_chat(enc, idx).items()}
                 with autocast(device, precision):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    logits = self.forward(model, batch)
                 n = int((batch["labels"][:, 1:] != -100).sum())
                 if n:
                     total += float(self.loss(logits, batch)) * n

@@ -76,7 +76,7 @@ def accumulate_gradients(model: nn.Module, enc: Encoded, idx: np.ndarray, micro_
         part = idx[start:start + micro_batch_size]
         batch = {k: v.to(device, non_blocking=True) for k, v in task.collate(enc, part, rng).items()}
         with autocast(device, precision):
-            logits = model(**{k: v for k, v in batch.items() if k in task.model_inputs}).logits
+            logits = task.forward(model, batch)
         loss = loss_fn(logits, batch) if loss_fn else task.loss(logits, batch)
         penalty = regularizer() if regularizer else None
         whole = batch_examples or task.batch_weight(enc, idx)
