@@ -123,4 +123,8 @@ def test_bad_generation_input_exits_2_and_writes_nothing(tiny_decoder, tmp_path,
     err = capsys.readouterr().err
     assert "no completion column (columns: ['prompt', 'answer_text'])" in err and "data.label_column" in err
     assert not (tmp_path / "runs" / "bad").exists()
-    assert main(["train", "task=generation", f"data.train={train}", "model.path=/nowhere/model.gguf"]) == 2
+    good = write_jsonl(tmp_path / "good.jsonl", toy_generation_rows(10, 1))
+    assert main(["train", f"data.train={good}", "model.path=/nowhere/model.gguf", f"output_dir={tmp_path / 'runs'}",
+                 "name=gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "/nowhere/model.gguf" in err and "not found" in err and not (tmp_path / "runs" / "gguf").exists()

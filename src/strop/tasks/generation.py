@@ -30,7 +30,7 @@ from strop.evaluate.report_parts import generations_section
 from strop.generate import Generator
 from strop.models.backbone import load_pretrained
 from strop.models.layers import scored_positions
-from strop.models.gguf_import import default_decoder_path
+from strop.models.gguf_import import default_decoder_path, gguf_to_folder
 from strop.tasks.base import Task
 
 EVAL_ROWS = 8  # examples per forward pass when scoring the loss: a (rows, tokens, vocabulary) logits tensor each
@@ -55,7 +55,12 @@ class Generation(Task):
         return prepare_chat(cfg, carve)
 
     def model_path(self, cfg) -> str | Path:
-        return default_decoder_path() if str(cfg.model.path) == "default" else cfg.model.path
+        """model.path: default (SmolLM2-135M-Instruct), a .gguf file (de-quantised once into a cached folder), or
+        a Hugging Face causal-LM folder."""
+        path = str(cfg.model.path)
+        if path == "default":
+            return default_decoder_path()
+        return gguf_to_folder(Path(path).expanduser()) if path.lower().endswith(".gguf") else cfg.model.path
 
     def check_settings(self, cfg, ds, processor) -> None:
         note = ensure_template(processor)
@@ -100,6 +105,7 @@ class Generation(Task):
         from transformers import AutoModelForCausalLM
 
         folder = default_decoder_path() if str(folder) == "default" else Path(folder)
+        folder = gguf_to_folder(folder) if folder.suffix.lower() == ".gguf" else folder
         return load_pretrained(AutoModelForCausalLM, folder, dtype=torch.float32)
 
     def num_outputs(self, labels: list[str]) -> int:
