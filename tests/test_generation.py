@@ -48,6 +48,9 @@ def test_training_learns_the_answers_and_scores_generations(trained):
     history = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
     val = [r["perplexity"] for r in history if r.get("split") == "validation"]
     assert val[-1] < val[0] / 4 and run.results["best_step"] == run.results["steps"]  # lower perplexity wins
+    page = (run.run_dir / "report.html").read_text()
+    # the report shows answers beside their references and the base model's answer to the same prompt
+    assert "Sample answers (test)" in page and "<th>base model</th>" in page and "cotto serves" not in page[:100]
 
 
 def test_generator_answers_deterministically_and_streams_the_same_text(trained):

@@ -22,7 +22,8 @@ from strop.explain.attribution import SPAN_CSS
 from strop.runs import write_atomic
 from strop.tasks import load_predictor, prepare
 
-SECTIONS = ("summary", "data", "curves", "metrics", "entities", "confusion", "calibration", "errors", "regression")
+SECTIONS = ("summary", "data", "curves", "metrics", "generations", "entities", "confusion", "calibration", "errors",
+            "regression")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -56,7 +57,8 @@ def build_report(run_dir: str | Path, explain_k: int = 5, errors_k: int = 10) ->
     sections.update(parts)
     titles = {"summary": "Run", "data": "Data", "entities": "Entities", "curves": "Training curves",
               "metrics": "Final metrics", "confusion": "Confusion matrix", "calibration": "Calibration",
-              "errors": f"Most confident errors ({split})", "regression": "Predicted vs true"}
+              "errors": f"Most confident errors ({split})", "regression": "Predicted vs true",
+              "generations": f"Sample answers ({split})"}
     body = "".join(f'<section id="{k}"><h2>{titles[k]}</h2>{sections[k]}</section>' for k in SECTIONS
                    if sections.get(k))
     nav = " ".join(f'<a href="#{k}">{titles[k]}</a>' for k in SECTIONS if sections.get(k))
