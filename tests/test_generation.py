@@ -131,3 +131,25 @@ def test_bad_generation_input_exits_2_and_writes_nothing(tiny_decoder, tmp_path,
                  "name=gguf"]) == 2
     err = capsys.readouterr().err
     assert "/nowhere/model.gguf" in err and "not found" in err and not (tmp_path / "runs" / "gguf").exists()
+
+
+@pytest.mark.parametrize("method", ["adalora", "freeze"])
+def test_other_methods_train_a_decoder_and_save_a_plain_model(method, tiny_decoder, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", toy_generation_rows(40, 1))
+    write_jsonl(tmp_path / "test.jsonl", toy_generation_rows(8, 3))
+    over = _overrides(tiny_decoder, tmp_path, **{"train.max_steps": 4, "peft.method": method, "eval.report": False,
+                                                 "peft.unfrozen_layers": 1, "peft.tinit": 0, "peft.tfinal": 0})
+    if method == "freeze":
+        over = {k: v for k, v in over.items() if not k.startswith("peft.t")}
+    else:
+        over.pop("peft.unfrozen_layers")
+    run = strop.train(None, over)
+    meta = json.loads((run.run_dir / "model" / "strop.json").read_text())
+    assert meta["peft"]["method"] == method and run.results["steps"] == 4
+    # freeze: the top block of 2 trains (its 7 linear layers, 2 norms); AdaLoRA: ranks on every body linear layer
+    if method == "freeze":  # q, o (64x64), k, v (64x32: 2 kv heads), gate, up, down (64x128), 2 RMSNorms of 64
+        assert meta["peft"]["trainable_params"] == 64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3 + 64 * 2
+    else:
+        assert len(meta["peft"]["targets"]) == 14 and not any("lm_head" in t for t in meta["peft"]["targets"])
+    answer = strop.load(run.run_dir).predict(["name[cotto], food[french]"], max_new_tokens=4)[0]
+    assert answer["tokens"] <= 4 and answer["finish_reason"] in ("stop", "length")
