@@ -375,7 +375,7 @@ def _train_in_folder(s: RunSetup, start_step: int, on_eval) -> tuple[dict, Track
     meta = run_meta(cfg, ds, task, s.mode)
     encoded = {split: task.encode(s.tokenizer, ex, meta) for split, ex in ds.splits.items()}
     for split, enc in encoded.items():
-        task.check_encoded(enc, ds.splits[split], split)
+        task.check_encoded(enc, ds.splits[split], split, s.tokenizer)
     write_atomic(run_dir / "data.json", json.dumps(data_summary(ds, task, encoded), indent=2))
     for split, enc in encoded.items():
         if enc.n_truncated:

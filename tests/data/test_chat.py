@@ -113,3 +113,16 @@ def test_a_model_without_a_chat_template_gets_the_plain_format(tiny_decoder):
     ids, mask = conversation_ids(tok, CHAT[1:3])
     assert tok.decode(ids) == "user: name[cotto], food[french]\nassistant: cotto serves french food.<|im_end|>\n"
     assert tok.decode([t for t, m in zip(ids, mask) if m]) == " cotto serves french food.<|im_end|>"
+
+
+def test_the_marked_example_shows_exactly_the_supervised_answer(tiny_decoder, tmp_path):
+    from strop.data.chat_tokens import marked_example
+
+    tok = load_tokenizer(tiny_decoder)
+    ds = prepare_chat(_cfg(write_jsonl(tmp_path / "t.jsonl", toy_generation_rows(3, 1)),
+                           **{"data.validation_ratio": 0}))
+    enc = encode_chat(tok, ds.splits["train"], 64)
+    runs = marked_example(tok, enc, 0)
+    row = toy_generation_rows(3, 1)[0]
+    assert runs == [(f"<|im_start|>user\n{row['prompt']}<|im_end|>\n<|im_start|>assistant\n", False),
+                    (f"{row['completion']}<|im_end|>", True), ("\n", False)]

@@ -168,3 +168,14 @@ def check_supervised(enc: ChatEncoded, where: list[str], split: str) -> None:
     if empty:
         raise DataError(f"{where[empty[0]]}: no token of the answer is left to learn from ({len(empty)} {split} "
                         "row(s) like it); give the row an answer or raise model.max_length")
+
+
+def marked_example(tokenizer, enc: ChatEncoded, i: int = 0) -> list[tuple[str, bool]]:
+    """Example i as (text, supervised) runs: what the model reads, and which part of it the loss covers."""
+    runs, ids, mask = [], enc.input_ids[i], enc.labels[i]
+    start = 0
+    for k in range(1, len(ids) + 1):
+        if k == len(ids) or mask[k] != mask[start]:
+            runs.append((tokenizer.decode(ids[start:k]), bool(mask[start])))
+            start = k
+    return runs

@@ -88,8 +88,9 @@ class Task:
         draws what is random per batch (masks, augmentation); seeded by the loop so a resumed run is exact."""
         return collate_inputs(enc, idx)
 
-    def check_encoded(self, enc: Encoded, examples, split: str) -> None:
-        """Refuse an encoded split that cannot train or score (e.g. a row with nothing left to learn)."""
+    def check_encoded(self, enc: Encoded, examples, split: str, processor=None) -> None:
+        """Refuse an encoded split that cannot train or score (e.g. a row with nothing left to learn); may show
+        the user what training will see."""
 
     def batch_weight(self, enc: Encoded, idx: np.ndarray) -> float:
         """What the loss of examples `idx` is averaged over: examples by default; the loop weights each

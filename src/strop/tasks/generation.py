@@ -16,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.markup import escape
 from torch.nn import functional as F
 
 from strop.training.progress import console
 from strop.data.batching import Encoded, eval_batches
 from strop.data.chat import TASK, is_chat_data, prepare_chat
 from strop.data.chat_tokens import (ChatEncoded, check_supervised, collate_chat, encode_chat, ensure_template,
-                                    supervised_count)
+                                    marked_example, supervised_count)
 from strop.device import autocast
 from strop.errors import ConfigError
 from strop.evaluate.generation_metrics import score_generations
@@ -74,9 +75,17 @@ class Generation(Task):
         ensure_template(processor)
         return encode_chat(processor, examples, meta["max_length"], meta.get("train_on_prompt", False))
 
-    def check_encoded(self, enc: ChatEncoded, examples, split: str) -> None:
-        if split == "train":
-            check_supervised(enc, examples.where, "training")
+    def check_encoded(self, enc: ChatEncoded, examples, split: str, processor=None) -> None:
+        """Refuse training rows with nothing to learn; show the first one as the model reads it, the part the
+        loss covers in green (printed to the terminal only: no log or tracker gets it)."""
+        if split != "train":
+            return
+        check_supervised(enc, examples.where, "training")
+        if processor is not None and len(enc):
+            shown = "".join(f"[bold green]{escape(text)}[/bold green]" if supervised else f"[dim]{escape(text)}[/dim]"
+                            for text, supervised in marked_example(processor, enc))
+            console.print(f"first training example as the model reads it ([bold green]green[/bold green]: the "
+                          f"{int(enc.labels[0].sum())} tokens the loss covers):\n{shown}")
 
     def collate(self, enc: Encoded, idx: np.ndarray, rng: np.random.Generator | None = None) -> dict:
         return collate_chat(enc, idx)
