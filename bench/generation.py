@@ -159,7 +159,8 @@ def run_genspeed(files: dict, work: Path, threads: int) -> dict:
     for batch in (1, 16):
         for side in ("strop", "transformers"):
             start, tokens = time.perf_counter(), 0
-            groups = [ids[i:i + batch] for i in range(0, 8 if batch == 1 else 16, batch)]
+            shown = ids[:8] if batch == 1 else ids[:16]
+            groups = [shown[i:i + batch] for i in range(0, len(shown), batch)]
             for group in groups:
                 tokens += plain_generate(model, tok, group) if side == "transformers" else \
                     sum(o["tokens"] for o in gen.generate_ids(group, batch, max_new_tokens=64))

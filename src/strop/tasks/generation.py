@@ -167,7 +167,8 @@ class Generation(Task):
             return metrics
         g = cfg.generate
         rows = np.arange(len(enc)) if not g.eval_examples else np.arange(min(g.eval_examples, len(enc)))
-        gen = Generator(model, processor, {"max_length": cfg.model.max_length}, device, precision)
+        # fp32: a bf16 generator casts its model's weights, and this is the run's model, still to be saved
+        gen = Generator(model, processor, {"max_length": cfg.model.max_length}, device, "fp32")
         console.print(f"generating answers for {len(rows)} prompts (greedy, at most {g.max_new_tokens} tokens)")
         outs = gen.generate_ids([enc.prompts[i] for i in rows], g.eval_batch_size, max_new_tokens=g.max_new_tokens)
         metrics.update(score_generations([o["text"] for o in outs], [enc.references[i] for i in rows],
