@@ -1,4 +1,5 @@
-"""Fixtures for the serving tests: tiny trained runs (single-label, pairs, multi-label, regression) and an export."""
+"""Fixtures for the serving tests: tiny trained runs (single-label, pairs, multi-label, regression, NER,
+generation) and an export."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import (  # tests/conftest.py (this one is serve.conftest)
     tiny_overrides,
+    toy_generation_rows,
     toy_rows,
     write_csv,
     write_jsonl,
@@ -95,3 +97,19 @@ def ner_run(tiny_model, tmp_path_factory) -> Path:
     train = toy.write_conll(tmp / "train.txt", toy.toy_sentences(96, 1))
     return _train(tiny_model, tmp / "runs", train, name="ner", **{"train.epochs": 3, "model.max_length": 16,
                                                                   "ner.stride": 4, "ner.casing": "true"})
+
+
+@pytest.fixture(scope="session")
+def generation_run(tiny_decoder, tmp_path_factory) -> Path:
+    """A tiny generation run (the 64-wide random Llama of tests/conftest.py, fully fine-tuned on the toy
+    name/food -> sentence pairs: it learns them, so greedy answers end with EOS well before max_new_tokens)."""
+    import strop
+
+    tmp = tmp_path_factory.mktemp("generation")
+    train = write_jsonl(tmp / "train.jsonl", toy_generation_rows(200, 1))
+    args = {"data.train": str(train), "model.path": str(tiny_decoder), "output_dir": str(tmp / "runs"),
+            "name": "gen", "train.epochs": 6, "train.batch_size": 8, "train.lr": 5e-3, "train.warmup": 0,
+            "train.precision": "fp32", "train.threads": 2, "peft.method": "none", "generate.max_new_tokens": 24,
+            "track": "none", "train.save_every": -1, "eval.report": False, "data.test_ratio": 0,
+            "generate.eval_examples": 2}
+    return strop.train(None, args).run_dir

@@ -1,7 +1,8 @@
 """HTTP conformance of `strop serve` (issue 24, item 5): the published OpenAPI document says what the server does.
 
 Fast tests run the app in process (no model load: routing, the guard and /openapi.json need only the run's
-strop.json); the slow test runs schemathesis (`st run --checks all`) against a real server for every task.
+strop.json); the slow test runs schemathesis (`st run --checks all`) against a real server for every task
+(generation: the OpenAI-compatible routes).
 """
 
 from __future__ import annotations
@@ -188,8 +189,9 @@ expected-statuses = [400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("run", ["single_run", "pair_run", "ner_run"])
-def test_schemathesis_finds_no_failure(run, request, tmp_path):
+@pytest.mark.parametrize("run, operations", [("single_run", 5), ("pair_run", 5), ("ner_run", 5),
+                                             ("generation_run", 7)])
+def test_schemathesis_finds_no_failure(run, operations, request, tmp_path):
     st = shutil.which("st", path=str(Path(sys.executable).parent))
     if st is None:
         pytest.skip("schemathesis is not installed: pip install 'strop[dev]'")
@@ -210,6 +212,8 @@ def test_schemathesis_finds_no_failure(run, request, tmp_path):
     print(out[-3000:])  # the summary: requests and checks per operation (pytest -s shows it)
     assert done.returncode == 0, out[-6000:]
     suite = ElementTree.parse(tmp_path / "junit.xml").getroot()
-    # every operation of the document was tested (predict, model, metrics, both probes), none failed
-    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("5", "0", "0"), out[-6000:]
+    # every operation of the document was tested (predict or the three OpenAI routes, model, metrics, both probes),
+    # none failed
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == (str(operations), "0", "0"), \
+        out[-6000:]
     assert "Traceback" not in (tmp_path / "server.log").read_text(encoding="utf-8", errors="replace")

@@ -3,6 +3,8 @@
     POST /v1/predict   inputs -> predictions (dynamic batching)      GET /v1/model    task, labels, version, hash
     GET /health/live   the process answers                           GET /health/ready  503 until loaded and warm,
     GET /metrics       Prometheus text                                                  and again while draining
+A run whose task generates text (generation) answers OpenAI's POST /v1/chat/completions, POST /v1/completions and
+GET /v1/models instead of /v1/predict (openai_api.py; decode steps shared by concurrent requests, decode.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from strop.serve.classify import predict_classes
 from strop.serve.entities import predict_entities
 from strop.serve.guard import Admission, GuardMiddleware, error_body
 from strop.serve.inputs import ApiError
+from strop.serve.openai_api import BODY_EXAMPLES, add_openai_routes, start_decoder
 from strop.serve.openapi import PREDICT_ERRORS, error_responses, publish_request_schema
 from strop.serve.schema import Health, ModelInfo, PredictRequest, PredictResponse, published_request
 from strop.serve.settings import ServeConfig, read_api_key
@@ -52,6 +55,7 @@ class ServerState:
         self.cfg, self.telemetry = cfg, telemetry
         self.model: LoadedModel | None = None
         self.batcher: Batcher | None = None
+        self.decoder = None  # decode.DecodeScheduler, for a model that generates
         self.ready = False
         self.draining = False
         self.load_error: str | None = None
@@ -82,13 +86,16 @@ async def _load(state: ServerState, path: Path, loaded: LoadedModel | None) -> N
         start = time.perf_counter()
         model = loaded or await asyncio.to_thread(load_model_for_serving, path, cfg.backend, cfg.onnx_file,
                                                   cfg.threads, cfg.precision, cfg.device)
-        await asyncio.to_thread(_warm_up, model)
+        if model.predictor.task.generates:
+            state.decoder = await start_decoder(model.predictor, cfg, state.telemetry)
+        else:
+            await asyncio.to_thread(_warm_up, model)
+            state.batcher = Batcher(lambda inputs, pairs: run_batch(model.predictor, inputs, pairs),
+                                    cfg.max_batch_tokens, cfg.max_batch_size, cfg.max_wait_ms, cfg.batching,
+                                    state.telemetry.on_batch, state.telemetry.queue_depth.set)
+            state.batcher.start()
         state.telemetry.model_load.set(time.perf_counter() - start)
         state.model = model
-        state.batcher = Batcher(lambda inputs, pairs: run_batch(model.predictor, inputs, pairs),
-                                cfg.max_batch_tokens, cfg.max_batch_size, cfg.max_wait_ms, cfg.batching,
-                                state.telemetry.on_batch, state.telemetry.queue_depth.set)
-        state.batcher.start()
         state.set_ready(True)
         log.info("model %s (%s, %s) ready in %.2f s", model.version, model.backend, model.source.name,
                  time.perf_counter() - start)
@@ -121,12 +128,12 @@ def install_drain_handler(state: ServerState, drain_s: float) -> None:
         signal.signal(sig, handler)
 
 
-def _published_request(path: str | Path, cfg: ServeConfig, loaded: LoadedModel | None):
-    """The request body to publish for this model, or None (publish every input kind) when its strop.json cannot
-    be read here: the background load then fails too, and readiness says why."""
+def _served_task(path: str | Path, cfg: ServeConfig, loaded: LoadedModel | None):
+    """(strop.json, task) of what is served, or None when its strop.json cannot be read here: the background load
+    then fails too, and readiness says why."""
     try:
         meta = loaded.predictor.meta if loaded else served_meta(path, cfg.backend)
-        return published_request(meta, cfg.max_inputs, get_task(meta["task"]).takes_words)
+        return meta, get_task(meta["task"])
     except (StropError, OSError, ValueError, KeyError):
         return None
 
@@ -150,32 +157,51 @@ def create_app(path: str | Path, cfg: ServeConfig, loaded: LoadedModel | None = 
         loader.cancel()
         if state.batcher is not None:
             await state.batcher.stop()
+        if state.decoder is not None:
+            await state.decoder.stop()
 
     api_key = read_api_key(cfg.api_key_file) if cfg.api_key_file else None
     app = FastAPI(title="strop serve", version=__version__, lifespan=lifespan,
                   description="Predictions from a model fine-tuned with strop. Send 'Authorization: Bearer KEY' "
                   "when the server was started with an API key (health probes need none).")
     app.state.strop = state
-    _routes(app, state, keyed=api_key is not None)
-    publish_request_schema(app, _published_request(path, cfg, loaded))
+    served = _served_task(path, cfg, loaded)
+    keyed = api_key is not None
+    _routes(app, state, keyed)
+    if served is not None and served[1].generates:
+        add_openai_routes(app, path, state, _auth(keyed), keyed, lambda: _require_ready(state))
+        body_routes = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions")]
+    else:
+        _predict_route(app, state, keyed)
+        body_routes = [("POST", "/v1/predict")]
+        meta, task = served or (None, None)
+        publish_request_schema(app, None if served is None else
+                               published_request(meta, cfg.max_inputs, task.takes_words))
     _handlers(app)
     app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=cfg.max_body_bytes,
-                       admission=state.admission, body_timeout_s=cfg.body_timeout_s,
-                       body_routes=[("POST", "/v1/predict")])
+                       admission=state.admission, body_timeout_s=cfg.body_timeout_s, body_routes=body_routes)
     app.add_middleware(MetricsMiddleware, telemetry=telemetry)  # outermost: counts the guard's answers too
     return app
 
 
-def _routes(app: FastAPI, state: ServerState, keyed: bool) -> None:
-    """keyed: the server has an API key, so every route but the health probes declares the Bearer scheme and 401."""
-    # declares the scheme in the document; GuardMiddleware does the checking
-    auth = [Security(HTTPBearer(auto_error=False))] if keyed else []
+def _auth(keyed: bool) -> list:
+    """Route dependencies that declare the Bearer scheme in the document; GuardMiddleware does the checking."""
+    return [Security(HTTPBearer(auto_error=False))] if keyed else []
 
-    @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True, dependencies=auth,
+
+def _predict_route(app: FastAPI, state: ServerState, keyed: bool) -> None:
+    @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True,
+              dependencies=_auth(keyed),
               responses=error_responses(PREDICT_ERRORS, keyed, retry_on_503=True))
     async def predict(body: PredictRequest) -> PredictResponse:
         """Predict labels (and scores) for one or many inputs; inputs of concurrent requests are batched."""
         return await _predict(state, body)
+
+
+def _routes(app: FastAPI, state: ServerState, keyed: bool) -> None:
+    """The routes every server has. keyed: the server has an API key, so every route but the health probes declares
+    the Bearer scheme and 401."""
+    auth = _auth(keyed)
 
     @app.get("/v1/model", response_model=ModelInfo, responses=error_responses((503,), keyed, retry_on_503=True),
              dependencies=auth)
@@ -211,7 +237,8 @@ def _routes(app: FastAPI, state: ServerState, keyed: bool) -> None:
              dependencies=auth)
     async def metrics() -> Response:
         """Prometheus text exposition (strop_* metrics)."""
-        state.telemetry.queue_depth.set(state.batcher.depth if state.batcher else 0)
+        queue = state.batcher or state.decoder
+        state.telemetry.queue_depth.set(queue.depth if queue else 0)
         data, content_type = state.telemetry.exposition()
         return Response(data, media_type=content_type)
 
@@ -249,15 +276,16 @@ def _handlers(app: FastAPI) -> None:
         details = [{"loc": [str(p) for p in x.get("loc", ())], "msg": x.get("msg", ""), "type": x.get("type", "")}
                    for x in errors[:20]]
         first = details[0] if details else {"loc": [], "msg": "invalid"}
+        example = BODY_EXAMPLES.get(request.url.path, '{"inputs": ["text", ...]}')
         return _error(422, "schema_violation", f"the body does not match the API schema: {'.'.join(first['loc'])}: "
-                      f"{first['msg']} (see /openapi.json; expected {{\"inputs\": [\"text\", ...]}})", details=details)
+                      f"{first['msg']} (see /openapi.json; expected {example})", details=details)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         allow = (getattr(e, "headers", None) or {}).get("Allow", "")
-        messages = {404: f"no route {request.url.path}; the API has /v1/predict, /v1/model, /health/live, "
-                    "/health/ready, /metrics", 405: f"{request.method} is not allowed on {request.url.path}; it "
-                    f"takes {allow}",
+        routes = ", ".join(r.path for r in request.app.routes if r.path.startswith(("/v1/", "/health", "/metrics")))
+        messages = {404: f"no route {request.url.path}; the API has {routes}",
+                    405: f"{request.method} is not allowed on {request.url.path}; it takes {allow}",
                     400: "the body could not be parsed as JSON; send a JSON object such as {\"inputs\": [\"hello\"]}"}
         code = {404: "not_found", 405: "method_not_allowed", 400: "malformed_json"}.get(e.status_code, "http_error")
         return _error(e.status_code, code, messages.get(e.status_code, str(e.detail)), getattr(e, "headers", None))

@@ -123,6 +123,11 @@ def check_target(path: str | Path, backend: str, onnx_file: str | None = None) -
                              f"{sorted(p.name for p in folder.glob('*.onnx'))}")
 
 
+def run_name(folder: Path) -> str:
+    """The name of the run a model (or export) folder belongs to: runs/<name>/model -> <name>."""
+    return (folder.parent if folder.name in ("model", "export") else folder).name
+
+
 def load_model_for_serving(path: str | Path, backend: str = "torch", onnx_file: str | None = None,
                            threads: int = 0, precision: str = "fp32", device: str = "cpu") -> LoadedModel:
     """Load a run folder (or its model/ folder, or an export folder) for serving; only safetensors/ONNX load.
@@ -149,7 +154,6 @@ def load_model_for_serving(path: str | Path, backend: str = "torch", onnx_file: 
         source = folder
         weights = sorted(folder.glob("*.safetensors"))
         identity = json.dumps([[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights])
-    run_name = (folder.parent if folder.name in ("model", "export") else folder).name
-    version = f"{run_name}@{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+    version = f"{run_name(folder)}@{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
     return LoadedModel(predictor, backend, source, version, _config_hash(path, folder),
                        time.perf_counter() - start, precision, predictor.device.type)

@@ -15,8 +15,9 @@ from pydantic import BaseModel
 from strop.serve.schema import ErrorResponse
 
 ERROR_TEXTS = {
-    400: "empty input or malformed JSON",
+    400: "empty input, a value out of range or malformed JSON",
     401: "missing or wrong API key",
+    404: "the body names a model this server does not serve (GET /v1/models lists it)",
     408: "the body did not arrive in time",
     413: "body or input count over the limit",
     415: "content type is not JSON",

@@ -38,8 +38,9 @@ class ServeConfig:
                                 "stalled clients cannot hold admission slots")
     max_inputs: int = doc(64, "most inputs in one request; more get 413")
     batching: bool = doc(True, "group concurrent requests into batches (false = one request per forward pass)")
-    max_batch_tokens: int = doc(8192, "token budget of one batch: inputs x longest input (padded tokens)")
-    max_batch_size: int = doc(64, "most inputs in one batch")
+    max_batch_tokens: int = doc(8192, "token budget of one batch: inputs x longest input (padded tokens); "
+                                "generation: sequences decoding together x longest prompt + max_tokens")
+    max_batch_size: int = doc(64, "most inputs in one batch (generation: most sequences sharing a decode step)")
     max_wait_ms: float = doc(5.0, "how long the first input of a batch may wait for batch-mates (only while "
                              "recent batches held several requests: a lone client is not delayed)")
     max_concurrency: int = doc(64, "requests admitted at once (queued or running); more get 429 at once")

@@ -20,6 +20,7 @@ from prometheus_client import (
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SPEED_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
 class Telemetry:
@@ -39,7 +40,8 @@ class Telemetry:
         self.batch_seconds = Histogram("strop_batch_duration_seconds", "model time per forward pass",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.inputs = Counter("strop_inputs", "inputs predicted", registry=r)
-        self.queue_depth = Gauge("strop_queue_depth_inputs", "inputs waiting for a batch", registry=r)
+        self.queue_depth = Gauge("strop_queue_depth_inputs", "inputs waiting for a batch (generation: requests "
+                                 "waiting to join the decoding batch)", registry=r)
         self.inflight = Gauge("strop_inflight_requests", "prediction requests admitted and not yet answered",
                               registry=r)
         self.rejected = Counter("strop_rejected_requests", "prediction requests refused with 429 (queue full)",
@@ -47,12 +49,46 @@ class Telemetry:
         self.model_load = Gauge("strop_model_load_seconds", "time to load and warm up the model", registry=r)
         self.ready = Gauge("strop_ready", "1 when the model is loaded and warm and the server is not draining",
                            registry=r)
+        self._generation_metrics(r)
+
+    def _generation_metrics(self, r: CollectorRegistry) -> None:
+        """Generation (the OpenAI-compatible routes): what serve.decode.DecodeScheduler reports."""
+        self.ttft = Histogram("strop_time_to_first_token_seconds", "from a generation request's arrival at the "
+                              "decoder to its first token (queueing and prefill)", buckets=LATENCY_BUCKETS,
+                              registry=r)
+        self.token_speed = Histogram("strop_generation_tokens_per_second", "per request: generated tokens / seconds "
+                                     "from its first token to its last", buckets=SPEED_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("strop_prompt_tokens", "prompt tokens prefilled", registry=r)
+        self.completion_tokens = Counter("strop_completion_tokens", "tokens generated (usage.completion_tokens)",
+                                         registry=r)
+        self.step_rows = Histogram("strop_decode_step_sequences", "sequences one decode step advanced (above 1: "
+                                   "concurrent requests shared the forward pass)", buckets=BATCH_BUCKETS, registry=r)
+        self.step_seconds = Histogram("strop_decode_step_seconds", "model time per decode step",
+                                      buckets=LATENCY_BUCKETS, registry=r)
 
     def on_batch(self, inputs: int, padded_tokens: int, seconds: float) -> None:
         self.batch_size.observe(inputs)
         self.batch_tokens.observe(padded_tokens)
         self.batch_seconds.observe(seconds)
         self.inputs.inc(inputs)
+
+    # the decode scheduler's observer (serve.decode.Observer)
+
+    def decode_step(self, rows: int, seconds: float) -> None:
+        self.step_rows.observe(rows)
+        self.step_seconds.observe(seconds)
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def finished(self, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.completion_tokens.inc(completion_tokens)
+        if completion_tokens > 1 and seconds > 0:  # a rate needs two tokens: the first one's time is the TTFT
+            self.token_speed.observe((completion_tokens - 1) / seconds)
+
+    def waiting(self, n: int) -> None:
+        self.queue_depth.set(n)
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -89,7 +125,8 @@ class MetricsMiddleware:
 
 
 KNOWN_METHODS = {"GET", "POST", "HEAD", "PUT", "PATCH", "DELETE", "OPTIONS"}
-ROUTES = ("/v1/predict", "/v1/model", "/health/live", "/health/ready", "/metrics", "/openapi.json", "/docs")
+ROUTES = ("/v1/predict", "/v1/model", "/health/live", "/health/ready", "/metrics", "/openapi.json", "/docs",
+          "/v1/chat/completions", "/v1/completions", "/v1/models")
 
 
 def route_label(scope) -> str:
