@@ -200,6 +200,8 @@ class NerConfig:
 class GenerateConfig:
     train_on_prompt: bool = doc(False, "generation: also train on the prompt's tokens (default: the loss covers the "
                                 "answers only)")
+    packing: bool = doc(False, "generation: pack several short training examples into each row of "
+                        "model.max_length tokens (attention stays inside each example; train.batch_size counts rows)")
     max_new_tokens: int = doc(128, "generation: most tokens an answer may have (final evaluation, predict, serve)")
     temperature: float = doc(0.0, "generation: sampling temperature; 0 = greedy (deterministic)")
     top_p: float = doc(1.0, "generation: nucleus sampling mass (with temperature > 0)")

@@ -415,9 +415,9 @@ def _fit_and_evaluate(s: RunSetup, encoded: dict, tracker, on_eval):
         fitted = train_fewshot(s.model, encoded["train"], cfg, task, ds.labels, s.device, s.precision, tracker,
                                s.run_dir, resume_from=s.ckpt)
     else:
-        fitted = fit(s.model, encoded["train"], encoded.get("validation"), cfg, task, ds.labels, s.device,
-                     s.precision, tracker, s.metric, s.run_dir, resume_from=s.ckpt, peft_hook=s.peft_hook,
-                     on_eval=on_eval, dist=s.dist)
+        fitted = fit(s.model, task.training_rows(encoded["train"], cfg), encoded.get("validation"), cfg, task,
+                     ds.labels, s.device, s.precision, tracker, s.metric, s.run_dir, resume_from=s.ckpt,
+                     peft_hook=s.peft_hook, on_eval=on_eval, dist=s.dist)
     if is_sharded(s.model):  # FSDP: the full weights into a plain model for the final evaluation and model/
         s.model = unshard(s.model, s.dist, lambda: build_model(task, cfg, ds.labels).to(s.device))
     # LoRA through the fused linear, as the evaluations during training ran: the same numbers, and PEFT's
@@ -443,8 +443,9 @@ def _train_other_rank(s: RunSetup) -> RunResult:
     """Ranks > 0 of a multi-process run: the same loop on their slice of each batch; they write and log nothing."""
     meta = run_meta(s.cfg, s.ds, s.task, "standard")
     encoded = {split: s.task.encode(s.tokenizer, ex, meta) for split, ex in s.ds.splits.items()}
-    fit(s.model, encoded["train"], encoded.get("validation"), s.cfg, s.task, s.ds.labels, s.device, s.precision,
-        NoTracker(), s.metric, s.run_dir, resume_from=s.ckpt, peft_hook=s.peft_hook, dist=s.dist)
+    fit(s.model, s.task.training_rows(encoded["train"], s.cfg), encoded.get("validation"), s.cfg, s.task,
+        s.ds.labels, s.device, s.precision, NoTracker(), s.metric, s.run_dir, resume_from=s.ckpt,
+        peft_hook=s.peft_hook, dist=s.dist)
     if is_sharded(s.model):
         unshard(s.model, s.dist, rebuild=None)  # collective: rank 0 gathers the full weights
     return RunResult(s.run_dir, {"rank": s.dist.rank})

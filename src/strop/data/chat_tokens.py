@@ -32,6 +32,7 @@ class ChatEncoded(Encoded):
     prompts: list[list[int]] = field(default_factory=list)
     references: list[list[str]] | None = None
     n_prompt_truncated: int = 0
+    segments: list[list[int]] | None = None  # packed rows (`pack`): the length of each example in each row
 
 
 def ensure_template(tokenizer) -> str | None:
@@ -148,7 +149,8 @@ def supervised_count(enc: ChatEncoded, idx: np.ndarray) -> int:
 
 def collate_chat(enc: ChatEncoded, idx: np.ndarray) -> dict[str, torch.Tensor]:
     """Right-padded input_ids, attention_mask and labels (the token id where supervised, -100 elsewhere; the loss
-    shifts them by one)."""
+    shifts them by one). Packed rows also get position_ids that restart at each example and a (batch, 1, seq, seq)
+    attention mask that keeps each example's causal attention inside the example."""
     width = int(enc.lengths[idx].max())
     ids = np.full((len(idx), width), enc.pad_id, dtype=np.int64)
     attn = np.zeros((len(idx), width), dtype=np.int64)
@@ -158,8 +160,53 @@ def collate_chat(enc: ChatEncoded, idx: np.ndarray) -> dict[str, torch.Tensor]:
         ids[row, :n] = enc.input_ids[i]
         attn[row, :n] = 1
         labels[row, :n] = np.where(enc.labels[i], enc.input_ids[i], -100)
-    return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
-            "labels": torch.from_numpy(labels)}
+    batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attn),
+             "labels": torch.from_numpy(labels)}
+    if enc.segments is not None:
+        batch["position_ids"], batch["attention_mask"] = packed_masks([enc.segments[i] for i in idx], width)
+    return batch
+
+
+def packed_masks(rows: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position_ids, bool attention mask (rows, 1, width, width)) of packed rows: a token sees the earlier tokens
+    of its own example only. Padding sees itself (a query with nothing to attend to would make NaN)."""
+    positions = np.zeros((len(rows), width), dtype=np.int64)
+    segment = np.full((len(rows), width), -1, dtype=np.int64)  # -1: padding
+    for r, lengths in enumerate(rows):
+        start = 0
+        for k, n in enumerate(lengths):
+            positions[r, start:start + n] = np.arange(n)
+            segment[r, start:start + n] = k
+            start += n
+    seg = torch.from_numpy(segment)
+    causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] >= 0)
+    mask = (same & causal) | torch.eye(width, dtype=torch.bool)
+    return torch.from_numpy(positions), mask[:, None]
+
+
+def pack(enc: ChatEncoded, max_length: int) -> ChatEncoded:
+    """Several short examples per row of at most `max_length` tokens (first-fit, longest first, deterministic), so
+    a batch holds no padding to speak of. The first token of each example is never scored: it would be predicted
+    from the previous example."""
+    order = np.argsort(-enc.lengths, kind="stable")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = int(enc.lengths[i])
+        slot = next((r for r, free in enumerate(room) if free >= n), None)
+        if slot is None:
+            rows.append([]), room.append(max_length)
+            slot = len(rows) - 1
+        rows[slot].append(int(i))
+        room[slot] -= n
+    ids, masks, segments = [], [], []
+    for members in rows:
+        ids.append([t for i in members for t in enc.input_ids[i]])
+        masks.append(np.concatenate([np.r_[False, enc.labels[i][1:]] for i in members]))
+        segments.append([int(enc.lengths[i]) for i in members])
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    return ChatEncoded(ids, None, masks, lengths, enc.n_truncated, enc.pad_id, segments=segments)
 
 
 def check_supervised(enc: ChatEncoded, where: list[str], split: str) -> None:

@@ -92,6 +92,10 @@ class Task:
         """Refuse an encoded split that cannot train or score (e.g. a row with nothing left to learn); may show
         the user what training will see."""
 
+    def training_rows(self, enc: Encoded, cfg) -> Encoded:
+        """The training split as the loop batches it (generation may pack several examples per row)."""
+        return enc
+
     def batch_weight(self, enc: Encoded, idx: np.ndarray) -> float:
         """What the loss of examples `idx` is averaged over: examples by default; the loop weights each
         micro-batch by its share, so accumulation and several processes equal one large batch."""

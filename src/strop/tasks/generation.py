@@ -23,7 +23,7 @@ from strop.training.progress import console
 from strop.data.batching import Encoded, eval_batches
 from strop.data.chat import TASK, is_chat_data, prepare_chat
 from strop.data.chat_tokens import (ChatEncoded, check_supervised, collate_chat, encode_chat, ensure_template,
-                                    marked_example, supervised_count)
+                                    marked_example, pack, supervised_count)
 from strop.device import autocast
 from strop.errors import ConfigError
 from strop.evaluate.generation_metrics import score_generations
@@ -41,7 +41,7 @@ class Generation(Task):
     name = TASK
     description = "a decoder LLM answers prompts: prompt/completion, instruction/output or chat messages files"
     metrics = ("perplexity", "loss")
-    model_inputs = ("input_ids", "attention_mask")
+    model_inputs = ("input_ids", "attention_mask", "position_ids")  # position_ids: packed rows only
     head_names = ()  # nothing new to train in full: the output embedding is pretrained (and often tied)
     default_model = "SmolLM2-135M-Instruct"
     default_peft = "lora"
@@ -87,6 +87,15 @@ class Generation(Task):
             console.print(f"first training example as the model reads it ([bold green]green[/bold green]: the "
                           f"{int(enc.labels[0].sum())} tokens the loss covers):\n{shown}")
 
+    def training_rows(self, enc: ChatEncoded, cfg) -> Encoded:
+        """generate.packing: several examples per row of model.max_length tokens, attention kept inside each."""
+        if not cfg.generate.packing:
+            return enc
+        packed = pack(enc, cfg.model.max_length)
+        console.print(f"generate.packing: {len(enc)} training examples in {len(packed)} rows of at most "
+                      f"{cfg.model.max_length} tokens (train.batch_size counts rows)")
+        return packed
+
     def collate(self, enc: Encoded, idx: np.ndarray, rng: np.random.Generator | None = None) -> dict:
         return collate_chat(enc, idx)
 
@@ -124,8 +133,9 @@ class Generation(Task):
         """Logits at the positions the loss reads only, (supervised tokens, vocabulary): the output layer and the
         softmax are as wide as the vocabulary (49k for SmolLM2, ~20% of its compute), and most positions are
         prompt."""
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
         with scored_positions(model, batch["labels"]):
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return model(**inputs).logits
 
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         """Mean next-token cross-entropy over the batch's supervised tokens (labels shifted by one); `logits` are
