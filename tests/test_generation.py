@@ -196,3 +196,18 @@ def test_a_packed_run_trains_on_rows_of_several_examples(tiny_decoder, tmp_path,
     printed = capsys.readouterr().err
     assert "generate.packing: 40 training examples in" in printed, printed[-3000:]
     assert "in 14 rows" in printed and run.results["steps"] == 4 and math.isfinite(run.results["test"]["loss"])
+
+
+def test_model_folder_loads_with_plain_transformers_and_answers_alike(trained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, _ = trained
+    model = AutoModelForCausalLM.from_pretrained(str(run.model_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(run.model_dir))
+    ids = tok.apply_chat_template([{"role": "user", "content": "name[zizzi], food[indian]"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    plain = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert plain == strop.load(run.run_dir).predict("name[zizzi], food[indian]")[0]["text"] == \
+        "zizzi serves indian food."
