@@ -126,3 +126,9 @@ def test_the_marked_example_shows_exactly_the_supervised_answer(tiny_decoder, tm
     row = toy_generation_rows(3, 1)[0]
     assert runs == [(f"<|im_start|>user\n{row['prompt']}<|im_end|>\n<|im_start|>assistant\n", False),
                     (f"{row['completion']}<|im_end|>", True), ("\n", False)]
+
+
+def test_classification_tables_are_not_taken_for_generation_data(tmp_path):
+    rows = [{"question": "where is my parcel", "target": "shipping"}] * 12
+    cfg = load_config(None, {"data.train": str(write_csv(tmp_path / "qa.csv", rows))})
+    assert detect_task(cfg).name == "single_label"  # "target" is a label column, not a completion

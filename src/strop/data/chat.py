@@ -28,7 +28,8 @@ ROLES = ("system", "user", "assistant")
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}  # ShareGPT / Gemini
 CONVERSATION_COLUMNS = ("messages", "conversations")
 PROMPT_COLUMNS = ("prompt", "instruction", "question", "query", "source", "input_text")
-COMPLETION_COLUMNS = ("completion", "response", "output", "answer", "target", "output_text")
+# not "target": classification tables use it for their labels (data/examples.LABEL_COLUMNS)
+COMPLETION_COLUMNS = ("completion", "response", "output", "answer", "output_text")
 REFERENCES_COLUMN = "references"
 LAYOUTS = ("prompt + completion (or response / output / answer), instruction [+ input] + output (Alpaca), "
            "or messages / conversations (lists of {role, content} or {from, value} turns)")
