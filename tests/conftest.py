@@ -124,3 +124,52 @@ def tiny_decoder(tmp_path_factory) -> Path:
     LlamaForCausalLM(config).save_pretrained(str(folder), safe_serialization=True)
     tok.save_pretrained(str(folder))
     return folder
+
+
+IMAGE_CLASSES = ["horizontal", "spot", "vertical"]
+
+
+def toy_images(n: int, seed: int, side: int = 20, colour: bool = True):
+    """(images (n, side, side, 3) or (n, side, side) uint8, labels (n,) int64): dark noise with, by class, two
+    bright horizontal lines, a bright 6x6 square or two vertical lines, anywhere: shapes a tiny CNN tells apart
+    (global pooling forgets where they are)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % len(IMAGE_CLASSES)
+    images = rng.integers(0, 60, (n, side, side, 3) if colour else (n, side, side)).astype(np.uint8)
+    for i, label in enumerate(labels):
+        at = int(rng.integers(0, side - 6))
+        if label == 1:
+            images[i, at:at + 6, at:at + 6] = 230
+        elif label == 0:
+            images[i, [at, at + 4]] = 230
+        else:
+            images[i, :, [at, at + 4]] = 230
+    return images, labels.astype(np.int64)
+
+
+def write_image_folder(folder: Path, n: int, seed: int) -> Path:
+    """n toy PNG images in one subfolder per class (folder/<class>/<i>.png)."""
+    from PIL import Image
+
+    images, labels = toy_images(n, seed)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        (folder / IMAGE_CLASSES[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / IMAGE_CLASSES[label] / f"{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_model(tmp_path_factory) -> Path:
+    """A 3-block, 8-16 channel random EfficientNet-Lite (5k parameters) in strop's vision folder format."""
+    from strop.models.efficientnet_lite import EfficientNetLite, LiteConfig
+    from strop.models.vision import ImageProcessor
+
+    folder = tmp_path_factory.mktemp("tiny-efficientnet")
+    config = LiteConfig(stem=8, stages=[[1, 3, 1, 1, 8], [2, 3, 2, 4, 16]], features=32, dropout=0.0,
+                        drop_path=0.0)
+    torch.manual_seed(0)
+    EfficientNetLite(config, 10).save_pretrained(folder)
+    ImageProcessor().save_pretrained(folder)
+    return folder

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "strop"
-TASK_NAMES = ("single_label", "multi_label", "regression", "token_classification")
+TASK_NAMES = ("single_label", "multi_label", "regression", "token_classification", "image_classification")
 
 
 def _modules() -> dict[str, Path]:

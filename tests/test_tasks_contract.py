@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides, toy_generation_rows, toy_rows, write_csv, write_jsonl
+from conftest import (tiny_overrides, toy_generation_rows, toy_images, toy_rows, write_csv, write_image_folder,
+                      write_jsonl)
 from ner.toy_ner import toy_sentences, write_conll
 
 import strop
@@ -44,6 +45,10 @@ def _generation(folder: Path, n: int, seed: int) -> Path:
     return write_jsonl(folder / f"generation-{seed}.jsonl", toy_generation_rows(n, seed))
 
 
+def _images(folder: Path, n: int, seed: int) -> Path:
+    return write_image_folder(folder / f"images-{seed}", n, seed)
+
+
 # task -> (writer of n rows of its data, the inputs its predictor takes)
 SAMPLES = {
     "single_label": (_single, ["refund my card please", "where is my parcel"]),
@@ -51,9 +56,10 @@ SAMPLES = {
     "regression": (_regression, ["refund my card please", "where is my parcel"]),
     "token_classification": (_tokens, ["john smith visited paris", "the report from unesco"]),
     "generation": (_generation, ["name[cotto], food[french]", "name[zizzi], food[indian]"]),
+    "image_classification": (_images, list(toy_images(2, 9)[0])),
 }
 # the tiny model each task trains (conftest fixtures): an encoder, or a decoder for tasks that generate
-MODELS = {"generation": "tiny_decoder"}
+MODELS = {"generation": "tiny_decoder", "image_classification": "tiny_vision_model"}
 
 
 def test_every_registered_task_has_sample_data_here():

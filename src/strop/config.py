@@ -45,6 +45,10 @@ class DataConfig:
                                          "given; empty = 0.1, or 0 in few-shot mode (written to config.yaml)")
     test_ratio: float = doc(0.1, "share of train carved out for test when no test file is given (0 = no test split)")
     split_seed: int = doc(13, "seed of the stratified train/validation/test split")
+    image_column: str | None = doc(None, "image classification, tables: column of image paths (relative to the "
+                                   "table's folder); empty = infer (image, path, file, filename, ...)")
+    on_bad_image: str = doc("error", "image classification: an image file that cannot be decoded completely stops "
+                            "the run naming it (error), or is left out and counted (skip)", ("error", "skip"))
 
 
 @dataclass
@@ -106,8 +110,8 @@ class TrainConfig:
     batch_size: int = doc(32, "examples per optimizer step (micro_batch_size x accumulation)")
     micro_batch_size: int | None = doc(None, "examples per forward pass; empty = batch_size (no accumulation)")
     lr: float | None = doc(None, "peak learning rate (AdamW); empty = the measured default of peft.method "
-                           "(METHOD_LR: none 5e-5, lora 5e-4, adalora 1e-3, adapter 5e-4, freeze 1e-4), printed at "
-                           "the start and written to config.yaml")
+                           "(METHOD_LR: none 5e-5, lora 5e-4, adalora 1e-3, adapter 5e-4, freeze 1e-4; a task may have "
+                           "its own, e.g. image_classification), printed at the start and written to config.yaml")
     head_lr: float | None = doc(None, "learning rate of the task head; empty = lr")
     weight_decay: float = doc(0.01, "AdamW weight decay (never applied to biases and LayerNorm weights)")
     betas: list = doc([0.9, 0.999], "AdamW betas")
@@ -212,6 +216,16 @@ class GenerateConfig:
 
 
 @dataclass
+class ImageConfig:
+    size: int = doc(112, "image classification: images are resized to size x size pixels (whole, no crop)")
+    augment: str = doc("light", "image classification, training only: none; light = horizontal flip, rotation "
+                       "+-10 deg, zoom 0.9-1.1, shift +-5%; strong = flip, rotation +-20 deg, zoom 0.8-1.25, shift "
+                       "+-10%, brightness and contrast +-20%", ("none", "light", "strong"))
+    class_names: list = doc([], "image classification, .npz data: names of class numbers 0, 1, ... in order; "
+                            "empty = the numbers")
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = doc(128, "examples per forward pass during evaluation and prediction")
     report: bool = doc(True, "write report.html (plots, metrics, calibration, worst errors) at the end of the run")
@@ -276,6 +290,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ner: NerConfig = field(default_factory=NerConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
     fewshot: FewshotConfig = field(default_factory=FewshotConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -470,10 +485,11 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
 METHOD_LR = {"none": 5e-5, "lora": 5e-4, "adalora": 1e-3, "adapter": 5e-4, "freeze": 1e-4}
 
 
-def resolve_method_defaults(cfg: Config, task_method: str = "none", task: str = "") -> list[str]:
+def resolve_method_defaults(cfg: Config, task_method: str = "none", task: str = "",
+                            method_lr: dict | None = None) -> list[str]:
     """Fill peft.method=auto with the task's default method (`task_method`), then the settings whose default
-    depends on the method (train.lr); returns one note per value filled, for the log. Idempotent: a value already
-    set (by the user or an earlier call) is kept."""
+    depends on the method (train.lr: `method_lr`, a task's own table, else METHOD_LR); returns one note per value
+    filled, for the log. Idempotent: a value already set (by the user or an earlier call) is kept."""
     notes = []
     if cfg.peft.method == "auto":
         cfg.peft.method = task_method
@@ -482,9 +498,10 @@ def resolve_method_defaults(cfg: Config, task_method: str = "none", task: str = 
             notes.append(f"peft.method={task_method} (default for task {task}; set peft.method=none for full "
                          "fine-tuning)")
     if cfg.train.lr is None:
-        cfg.train.lr = METHOD_LR[cfg.peft.method]
-        notes.append(f"train.lr={cfg.train.lr:g} (default for peft.method={cfg.peft.method}; set train.lr to "
-                     "override)")
+        cfg.train.lr = (method_lr or METHOD_LR)[cfg.peft.method]
+        of_task = f" and task {task}" if method_lr else ""
+        notes.append(f"train.lr={cfg.train.lr:g} (default for peft.method={cfg.peft.method}{of_task}; set train.lr "
+                     "to override)")
     return notes
 
 
@@ -628,6 +645,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.distributed=deepspeed: strop does not checkpoint DeepSpeed's partitioned optimizer "
                           f"state, so set train.save_every=-1 (got {t.save_every}) and keep train.resume=never and "
                           "train.nonfinite=stop; for checkpoints that resume, use train.distributed=fsdp or ddp")
+    if cfg.image.size < 32:  # EfficientNet-Lite downsamples by 32: below that its last feature map is under 1x1
+        raise ConfigError(f"image.size={cfg.image.size} is too small for the backbone (it downsamples by 32); set "
+                          "image.size to 64 or more (112 is the default, 224 the size ImageNet weights were "
+                          "trained at)")
     n = cfg.ner
     if n.stride < 0:  # stride < the window size is checked where the window size is known (data/tokens.py)
         raise ConfigError(f"ner.stride={n.stride} must be >= 0 (subword tokens shared by consecutive windows)")

@@ -21,7 +21,7 @@ from strop.data.split import too_small_to_score
 from strop.device import resolve_device, resolve_precision
 from strop.errors import ConfigError, DataError, RunError
 from strop.evaluate.metrics import tune_threshold
-from strop.models.backbone import load_tokenizer, read_model_config, resolve_model_path
+from strop.models.backbone import read_model_config
 from strop.models.peft import apply_peft, count_parameters, save_trained
 from strop.runs import write_atomic
 from strop.tasks import Task, build_model, detect_task, get_task
@@ -89,7 +89,7 @@ def resolve_run(config, overrides, overwrite: bool, resume) -> tuple[Config, Pat
         run_dir = _run_dir_of(cfg)
     task = detect_task(cfg)
     # before the resume check: config.yaml holds the resolved values
-    for note in resolve_method_defaults(cfg, task.default_peft, task.name):
+    for note in resolve_method_defaults(cfg, task.default_peft, task.name, task.method_lr):
         console.print(f"[dim]{escape(note)}[/dim]")
     wants_resume = bool(resume) or cfg.train.resume == "auto"
     if wants_resume and run_dir.is_dir():
@@ -286,8 +286,8 @@ def setup_run(config, overrides, overwrite: bool, resume, tuning: bool) -> RunSe
     cfg.name = run_dir.name
     set_threads(cfg.train.threads)
     ds, task, mode = prepare_data(cfg, tuning=tuning)
-    model_folder = resolve_model_path(task.model_path(cfg), cfg.model.allow_pickle)
-    tokenizer = load_tokenizer(model_folder, cfg.model.trust_remote_code)
+    model_folder = task.model_folder(task.model_path(cfg), cfg.model.allow_pickle)
+    tokenizer = task.load_processor(model_folder, cfg.model.trust_remote_code)
     check_max_length(cfg, model_folder)
     task.check_settings(cfg, ds, tokenizer)
     device = resolve_device(cfg.train.device)

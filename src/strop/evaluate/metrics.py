@@ -14,10 +14,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 
 __all__ = [
     "ClassificationMetrics",
+    "ScoredClassificationMetrics",
     "MultiLabelMetrics",
     "RegressionMetrics",
     "tune_threshold",
@@ -113,6 +114,55 @@ class ClassificationMetrics:
             "confusion_matrix": cm.tolist(),
             "n": n,
         }
+
+
+def roc_auc(probs, labels) -> float:
+    """ROC AUC of class probabilities, the MedMNIST convention (as scikit-learn's roc_auc_score): two classes, the
+    AUC of class 1's probability; more, the mean of each class's one-vs-rest AUC over the classes the labels hold
+    both present and absent. probs: (n, K) floats; labels: (n,) ints in [0, K). Ties count half (Mann-Whitney U).
+    0.5 (chance) where no class is both present and absent: a score cannot rank one class against nothing."""
+    probs = _to_numpy(probs).astype(np.float64)
+    labels = _to_numpy(labels).reshape(-1).astype(np.int64)
+    k = probs.shape[1]
+    classes = [1] if k == 2 else range(k)
+    aucs = [_binary_auc(probs[:, c], labels == c) for c in classes]
+    aucs = [a for a in aucs if a is not None]
+    return float(np.mean(aucs)) if aucs else 0.5
+
+
+def _binary_auc(score: np.ndarray, positive: np.ndarray) -> float | None:
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(score)  # average ranks: a tie between a positive and a negative counts one half
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+class ScoredClassificationMetrics(ClassificationMetrics):
+    """Single-label classification from class probabilities: ClassificationMetrics of the argmax plus `roc_auc`,
+    which needs every score, so the probabilities are kept (n x K floats)."""
+
+    def __init__(self, label_names: list[str]):
+        super().__init__(label_names)
+        self._probs: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+
+    def update(self, probs, labels) -> None:
+        """probs: (batch, K) class probabilities; labels: (batch,) ints in [0, K)."""
+        probs = _to_numpy(probs).reshape(-1, self.num_classes)
+        labels = _to_numpy(labels).reshape(-1)
+        super().update(probs.argmax(1), labels)
+        self._probs.append(probs.astype(np.float64))
+        self._labels.append(labels.astype(np.int64))
+
+    def compute(self) -> dict:
+        out = super().compute()
+        if self._probs:
+            out["roc_auc"] = roc_auc(np.concatenate(self._probs), np.concatenate(self._labels))
+        else:
+            out["roc_auc"] = 0.5
+        return out
 
 
 def _multiclass_mcc(cm: np.ndarray) -> float:

@@ -52,13 +52,19 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 # target modules
 
 
+def adaptable(m: nn.Module) -> bool:
+    """Layers LoRA adapts: nn.Linear, and nn.Conv2d without groups (a convolution is linear in its input; PEFT
+    cannot merge an adapter into a grouped, e.g. depthwise, one)."""
+    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
+
+
 def resolve_targets(model: nn.Module, targets: list, default: list[str] | None) -> list[str]:
-    """Full names of the nn.Linear modules to adapt. targets: [] (= default), ['all-linear'], ['re:<regex>'] or
-    name suffixes. The head is never a target: naming it is an error, all-linear leaves it out."""
+    """Full names of the linear modules (`adaptable`) to adapt. targets: [] (= default), ['all-linear'],
+    ['re:<regex>'] or name suffixes. The head is never a target: naming it is an error, all-linear leaves it out."""
     # the output embedding (a decoder's lm_head, often tied to the input embedding) is never adapted, as in PEFT's
     # own all-linear: it is as large as the vocabulary and already maps hidden states to tokens
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not output]
+    linears = [n for n, m in model.named_modules() if adaptable(m) and m is not output]
     heads = head_names(model)
     body = [n for n in linears if not under(n, heads)]
     wanted = list(targets) or default or ["all-linear"]
@@ -327,11 +333,12 @@ def save_adapter(model: nn.Module, tokenizer, folder: Path, base_path: str, meta
     (folder / "strop.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
 
-def load_adapter(folder: Path, build_base) -> nn.Module:
+def load_adapter(folder: Path, build_base, resolve=None) -> nn.Module:
     """A run's adapter/ folder applied to the base model it names (adapter_config.json), merged for inference.
 
-    The base must be a local safetensors folder; `build_base(folder)` puts the task's architecture on it (a fresh
-    head: the adapter holds the trained head, modules_to_save)."""
+    The base must be a local safetensors folder, checked by `resolve(folder)` (the task's; a Hugging Face folder
+    by default); `build_base(folder)` puts the task's architecture on it (a fresh head: the adapter holds the
+    trained head, modules_to_save)."""
     require_peft()
     from peft import PeftModel
 
@@ -342,7 +349,7 @@ def load_adapter(folder: Path, build_base) -> nn.Module:
     if not base_path or not Path(base_path).is_dir():
         raise ModelError(f"{folder}: the base model this adapter was trained on ({base_path!r}) is not a local "
                          "folder here; load the run's model/ folder (adapter merged) instead")
-    model = build_base(resolve_model_path(base_path))
+    model = build_base((resolve or resolve_model_path)(base_path))
     with quiet_peft():
         return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
 

@@ -12,7 +12,6 @@ from strop.compress.onnx import export_file_of, load_export
 from strop.compress.prune import load_head_pruned
 from strop.device import resolve_device
 from strop.errors import ConfigError
-from strop.models.backbone import load_tokenizer, resolve_model_path
 from strop.models.classifier import apply_freezing, read_meta
 from strop.models.layers import mark_heads
 from strop.models.peft import load_adapter, load_bottleneck
@@ -20,12 +19,13 @@ from strop.runs import open_run
 from strop.tasks.base import ExportSignature, Task
 from strop.tasks.classification import MULTI_LABEL, REGRESSION, SINGLE_LABEL
 from strop.tasks.generation import GENERATION
+from strop.tasks.image_classification import IMAGE_CLASSIFICATION
 from strop.tasks.token_classification import TOKEN_CLASSIFICATION
 
 # the order matters for task=auto: the first task whose `detects` says yes reads the data; single_label is the
 # fallback, and its reader infers single / multi-label / regression from a table's labels
-TASKS: dict[str, Task] = {t.name: t for t in (TOKEN_CLASSIFICATION, GENERATION, SINGLE_LABEL, MULTI_LABEL,
-                                              REGRESSION)}
+TASKS: dict[str, Task] = {t.name: t for t in (TOKEN_CLASSIFICATION, IMAGE_CLASSIFICATION, GENERATION, SINGLE_LABEL,
+                                              MULTI_LABEL, REGRESSION)}
 FALLBACK = SINGLE_LABEL
 
 __all__ = ["TASKS", "ExportSignature", "Task", "build_model", "detect_task", "get_task", "load_predictor",
@@ -73,16 +73,16 @@ def load_trained(folder: str | Path):
     meta = read_meta(folder)
     task = get_task(meta["task"])
     if (folder / "adapter_config.json").is_file():  # a run's adapter/: the base it names + this small adapter
-        model = load_adapter(folder, lambda base: task.load_model(base, meta, head=False))
-        return model.eval(), load_tokenizer(folder), meta, task
-    resolve_model_path(folder)
+        model = load_adapter(folder, lambda base: task.load_model(base, meta, head=False), task.model_folder)
+        return model.eval(), task.load_processor(folder), meta, task
+    task.model_folder(folder)
     if meta.get("attention_heads_kept"):  # head-pruned (strop export --prune heads=...): shapes the config can't say
         model = load_head_pruned(folder, meta, task.num_outputs(meta["labels"]))
-        return model.eval(), load_tokenizer(folder), meta, task
+        return model.eval(), task.load_processor(folder), meta, task
     model = task.load_model(folder, meta)
     if (meta.get("peft") or {}).get("method") == "adapter":  # bottleneck adapters cannot be merged: re-apply them
         load_bottleneck(model, folder, meta["peft"])
-    return model.eval(), load_tokenizer(folder), meta, task
+    return model.eval(), task.load_processor(folder), meta, task
 
 
 def load_predictor(path: str | Path, device: str = "cpu", precision: str = "fp32"):

@@ -21,6 +21,7 @@ from torch import nn
 
 from strop.data.batching import Encoded, collate_inputs
 from strop.evaluate.metrics import greater_is_better
+from strop.models.backbone import load_tokenizer, resolve_model_path
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Task:
     compressible: bool = False  # `strop export --prune / --distill` apply (soft_loss, gold_rows, a sequence head)
     default_model: str = "all-MiniLM-L6-v2"  # what model.path=default loads (model_path), by name
     default_peft: str = "none"  # what peft.method=auto means for this task (none = full fine-tuning)
+    method_lr: dict | None = None  # train.lr by peft.method when unset; None = config.METHOD_LR (text encoders)
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"
@@ -74,6 +76,15 @@ class Task:
     def model_path(self, cfg):
         """The model folder cfg.model.path names (`default`: the task's default model)."""
         return cfg.model.path
+
+    def model_folder(self, path, allow_pickle: bool = False):
+        """The checked model folder `path` names (errors say what is missing): a Hugging Face folder here."""
+        return resolve_model_path(path, allow_pickle)
+
+    def load_processor(self, folder, trust_remote_code: bool = False):
+        """What turns raw inputs into model inputs, from a model folder: its tokenizer here (an image task's
+        normalisation); `encode` gets it, and the run saves it beside the weights (`save_pretrained`)."""
+        return load_tokenizer(folder, trust_remote_code)
 
     def check_settings(self, cfg, ds, processor) -> None:
         """Settings that need the data and the processor (model.max_length against special tokens, ...)."""

@@ -153,10 +153,14 @@ def _reshard(model: torch.nn.Module) -> None:
 
 
 def trainable_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of the trainable parameters (this rank's shards under FSDP), to restore the best weights later."""
+    """A copy of the trainable parameters (this rank's shards under FSDP) and of the batch-norm statistics training
+    updates (CNNs), to restore the best weights later."""
     if is_sharded(model):
         _reshard(model)
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    weights.update({n: b.detach().clone() for n, b in model.named_buffers()
+                    if n.endswith((".running_mean", ".running_var", ".num_batches_tracked"))})
+    return weights
 
 
 def full_tensors(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,134 @@
+"""Image classification: one class per image (X-ray, ultrasound, fundus, ... or any picture).
+
+Data are a MedMNIST-style .npz, a folder per class or a table of image paths (data/images.py), decoded and resized
+to image.size when read; batches are normalised as the backbone expects and augmented in training only
+(data/image_batches.py, image.augment). The model is EfficientNet-Lite0 with ImageNet weights by default
+(models/efficientnet_lite.py, models/vision.py) with a new linear head; full fine-tuning, freezing and LoRA on its
+convolutions work as for text. Metrics: ROC AUC (one-vs-rest averaged over classes, the MedMNIST convention),
+accuracy, macro-F1, MCC; AUC is the model-selection metric because it does not depend on a decision threshold and
+moves smoothly on a small validation split, where accuracy changes in steps of one image (and MedMNIST ranks by it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from strop.data.image_batches import ImageEncoded, collate_images, encode_images
+from strop.data.images import is_image_data, prepare_images
+from strop.evaluate.evaluator import batched_logits
+from strop.evaluate.metrics import ScoredClassificationMetrics
+from strop.evaluate.report_parts import calibration, calibration_section, confusion_section
+from strop.models.vision import ImageProcessor, build_image_classifier, default_vision_path, vision_folder
+from strop.predict_images import ImagePredictor
+from strop.tasks.base import Task
+
+
+class ImageClassification(Task):
+    name = "image_classification"
+    description = "one class per image: a MedMNIST-style .npz, a folder per class, or a table of image paths"
+    metrics = ("roc_auc", "accuracy", "macro_f1", "mcc", "loss")
+    model_inputs = ("pixel_values",)
+    head_names = ("classifier",)
+    class_per_row = True
+    default_model = "EfficientNet-Lite0 (ImageNet)"
+    # measured on BreastMNIST (DECISIONS.md): a CNN with batch norm fine-tunes at rates 20x a transformer's
+    method_lr = {"none": 1e-3, "lora": 2e-3, "adalora": 2e-3, "adapter": 1e-3, "freeze": 1e-3}
+    export_refusal = ("image classifiers have no ONNX export yet (issue 27 part 2); model/ holds the weights as "
+                      "safetensors with config.json, loaded by strop.load")
+
+    # -- data -----------------------------------------------------------------------------------------------------
+
+    def detects(self, cfg) -> bool:
+        return is_image_data(cfg.data)
+
+    def prepare(self, cfg, carve: bool = True):
+        return prepare_images(cfg, self.name, carve)
+
+    def model_path(self, cfg) -> str | Path:
+        return default_vision_path() if str(cfg.model.path) == "default" else cfg.model.path
+
+    def model_folder(self, path, allow_pickle: bool = False) -> Path:
+        return vision_folder(path)
+
+    def load_processor(self, folder, trust_remote_code: bool = False) -> ImageProcessor:
+        return ImageProcessor.from_folder(folder)
+
+    def encode(self, processor, examples, meta: dict) -> ImageEncoded:
+        return encode_images(examples.pixels, examples.labels, processor.image_mean, processor.image_std,
+                             meta["image"]["augment"])
+
+    def collate(self, enc: ImageEncoded, idx: np.ndarray, rng: np.random.Generator | None = None) -> dict:
+        return collate_images(enc, idx, rng)
+
+    def split_summary(self, ds, split: str, enc: ImageEncoded) -> dict:
+        counts = np.bincount(ds.splits[split].labels, minlength=len(ds.labels))
+        return {"label_counts": dict(zip(ds.labels, counts.tolist())), "image_shape": list(enc.pixels.shape[1:])}
+
+    # -- model ----------------------------------------------------------------------------------------------------
+
+    def build_model(self, cfg, labels: list[str]):
+        folder = self.model_folder(self.model_path(cfg))
+        return build_image_classifier(folder, len(labels), cfg.model.dropout, head=False)
+
+    def load_model(self, folder, meta: dict, head: bool = True):
+        return build_image_classifier(self.model_folder(folder), len(meta["labels"]), head=head)
+
+    def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), batch["labels"])
+
+    def outputs(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().softmax(-1)
+
+    # -- evaluation, metadata, prediction -------------------------------------------------------------------------
+
+    def evaluate(self, model, enc: ImageEncoded, labels: list[str], batch_size: int, device: torch.device,
+                 precision: str = "fp32", threshold: float = 0.5, keep_outputs: bool = False):
+        """Streamed metrics with `loss`; with keep_outputs also the (n, L) probabilities in input order."""
+        metrics, kept, loss_sum = ScoredClassificationMetrics(labels), None, 0.0
+        if keep_outputs:
+            kept = np.zeros((len(enc), len(labels)), dtype=np.float32)
+        for idx, logits, batch in batched_logits(model, enc, batch_size, device, precision, self.collate,
+                                                 self.model_inputs):
+            loss_sum += float(self.loss(logits, batch)) * len(idx)
+            probs = self.outputs(logits)
+            metrics.update(probs, batch["labels"])
+            if kept is not None:
+                kept[idx] = probs.numpy()
+        result = metrics.compute()
+        result["loss"] = loss_sum / max(1, len(enc))
+        return result, kept
+
+    def meta(self, cfg, ds) -> dict:
+        channels = int(ds.splits["train"].pixels.shape[-1])
+        return {"image": {"size": cfg.image.size, "channels": channels, "augment": cfg.image.augment},
+                "image_column": ds.columns.text, "label_column": ds.columns.label, "text_column": None,
+                "text_pair_column": None}
+
+    def predictor(self, model, processor, meta: dict, device: torch.device, precision: str = "fp32"):
+        return ImagePredictor(model, processor, meta, device, precision, task=self)
+
+    def format(self, row: np.ndarray, labels: list[str], meta: dict) -> dict:
+        best = int(np.argmax(row))
+        return {"label": labels[best], "score": float(row[best]),
+                "probs": {name: float(p) for name, p in zip(labels, row)}}
+
+    def flat(self, pred: dict, labels: list[str]) -> dict:
+        return {"prediction": pred["label"], "score": pred["score"],
+                **{f"prob_{n}": pred["probs"][n] for n in labels}}
+
+    def report_sections(self, predictor, examples, results, split, errors_k, explain_k):
+        sections = {"confusion": confusion_section(results, predictor.labels,
+                                                   "test" if "test" in results else "validation")}
+        if examples is None:
+            return sections, {}
+        probs = predictor.outputs_of(examples, 64)
+        cal = calibration(probs.max(1), probs.argmax(1) == examples.labels)
+        sections["calibration"] = calibration_section(cal, split)
+        return sections, {"calibration": cal}
+
+
+IMAGE_CLASSIFICATION = ImageClassification()
