@@ -14,8 +14,9 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+from strop.serve.worker import BackgroundLoop
 
 
 @dataclass
@@ -43,7 +44,7 @@ RunBatch = Callable[[list[str], "list[str] | None"], list[dict]]
 WAIT_WHEN_REQUESTS = 1.5  # wait for batch-mates while batches average at least this many requests
 
 
-class Batcher:
+class Batcher(BackgroundLoop):
     """Groups inputs into batches and runs them with `run_batch(texts, pairs) -> outputs` on one thread.
 
     on_batch(inputs, padded_tokens, seconds) and on_depth(inputs_waiting) report to telemetry.
@@ -56,8 +57,7 @@ class Batcher:
         self.on_batch, self.on_depth = on_batch or (lambda *a: None), on_depth or (lambda n: None)
         self._queue: deque[_Item] = deque()
         self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="strop-infer")
-        self._worker: asyncio.Task | None = None
+        super().__init__("strop-infer")
         # requests per batch, moving average: waiting for batch-mates only pays while requests overlap; a lone
         # client would pay max_wait on every call for nothing (starts above the threshold: assume company)
         self._mean_requests = 2.0
@@ -66,18 +66,6 @@ class Batcher:
     def depth(self) -> int:
         """Inputs waiting for a batch."""
         return len(self._queue)
-
-    def start(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._run(), name="strop-batcher")
-
-    async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            try:
-                await self._worker
-            except asyncio.CancelledError:
-                pass
-        self._executor.shutdown(wait=True)
 
     async def submit(self, texts: list[str], pairs: list[str] | None, tokens: list[int]) -> list[dict]:
         """Outputs for `texts` (and `pairs`), in order; raises what the model raised for this request alone."""

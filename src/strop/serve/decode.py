@@ -29,13 +29,13 @@ import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from torch.nn import functional as F
 
 from strop.generate import Generator, Settings
+from strop.serve.worker import BackgroundLoop
 
 log = logging.getLogger("strop.serve")
 
@@ -179,7 +179,7 @@ class _Batch:
         self.last = [self.last[i] for i in keep]
 
 
-class DecodeScheduler:
+class DecodeScheduler(BackgroundLoop):
     """Decodes every submitted request in one shared batch. max_rows: most sequences decoding together;
     max_tokens: most cache positions of the batch, counted as rows x longest (prompt + max_new_tokens), so the
     cache's memory is bounded (a lone request is always admitted)."""
@@ -190,26 +190,13 @@ class DecodeScheduler:
         self._waiting: deque[_Sequence] = deque()
         self._batch = _Batch()
         self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="strop-decode")
         self._cache_arg, self._last_only = forward_arguments(generator.model)
-        self._worker: asyncio.Task | None = None
+        super().__init__("strop-decode")
 
     @property
     def depth(self) -> int:
         """Requests waiting to join."""
         return len(self._waiting)
-
-    def start(self) -> None:
-        self._worker = asyncio.get_running_loop().create_task(self._run(), name="strop-decode")
-
-    async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            try:
-                await self._worker
-            except asyncio.CancelledError:
-                pass
-        self._executor.shutdown(wait=True)
 
     async def stream(self, prompt: list[int], settings: Settings, seed: int | None = None) -> AsyncIterator:
         """Yield the answer's text pieces as they are decided, then its result {text, finish_reason, tokens,
