@@ -62,9 +62,10 @@ class ImagePredictor:
         """One {'label', 'score', 'probs'} per image; `images`: a path, array or PIL image, or a list of them."""
         if isinstance(images, (str, Path, np.ndarray)) or hasattr(images, "mode"):
             images = [images]
-        if not len(images):
+        images = list(images)
+        if not images:
             return []
-        probs = self.outputs_of(self.examples(self.pixels_of(list(images))), batch_size)
+        probs = self.outputs_of(self.examples(self.pixels_of(images)), batch_size)
         return [self.task.format(row, self.labels, self.meta) for row in probs]
 
     def examples(self, pixels: np.ndarray, labels: np.ndarray | None = None) -> ImageExamples:

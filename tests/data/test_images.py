@@ -12,6 +12,8 @@ from PIL import Image
 from strop.config import load_config
 from strop.data.image_batches import POLICIES, augment, collate_images, encode_images
 from strop.data.image_files import decode_image, stack_images, to_uint8
+from strop.data.images import read_prediction_input
+from strop.errors import DataError
 from strop.tasks import detect_task, prepare
 
 
@@ -127,3 +129,20 @@ def test_augmentation_with_no_change_drawn_is_the_identity():
     flip = dict(still, flip=1.0)
     torch.testing.assert_close(augment(x.clone(), flip, np.random.default_rng(0)), x.flip(-1), atol=1e-6, rtol=0)
     assert set(POLICIES) == {"none", "light", "strong"}
+
+
+def test_prediction_input_in_subfolders_that_are_not_classes(tmp_path):
+    folder = write_image_folder(tmp_path / "new", 4, 5)
+    (folder / "horizontal").rename(folder / "week1")
+    raw, ex = read_prediction_input(folder, cfg_for(folder).data, 32, 3, IMAGE_CLASSES, need_label=False)
+    assert len(ex) == 4 and ex.labels is None  # predictions need no gold labels: week1/ is only a folder
+    assert raw.rows[0]["path"] == "spot/001.png"  # sorted class folders first; the input columns are kept
+    with pytest.raises(DataError, match="label 'week1' in the input split is not a class of the training data"):
+        read_prediction_input(folder, cfg_for(folder).data, 32, 3, IMAGE_CLASSES, need_label=True)
+
+
+def test_npz_of_pickled_objects_is_refused_with_the_fix(tmp_path):
+    np.savez(tmp_path / "obj.npz", train_images=np.array([np.zeros((2, 2)), None], dtype=object),
+             train_labels=np.array([0, 1]))
+    with pytest.raises(DataError, match="cannot read the train arrays .* save plain numeric arrays"):
+        prepare(cfg_for(tmp_path / "obj.npz"))

@@ -149,7 +149,11 @@ def read_npz(path: Path) -> dict[str, RawSplit]:
     with np.load(path, allow_pickle=False) as z:
         for split, prefix in found.items():
             name = f"{prefix}_" if prefix else ""
-            out[split] = _npz_split(path, z, name, split, keys)
+            try:
+                out[split] = _npz_split(path, z, name, split, keys)
+            except (OSError, ValueError) as e:  # object arrays (pickles, refused) or a damaged file
+                raise DataError(f"{path}: cannot read the {split} arrays ({e}); save plain numeric arrays with "
+                                "numpy.savez") from None
     return out
 
 
@@ -372,5 +376,12 @@ def read_prediction_input(path: str | Path, d, size: int, channels: int, names: 
     if need_label and raw.labels is None:
         raise DataError(f"{path} has no labels; evaluation needs a label per image (class subfolders, a label "
                         "column, or *_labels arrays)")
-    labels = label_ids(raw, names, "input") if raw.labels is not None else None
+    labels = None
+    if raw.labels is not None:
+        try:
+            labels = label_ids(raw, names, "input")
+        except DataError:
+            if need_label:
+                raise
+            # predictions need no gold labels: subfolders named otherwise (new_scans/week1/) are only folders
     return raw, decode_split(raw, ImageReader(size, on_bad), channels, labels)

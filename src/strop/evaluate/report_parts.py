@@ -165,8 +165,8 @@ def metrics_section(results: dict) -> str:
     splits = [s for s in ("validation", "test") if s in results and s not in small]
     if not splits:
         return "".join(parts)
-    keys = [k for k in ("accuracy", "macro_f1", "micro_f1", "mcc", "exact_match", "pearson", "spearman", "rmse",
-                        "mae", "loss") if any(k in results[s] for s in splits)]
+    keys = [k for k in ("roc_auc", "accuracy", "macro_f1", "micro_f1", "mcc", "exact_match", "pearson", "spearman",
+                        "rmse", "mae", "loss") if any(k in results[s] for s in splits)]
     parts.append(_table(["split", *keys], [[s, *[results[s].get(k, "-") for k in keys]] for s in splits]))
     for s in splits:
         per = results[s].get("per_class")
