@@ -146,3 +146,14 @@ def test_npz_of_pickled_objects_is_refused_with_the_fix(tmp_path):
              train_labels=np.array([0, 1]))
     with pytest.raises(DataError, match="cannot read the train arrays .* save plain numeric arrays"):
         prepare(cfg_for(tmp_path / "obj.npz"))
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".tif", ".bmp", ".png"])
+def test_pillow_formats_decode_to_grey_or_colour(tmp_path, suffix):
+    colour, _ = toy_images(1, 0)
+    Image.fromarray(colour[0]).save(tmp_path / f"c{suffix}")
+    Image.fromarray(colour[0]).convert("L").save(tmp_path / f"g{suffix}")
+    assert decode_image(tmp_path / f"c{suffix}").shape == (20, 20, 3)
+    assert decode_image(tmp_path / f"g{suffix}").shape == (20, 20)
+    if suffix != ".jpg":  # lossless formats give the pixels back
+        np.testing.assert_array_equal(decode_image(tmp_path / f"c{suffix}"), colour[0])
