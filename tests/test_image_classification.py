@@ -236,3 +236,8 @@ def test_unreadable_images_can_be_skipped_and_counted(tiny_vision_model, tmp_pat
     data_json = json.loads((run.run_dir / "data.json").read_text())
     # 12 written, 1 cut short: 11 read, of which validation_ratio 0.1 is carved (1 per class rounds to 1 each)
     assert sum(s["examples"] for s in data_json["splits"].values()) == 11
+
+
+def test_serving_an_image_run_is_refused_with_the_way_out(trained, capsys):
+    assert main(["serve", str(trained.run_dir)]) == 2
+    assert "image uploads are not served yet" in capsys.readouterr().err

@@ -114,8 +114,11 @@ def served_meta(path: str | Path, backend: str) -> dict:
 
 
 def check_target(path: str | Path, backend: str, onnx_file: str | None = None) -> None:
-    """Fail before the server starts when there is nothing to serve (the loading itself runs in the background)."""
-    served_meta(path, backend)
+    """Fail before the server starts when there is nothing to serve, or nothing it can serve (the loading itself
+    runs in the background)."""
+    task = get_task(served_meta(path, backend)["task"])
+    if task.serve_refusal:
+        raise ModelError(f"cannot serve {path}: {task.serve_refusal}")
     if backend == "onnx" and onnx_file:
         folder = find_export(Path(path))
         if not (folder / onnx_file).is_file():

@@ -46,6 +46,7 @@ class Task:
     generates: bool = False  # its predictor answers prompts with text (serve's OpenAI-compatible routes)
     export: ExportSignature | None = None  # None: `strop export` refuses with `export_refusal`
     export_refusal: str = "this task has no ONNX export"
+    serve_refusal: str | None = None  # set: `strop serve` refuses the task's runs with this reason
     compressible: bool = False  # `strop export --prune / --distill` apply (soft_loss, gold_rows, a sequence head)
     default_model: str = "all-MiniLM-L6-v2"  # what model.path=default loads (model_path), by name
     default_peft: str = "none"  # what peft.method=auto means for this task (none = full fine-tuning)

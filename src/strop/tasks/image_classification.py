@@ -39,6 +39,8 @@ class ImageClassification(Task):
     # with batch norm and a new head takes 20x a transformer's rate. The others are not measured yet: LoRA's
     # low-rank updates at twice it, as LoRA runs above full fine-tuning for text
     method_lr = {"none": 1e-3, "lora": 2e-3, "adalora": 2e-3, "adapter": 1e-3, "freeze": 1e-3}
+    serve_refusal = ("image uploads are not served yet (issue 27 part 2); use `strop predict RUN --data FOLDER` "
+                     "or strop.load(RUN).predict([...]) from Python")
     export_refusal = ("image classifiers have no ONNX export yet (issue 27 part 2); model/ holds the weights as "
                       "safetensors with config.json, loaded by strop.load")
 
