@@ -145,24 +145,42 @@ class SingleLabel(SequenceClassification):
         return {"label_counts": dict(zip(ds.labels, counts.tolist()))}
 
     def format(self, row: np.ndarray, labels: list[str], meta: dict) -> dict:
-        probs = {name: float(p) for name, p in zip(labels, row)}
-        best = int(np.argmax(row))
-        return {"label": labels[best], "score": float(row[best]), "probs": probs}
+        return class_format(row, labels)
 
     def flat(self, pred: dict, labels: list[str]) -> dict:
-        return {"prediction": pred["label"], "score": pred["score"],
-                **{f"prob_{n}": pred["probs"][n] for n in labels}}
+        return class_flat(pred, labels)
 
     def report_sections(self, predictor, examples, results, split, errors_k, explain_k):
-        sections = {"confusion": confusion_section(results, predictor.labels,
-                                                   "test" if "test" in results else "validation")}
-        if examples is None:
-            return sections, {}
-        probs = predictor.outputs_of(examples, 64)
-        cal = calibration(probs.max(1), probs.argmax(1) == examples.labels)
-        sections["calibration"] = calibration_section(cal, split)
-        sections["errors"], worst = errors_section(predictor, examples, probs, errors_k, explain_k)
-        return sections, {"calibration": cal, "worst_errors": worst}
+        sections, extra, probs = class_sections(predictor, examples, results, split)
+        if probs is not None:
+            sections["errors"], extra["worst_errors"] = errors_section(predictor, examples, probs, errors_k,
+                                                                       explain_k)
+        return sections, extra
+
+
+def class_format(row: np.ndarray, labels: list[str]) -> dict:
+    """One single-label prediction: the best label, its probability, every label's probability."""
+    best = int(np.argmax(row))
+    return {"label": labels[best], "score": float(row[best]),
+            "probs": {name: float(p) for name, p in zip(labels, row)}}
+
+
+def class_flat(pred: dict, labels: list[str]) -> dict:
+    """A single-label prediction as flat CSV columns."""
+    return {"prediction": pred["label"], "score": pred["score"], **{f"prob_{n}": pred["probs"][n] for n in labels}}
+
+
+def class_sections(predictor, examples, results: dict, split: str | None):
+    """(report sections, report.json extras, probabilities or None) every one-class-per-example task shows: the
+    confusion matrix and, with the data at hand, calibration."""
+    sections = {"confusion": confusion_section(results, predictor.labels,
+                                               "test" if "test" in results else "validation")}
+    if examples is None:
+        return sections, {}, None
+    probs = predictor.outputs_of(examples, 64)
+    cal = calibration(probs.max(1), probs.argmax(1) == examples.labels)
+    sections["calibration"] = calibration_section(cal, split)
+    return sections, {"calibration": cal}, probs
 
 
 class MultiLabel(SequenceClassification):

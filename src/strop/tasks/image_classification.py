@@ -21,7 +21,7 @@ from strop.data.image_batches import ImageEncoded, collate_images, encode_images
 from strop.data.images import is_image_data, prepare_images
 from strop.evaluate.evaluator import batched_logits
 from strop.evaluate.metrics import ScoredClassificationMetrics
-from strop.evaluate.report_parts import calibration, calibration_section, confusion_section
+from strop.tasks.classification import class_flat, class_format, class_sections
 from strop.models.vision import ImageProcessor, build_image_classifier, default_vision_path, vision_folder
 from strop.predict_images import ImagePredictor
 from strop.tasks.base import Task
@@ -116,23 +116,14 @@ class ImageClassification(Task):
         return ImagePredictor(model, processor, meta, device, precision, task=self)
 
     def format(self, row: np.ndarray, labels: list[str], meta: dict) -> dict:
-        best = int(np.argmax(row))
-        return {"label": labels[best], "score": float(row[best]),
-                "probs": {name: float(p) for name, p in zip(labels, row)}}
+        return class_format(row, labels)
 
     def flat(self, pred: dict, labels: list[str]) -> dict:
-        return {"prediction": pred["label"], "score": pred["score"],
-                **{f"prob_{n}": pred["probs"][n] for n in labels}}
+        return class_flat(pred, labels)
 
     def report_sections(self, predictor, examples, results, split, errors_k, explain_k):
-        sections = {"confusion": confusion_section(results, predictor.labels,
-                                                   "test" if "test" in results else "validation")}
-        if examples is None:
-            return sections, {}
-        probs = predictor.outputs_of(examples, 64)
-        cal = calibration(probs.max(1), probs.argmax(1) == examples.labels)
-        sections["calibration"] = calibration_section(cal, split)
-        return sections, {"calibration": cal}
+        sections, extra, _ = class_sections(predictor, examples, results, split)
+        return sections, extra
 
 
 IMAGE_CLASSIFICATION = ImageClassification()
