@@ -62,6 +62,17 @@ def counters(url: str) -> dict[str, float]:
     return found
 
 
+def peak_rss_of(pid: int) -> float | None:
+    """The server process's peak resident memory (VmHWM, MiB); None where /proc is not there."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def bench(run: Path, max_rows: int, args, log_dir: Path) -> dict:
     srv = ServerProcess(run, f"serve.max_batch_size={max_rows}", f"serve.precision={args.precision}",
                         log_path=log_dir / f"serve-generation-{max_rows}.log")
@@ -82,6 +93,7 @@ def bench(run: Path, max_rows: int, args, log_dir: Path) -> dict:
                 "mean_ttft_ms": round(1e3 * d["strop_time_to_first_token_seconds_sum"]
                                       / max(d["strop_time_to_first_token_seconds_count"], 1), 2)}
             print(f"max_batch_size={max_rows} clients={clients}: {out[f'clients={clients}']}", flush=True)
+        out["server_peak_rss_mb"] = peak_rss_of(srv.pid)
     finally:
         srv.stop()
     return out
@@ -94,6 +106,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"))
+    p.add_argument("--out", type=Path, default=RESULTS / "serve_generation.json")
     args = p.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     logs = Path(tempfile.mkdtemp(prefix="strop-bench-"))
@@ -107,7 +120,7 @@ def main() -> None:
                                                                / shared["clients=1"]["tokens_per_s"], 2),
                         "8_clients_shared_vs_not": round(shared["clients=8"]["tokens_per_s"]
                                                          / alone["clients=8"]["tokens_per_s"], 2)}
-    (RESULTS / "serve_generation.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(report["ratios"]))
 
 
