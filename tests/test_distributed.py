@@ -395,3 +395,21 @@ def test_ddp_all_reduces_sparse_embedding_gradients(tiny_model, splits, tmp_path
     assert sorted(ddp) == sorted(ref) == list(range(1, STEPS + 1))
     assert [ddp[s] for s in sorted(ddp)] == pytest.approx([ref[s] for s in sorted(ref)], rel=1e-4)
     assert ref[STEPS] < 0.8 * ref[1]
+
+
+@pytest.mark.slow
+def test_generation_loss_is_a_token_mean_over_both_processes(tiny_decoder, tmp_path):
+    """Generation averages its loss over the supervised tokens of the global batch: 2 processes x 2 micro-batches
+    (answers of different lengths on each) log the same per-step loss as 1 process with the whole batch."""
+    from conftest import write_jsonl
+
+    rows = [{"prompt": f"name[n{i}], food[f{i % 3}]", "completion": "word " * (1 + 5 * (i % 4))} for i in range(48)]
+    data = write_jsonl(tmp_path / "gen.jsonl", rows)
+    args = [f"data.train={data}", "data.validation_ratio=0", "data.test_ratio=0", f"model.path={tiny_decoder}",
+            "peft.method=none", "train.precision=fp32", "train.batch_size=8", "train.epochs=1", "train.lr=1e-3",
+            "train.log_every=1", "train.threads=1", "eval.report=false", "track=none"]
+    one = train(None, args + [f"output_dir={tmp_path / 'a'}", "name=one"]).run_dir
+    torchrun(2, args + [f"output_dir={tmp_path / 'b'}", "name=two", "train.micro_batch_size=2"], tmp_path)
+    ref, ddp = _losses(one), _losses(tmp_path / "b" / "two")
+    assert sorted(ddp) == sorted(ref) == list(range(1, 7))  # 48 rows / 8
+    assert [ddp[s] for s in sorted(ddp)] == pytest.approx([ref[s] for s in sorted(ref)], rel=1e-4)
