@@ -128,9 +128,10 @@ def encode_chat(tokenizer, examples, max_length: int, train_on_prompt: bool = Fa
             turns + [{"role": "assistant", "content": refs[k][0]}]
         ids, mask = conversation_ids(tokenizer, full, train_on_prompt=train_on_prompt)
         asked = full[:-1] if full[-1]["role"] == "assistant" else full
-        prompt, prompt_cut = prompt_ids(tokenizer, asked, max_length)
-        answer_start = len(ids) if full[-1]["role"] != "assistant" else \
-            len(conversation_ids(tokenizer, asked, ask=True)[0])
+        prompt, _ = conversation_ids(tokenizer, asked, ask=True)  # rendered once: the prompt and where the answer starts
+        answer_start = len(prompt) if full[-1]["role"] == "assistant" else len(ids)
+        prompt_cut = len(prompt) > max_length
+        prompt = prompt[-max_length:]
         ids, mask, was_cut = _fit(ids, mask, max_length, answer_start, examples.where[k])
         cut, cut_prompts = cut + was_cut, cut_prompts + prompt_cut
         ids_all.append(ids)
