@@ -128,7 +128,8 @@ def encode_chat(tokenizer, examples, max_length: int, train_on_prompt: bool = Fa
             turns + [{"role": "assistant", "content": refs[k][0]}]
         ids, mask = conversation_ids(tokenizer, full, train_on_prompt=train_on_prompt)
         asked = full[:-1] if full[-1]["role"] == "assistant" else full
-        prompt, _ = conversation_ids(tokenizer, asked, ask=True)  # rendered once: the prompt and where the answer starts
+        # rendered once: the prompt's ids and where the answer starts
+        prompt, _ = conversation_ids(tokenizer, asked, ask=True)
         answer_start = len(prompt) if full[-1]["role"] == "assistant" else len(ids)
         prompt_cut = len(prompt) > max_length
         prompt = prompt[-max_length:]
