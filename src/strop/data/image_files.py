@@ -1,7 +1,7 @@
 """One image -> a uint8 array of the model's input size: decoding through Pillow, bit depths, channels, resizing.
 
-Files: PNG, JPEG, TIFF, BMP (what Pillow reads; the suffixes below are what the folder and table layouts look
-for). Each image is decoded completely when read, so a truncated or corrupt file is found before training starts,
+Files: PNG, JPEG, TIFF, BMP (what Pillow reads) and DICOM (.dcm, data/dicom.py); the suffixes below are what
+the folder and table layouts look for. Each image is decoded completely when read, so a truncated or corrupt file is found before training starts,
 and resized to size x size at once, so memory holds size^2 pixels per image whatever the files hold.
 Grey stays one channel and colour three until a dataset's images are stacked (`stack_images`): a dataset that
 holds both is colour, its grey images repeated over three channels (the same picture).
@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from strop.data.dicom import decode_dicom
 from strop.errors import DataError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
@@ -34,7 +35,7 @@ def is_image_file(path: Path) -> bool:
 def to_uint8(a: np.ndarray) -> np.ndarray:
     """Pixels of any depth -> uint8. 8-bit stays as it is; deeper or float images are stretched from their own
     minimum to maximum (a 12-bit X-ray in a 16-bit PNG uses 0..4095, so dividing by 256 would leave it near black;
-    a DICOM's window, part of its header, comes with DICOM support)."""
+    a DICOM's own window is applied in data/dicom.py instead)."""
     if a.dtype == np.uint8:
         return a
     a = a.astype(np.float64)
@@ -46,7 +47,10 @@ def to_uint8(a: np.ndarray) -> np.ndarray:
 
 def decode_image(path: Path) -> np.ndarray:
     """The file's pixels: (H, W) uint8 for grey images, (H, W, 3) for colour (alpha dropped, palettes expanded,
-    EXIF rotation applied). Raises OSError / ValueError (Pillow's) for files it cannot read completely."""
+    EXIF rotation applied; DICOM through its rescale and window, data/dicom.py). Raises OSError / ValueError
+    (Pillow's, pydicom's) for files it cannot read completely."""
+    if path.suffix.lower() == ".dcm":
+        return decode_dicom(path)
     Image, ImageOps = pillow()
     with Image.open(path) as img:
         img.load()  # decodes everything: a truncated file fails here, not during training

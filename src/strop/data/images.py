@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from strop.data.examples import LABEL_COLUMNS, Columns, label_names
-from strop.data.image_files import ImageReader, as_array, fit, is_image_file, stack_images
+from strop.data.image_files import IMAGE_SUFFIXES, ImageReader, as_array, fit, is_image_file, stack_images
 from strop.data.load import FORMATS, Table, read_table
 from strop.data.prepare import Dataset
 from strop.errors import DataError
@@ -195,7 +195,7 @@ def read_folder(path: Path, labelled: bool = True) -> RawSplit:
         files = sorted(f for f in path.rglob("*") if f.is_file() and is_image_file(f))
         labels = None
     if not files:
-        raise DataError(f"{path}: no image files (.png, .jpg, .jpeg, .tif, .tiff, .bmp) found in class subfolders; "
+        raise DataError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) found in class subfolders; "
                         "put each class's images in a subfolder named after it (path/<class>/image.png)")
     rel = [str(f.relative_to(path)) for f in files]
     columns = FOLDER_COLUMNS if labels is not None else FOLDER_COLUMNS[:1]
