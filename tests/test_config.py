@@ -20,7 +20,7 @@ from strop.config import (
     validate,
 )
 from strop.errors import ConfigError, StropError
-from strop.tasks import detect_task
+from strop.tasks import detect_task, get_task
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -64,6 +64,20 @@ def test_an_unset_lr_takes_the_methods_measured_default(method):
     mine = load_config(None, {"peft.method": method, "train.lr": 2e-5})
     assert resolve_method_defaults(mine) == [] and mine.train.lr == 2e-5
     assert METHOD_LR["none"] == 5e-5 and METHOD_LR["lora"] > 5 * METHOD_LR["none"]  # PEFT needs ~10x
+
+
+def test_an_unset_epochs_takes_the_tasks_default_and_says_so_where_it_is_not_the_text_one():
+    text = load_config(None, {"train.lr": 5e-5})
+    assert text.train.epochs is None and resolve_method_defaults(text) == []
+    assert text.train.epochs == 3.0  # EPOCHS, the text tasks' default
+    image = load_config(None, {"peft.method": "none", "train.lr": 1e-3})
+    notes = resolve_method_defaults(image, "none", "image_classification", None, 10)
+    assert image.train.epochs == 10
+    assert notes == ["train.epochs=10 (default for task image_classification; set train.epochs to override)"]
+    mine = load_config(None, {"train.epochs": 2})
+    notes = resolve_method_defaults(mine, "none", "image_classification", None, 10)
+    assert mine.train.epochs == 2 and not any("epochs" in note for note in notes)
+    assert get_task("image_classification").default_epochs == 10 and get_task("single_label").default_epochs == 3
 
 
 def test_mutable_defaults_are_not_shared():

@@ -106,7 +106,9 @@ class PeftConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = doc(3, "passes over the training data (fractions allowed)")
+    epochs: float | None = doc(None, "passes over the training data (fractions allowed); empty = the task's "
+                               "measured default (3 for text; image_classification 10), printed and written to "
+                               "config.yaml")
     max_steps: int = doc(-1, "stop after this many optimizer steps; -1 = run all epochs")
     batch_size: int = doc(32, "examples per optimizer step (micro_batch_size x accumulation)")
     micro_batch_size: int | None = doc(None, "examples per forward pass; empty = batch_size (no accumulation)")
@@ -488,12 +490,21 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
 METHOD_LR = {"none": 5e-5, "lora": 5e-4, "adalora": 1e-3, "adapter": 5e-4, "freeze": 1e-4}
 
 
+# train.epochs when the user sets none and the task has no default of its own (tasks/base.py `default_epochs`)
+EPOCHS = 3
+
+
 def resolve_method_defaults(cfg: Config, task_method: str = "none", task: str = "",
-                            method_lr: dict | None = None) -> list[str]:
+                            method_lr: dict | None = None, task_epochs: float = EPOCHS) -> list[str]:
     """Fill peft.method=auto with the task's default method (`task_method`), then the settings whose default
-    depends on the method (train.lr: `method_lr`, a task's own table, else METHOD_LR); returns one note per value
-    filled, for the log. Idempotent: a value already set (by the user or an earlier call) is kept."""
+    depends on the method (train.lr: `method_lr`, a task's own table, else METHOD_LR) or on the task (train.epochs:
+    `task_epochs`); returns one note per value that differs from the text defaults, for the log. Idempotent: a
+    value already set (by the user or an earlier call) is kept."""
     notes = []
+    if cfg.train.epochs is None:
+        cfg.train.epochs = task_epochs
+        if task_epochs != EPOCHS:
+            notes.append(f"train.epochs={task_epochs:g} (default for task {task}; set train.epochs to override)")
     if cfg.peft.method == "auto":
         cfg.peft.method = task_method
         validate(cfg)  # the method-dependent checks, now that the method is known
@@ -579,10 +590,10 @@ def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express; each message names the field and the value."""
     _check_choices(cfg, "")
     t, d, m = cfg.train, cfg.data, cfg.model
-    positive = {"train.eps": t.eps, "train.batch_size": t.batch_size, "train.epochs": t.epochs,
+    positive = {"train.eps": t.eps, "train.batch_size": t.batch_size,
                 "model.max_length": m.max_length, "eval.batch_size": cfg.eval.batch_size, "train.log_every": t.log_every}
-    for key, value in (("train.lr", t.lr), ("train.head_lr", t.head_lr)):
-        if value is not None:  # empty lr: the method's default (resolve_method_defaults)
+    for key, value in (("train.lr", t.lr), ("train.head_lr", t.head_lr), ("train.epochs", t.epochs)):
+        if value is not None:  # empty lr / epochs: the method's or task's default (resolve_method_defaults)
             positive[key] = value
     for key, value in positive.items():
         if value <= 0:

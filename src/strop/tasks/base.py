@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from strop.config import EPOCHS
+from strop.compress.onnx import OnnxInputs, text_inputs
 from strop.data.batching import Encoded, collate_inputs
 from strop.evaluate.metrics import greater_is_better
 from strop.models.backbone import load_tokenizer, resolve_model_path
@@ -30,6 +32,10 @@ class ExportSignature:
 
     inputs: tuple[str, ...]
     output_axes: tuple[str, ...]  # ("batch", "labels") or ("batch", "sequence", "labels")
+    # model.int8.onnx: "dynamic" (int8 weights of the MatMuls, activations quantised per batch: transformers) or
+    # "static" (weights and activations, ranges calibrated on training inputs: CNNs, whose convolutions ONNX
+    # Runtime's dynamic int8 runs slower than fp32)
+    int8: str = "dynamic"
 
 
 class Task:
@@ -43,6 +49,7 @@ class Task:
     tunes_threshold: bool = False  # outputs are thresholded (multi-label): the threshold is tuned on validation
     class_per_row: bool = False  # each example has exactly one class (single-label): counts per class mean something
     takes_words: bool = False  # its predictor also takes pre-split words (serve's {tokens} inputs, entities out)
+    takes_images: bool = False  # its predictor takes images (serve's multipart and base64 uploads, serve/images.py)
     generates: bool = False  # its predictor answers prompts with text (serve's OpenAI-compatible routes)
     export: ExportSignature | None = None  # None: `strop export` refuses with `export_refusal`
     export_refusal: str = "this task has no ONNX export"
@@ -51,6 +58,7 @@ class Task:
     default_model: str = "all-MiniLM-L6-v2"  # what model.path=default loads (model_path), by name
     default_peft: str = "none"  # what peft.method=auto means for this task (none = full fine-tuning)
     method_lr: dict | None = None  # train.lr by peft.method when unset; None = config.METHOD_LR (text encoders)
+    default_epochs: float = EPOCHS  # train.epochs when unset
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"
@@ -158,6 +166,11 @@ class Task:
 
     def predictor(self, model, processor, meta: dict, device: torch.device, precision: str = "fp32"):
         raise NotImplementedError
+
+    def onnx_inputs(self, processor, meta: dict) -> OnnxInputs:
+        """The inputs `strop export` traces the model with (names, examples, dynamic axes): token ids of
+        (batch, sequence) up to strop.json's max_length here."""
+        return text_inputs(processor, meta["max_length"])
 
     def agreement(self, a: np.ndarray, b: np.ndarray, threshold: float) -> float | None:
         """Share of examples (rows of the export's logits) two models predict alike; None where predictions are
