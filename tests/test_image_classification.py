@@ -238,6 +238,30 @@ def test_unreadable_images_can_be_skipped_and_counted(tiny_vision_model, tmp_pat
     assert sum(s["examples"] for s in data_json["splits"].values()) == 11
 
 
-def test_serving_an_image_run_is_refused_with_the_way_out(trained, capsys):
-    assert main(["serve", str(trained.run_dir)]) == 2
-    assert "image uploads are not served yet" in capsys.readouterr().err
+def test_the_served_run_answers_an_upload_as_the_python_api(trained, image_splits):
+    """The app in process (its lifespan loads the model); tests/serve/test_serve_images.py runs a real server."""
+    import io
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from strop.serve.app import create_app
+    from strop.serve.backend import check_target
+    from strop.serve.settings import load_serve_config
+
+    check_target(trained.run_dir, "torch")  # nothing refuses an image run any more
+    path = sorted((image_splits["test"] / "vertical").glob("*.png"))[0]
+    cfg = load_serve_config(None, {"precision": "fp32", "device": "cpu"})
+    with TestClient(create_app(trained.run_dir, cfg, handle_signals=False)) as client:
+        for _ in range(600):  # the model loads in the background: up to 30 s
+            if client.get("/health/ready").status_code == 200:
+                break
+            time.sleep(0.05)
+        r = client.post("/v1/predict", files=[("image", (path.name, io.BytesIO(path.read_bytes())))])
+    assert r.status_code == 200, r.text
+    got = r.json()["predictions"][0]
+    want = strop.load(trained.run_dir).predict(path)[0]
+    assert got["label"] == want["label"]
+    # the same decoding and resizing as strop.load(...).predict; 1e-6: float32 of the same batch of one
+    torch.testing.assert_close(torch.tensor(list(got["probs"].values())), torch.tensor(list(want["probs"].values())),
+                               rtol=0, atol=1e-6)

@@ -1,5 +1,5 @@
 """Fixtures for the serving tests: tiny trained runs (single-label, pairs, multi-label, regression, NER,
-generation) and an export."""
+generation, images) and an export."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from conftest import (  # tests/conftest.py (this one is serve.conftest)
     toy_generation_rows,
     toy_rows,
     write_csv,
+    write_image_folder,
     write_jsonl,
 )
 
@@ -113,3 +114,13 @@ def generation_run(tiny_decoder, tmp_path_factory) -> Path:
             "track": "none", "train.save_every": -1, "eval.report": False, "data.test_ratio": 0,
             "generate.eval_examples": 2}
     return strop.train(None, args).run_dir
+
+
+@pytest.fixture(scope="session")
+def image_run(tiny_vision_model, tmp_path_factory) -> Path:
+    """A tiny image-classification run: the 5k-parameter random EfficientNet-Lite of tests/conftest.py, 2 epochs
+    on 30 toy images (tests/conftest.toy_images) at 32 px. Serving needs a run, not a good model."""
+    tmp = tmp_path_factory.mktemp("images")
+    train = write_image_folder(tmp / "train", 30, 1)
+    return _train(tiny_vision_model, tmp / "runs", train, name="images", **{
+        "image.size": 32, "train.epochs": 2, "train.threads": 1, "eval.report": False, "data.test_ratio": 0})

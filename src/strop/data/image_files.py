@@ -9,6 +9,7 @@ holds both is colour, its grey images repeated over three channels (the same pic
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -51,15 +52,48 @@ def decode_image(path: Path) -> np.ndarray:
     (Pillow's, pydicom's) for files it cannot read completely."""
     if path.suffix.lower() == ".dcm":
         return decode_dicom(path)
-    Image, ImageOps = pillow()
+    Image, _ = pillow()
     with Image.open(path) as img:
-        img.load()  # decodes everything: a truncated file fails here, not during training
-        img = ImageOps.exif_transpose(img)
-        if img.mode in GREY_MODES:
-            if img.mode in ("1", "LA"):
-                img = img.convert("L")
-            return to_uint8(np.asarray(img))
-        return np.asarray(img.convert("RGB"))
+        return opened_pixels(img)
+
+
+def opened_pixels(img) -> np.ndarray:
+    """The pixels of an image Pillow has opened (its header read, nothing decoded yet), as decode_image gives."""
+    _, ImageOps = pillow()
+    img.load()  # decodes everything: a truncated file fails here, not during training
+    img = ImageOps.exif_transpose(img)
+    if img.mode in GREY_MODES:
+        if img.mode in ("1", "LA"):
+            img = img.convert("L")
+        return to_uint8(np.asarray(img))
+    return np.asarray(img.convert("RGB"))
+
+
+class TooManyPixels(DataError):
+    """An image whose header declares more pixels than allowed; raised before any pixel is decoded."""
+
+    def __init__(self, limit: int, size: tuple[int, int] | None = None, pillow_limit: int | None = None):
+        declared = f"is {size[0]}x{size[1]} = {size[0] * size[1]} pixels" if size else \
+            f"declares over {pillow_limit} pixels (Pillow's decompression-bomb limit)"
+        super().__init__(f"the image {declared}; the limit is {limit} pixels")
+        self.limit, self.size = limit, size
+
+
+def decode_image_bytes(data: bytes, max_pixels: int) -> np.ndarray:
+    """The pixels of an image file held in memory (an upload), as decode_image gives them. The size its header
+    declares is checked against max_pixels before anything is decoded (Image.open reads only the header), so a
+    small file declaring a huge image (a decompression bomb) costs no memory. Raises TooManyPixels, or Pillow's
+    OSError / ValueError / SyntaxError for bytes it cannot decode completely."""
+    Image, _ = pillow()
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:  # over twice Image.MAX_IMAGE_PIXELS: Pillow refuses in open itself
+        raise TooManyPixels(max_pixels, pillow_limit=2 * (Image.MAX_IMAGE_PIXELS or 0)) from None
+    with img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise TooManyPixels(max_pixels, (width, height))
+        return opened_pixels(img)
 
 
 def as_array(image) -> np.ndarray:

@@ -1,7 +1,7 @@
 """`strop serve`: an HTTP API for a finished run or its ONNX export.
 
-app.py (routes, life cycle), classify.py and entities.py (POST /v1/predict for classification and for token
-classification), inputs.py (the input checks both share), schema.py (request and response bodies), openapi.py (the
+app.py (routes, life cycle), classify.py, entities.py and images.py (POST /v1/predict for classification, token
+classification and images), inputs.py (the input checks both share), schema.py (request and response bodies), openapi.py (the
 published document), batcher.py (dynamic batching), guard.py (auth, limits, PII masking), telemetry.py (Prometheus),
 backend.py (torch or ONNX Runtime behind strop.predict.Predictor), settings.py (the typed `serve:` config),
 server.py (uvicorn: loopback by default, workers, graceful shutdown).

@@ -5,6 +5,8 @@
     GET /metrics       Prometheus text                                                  and again while draining
 A run whose task generates text (generation) answers OpenAI's POST /v1/chat/completions, POST /v1/completions and
 GET /v1/models instead of /v1/predict (openai_api.py; decode steps shared by concurrent requests, decode.py).
+A run whose task takes images (image classification) answers /v1/predict with image files as multipart uploads or
+base64 in JSON (images.py).
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ from strop.serve.backend import LoadedModel, load_model_for_serving, run_batch, 
 from strop.serve.batcher import Batcher
 from strop.serve.classify import predict_classes
 from strop.serve.entities import predict_entities
-from strop.serve.guard import Admission, GuardMiddleware, error_body
+from strop.serve.guard import JSON, MULTIPART, Admission, GuardMiddleware, error_body
+from strop.serve.images import add_image_route, warmup_images
 from strop.serve.inputs import ApiError
 from strop.serve.openai_api import BODY_EXAMPLES, add_openai_routes, start_decoder
 from strop.serve.openapi import PREDICT_ERRORS, error_responses, publish_request_schema
 from strop.serve.schema import Health, ModelInfo, PredictRequest, PredictResponse, published_request
-from strop.serve.settings import ServeConfig, read_api_key
+from strop.serve.settings import ServeConfig, body_limit, read_api_key
 from strop.serve.telemetry import MetricsMiddleware, Telemetry
 from strop.tasks import get_task
 
@@ -59,6 +62,7 @@ class ServerState:
         self.ready = False
         self.draining = False
         self.load_error: str | None = None
+        self.body_limit = cfg.max_body_bytes  # resolved by create_app once it knows the task (settings.body_limit)
         self.admission = Admission(cfg.max_concurrency, cfg.retry_after_s, telemetry.inflight.set,
                                    telemetry.rejected.inc)
 
@@ -74,9 +78,10 @@ class ServerState:
 
 def _warm_up(model: LoadedModel) -> None:
     p = model.predictor
+    inputs = warmup_images(p.meta) if p.task.takes_images else WARMUP_TEXTS
     pairs = WARMUP_TEXTS if p.meta.get("text_pair_column") else None
     for _ in range(2):
-        run_batch(p, WARMUP_TEXTS, pairs)
+        run_batch(p, inputs, pairs)
 
 
 async def _load(state: ServerState, path: Path, loaded: LoadedModel | None) -> None:
@@ -168,20 +173,29 @@ def create_app(path: str | Path, cfg: ServeConfig, loaded: LoadedModel | None = 
     served = _served_task(path, cfg, loaded)
     keyed = api_key is not None
     _routes(app, state, keyed)
-    if served is not None and served[1].generates:
-        add_openai_routes(app, path, state, _auth(keyed), keyed, lambda: _require_ready(state))
-        body_routes = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions")]
-    else:
-        _predict_route(app, state, keyed)
-        body_routes = [("POST", "/v1/predict")]
-        meta, task = served or (None, None)
-        publish_request_schema(app, None if served is None else
-                               published_request(meta, cfg.max_inputs, task.takes_words))
+    body_routes = _task_routes(app, path, state, keyed, served)
     _handlers(app)
-    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=cfg.max_body_bytes,
+    state.body_limit = body_limit(cfg, served is not None and served[1].takes_images)
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body_bytes=state.body_limit,
                        admission=state.admission, body_timeout_s=cfg.body_timeout_s, body_routes=body_routes)
     app.add_middleware(MetricsMiddleware, telemetry=telemetry)  # outermost: counts the guard's answers too
     return app
+
+
+def _task_routes(app: FastAPI, path, state: ServerState, keyed: bool, served) -> dict:
+    """The routes of the served task's inputs (texts, images, or OpenAI's for a model that generates); returns
+    the guard's body routes: (method, path) -> the media types each takes."""
+    meta, task = served or (None, None)
+    if task is not None and task.generates:
+        add_openai_routes(app, path, state, _auth(keyed), keyed, lambda: _require_ready(state))
+        return {("POST", "/v1/chat/completions"): (JSON,), ("POST", "/v1/completions"): (JSON,)}
+    if task is not None and task.takes_images:
+        add_image_route(app, state, _auth(keyed), keyed, lambda: _require_ready(state))
+        return {("POST", "/v1/predict"): (JSON, MULTIPART)}
+    _predict_route(app, state, keyed)
+    publish_request_schema(app, None if task is None else published_request(meta, state.cfg.max_inputs,
+                                                                            task.takes_words))
+    return {("POST", "/v1/predict"): (JSON,)}
 
 
 def _auth(keyed: bool) -> list:
@@ -209,13 +223,16 @@ def _routes(app: FastAPI, state: ServerState, keyed: bool) -> None:
         """What is served: task, labels, version and the hash of the run's config."""
         m = _require_ready(state)
         meta, cfg = m.predictor.meta, state.cfg
+        image = meta.get("image")
+        limits = {"max_inputs": cfg.max_inputs, "max_body_bytes": state.body_limit,
+                  "max_batch_tokens": cfg.max_batch_tokens, "max_wait_ms": cfg.max_wait_ms,
+                  "max_concurrency": cfg.max_concurrency}
+        if image:
+            limits["max_image_pixels"] = cfg.max_image_pixels
         return ModelInfo(task=meta["task"], labels=meta["labels"], version=m.version, config_hash=m.config_hash,
                          backend=m.backend, precision=m.precision, device=m.device, source=m.source.name,
-                         max_length=meta["max_length"],
-                         text_pair=bool(meta.get("text_pair_column")), strop_version=__version__,
-                         limits={"max_inputs": cfg.max_inputs, "max_body_bytes": cfg.max_body_bytes,
-                                 "max_batch_tokens": cfg.max_batch_tokens, "max_wait_ms": cfg.max_wait_ms,
-                                 "max_concurrency": cfg.max_concurrency})
+                         max_length=meta.get("max_length"), image_size=image["size"] if image else None,
+                         text_pair=bool(meta.get("text_pair_column")), strop_version=__version__, limits=limits)
 
     @app.get("/health/live", response_model=Health)
     async def live() -> Health:

@@ -138,9 +138,33 @@ def _non_json_constant(text: str) -> str | None:
     return found[0] if found else None
 
 
+JSON, MULTIPART = "application/json", "multipart/form-data"
+SEND_AS = {JSON: "JSON with 'Content-Type: application/json'",
+           MULTIPART: "files with 'Content-Type: multipart/form-data' (e.g. curl -F image=@x.png)"}
+
+
+def media_type(content_type: str) -> str:
+    """'Multipart/Form-Data; boundary=x' -> 'multipart/form-data'."""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
 def _is_json(content_type: str) -> bool:
-    media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+    media = media_type(content_type)
+    return media == JSON or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _replay(body: bytes, receive):
+    """An ASGI `receive` that hands the route the body already read, then waits for the disconnect."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: wait for the disconnect, as a server would
+
+    return replay
 
 
 class Admission:
@@ -168,17 +192,19 @@ class GuardMiddleware:
     order, before any route runs: a refused request costs no body reading and no model work.
 
     Health probes stay open without a key so orchestrators can probe; everything else needs it when one is set.
-    Only the routes that read a JSON body (`body_routes`, (method, path) pairs) are admitted and have their body
-    checked: any other request goes straight to the router, so a method a route lacks gets 405 with Allow, and an
-    unknown path 404, whatever its content type.
+    Only the routes that read a body (`body_routes`: (method, path) -> the media types it accepts, JSON by
+    default) are admitted and have their body checked: any other request goes straight to the router, so a method
+    a route lacks gets 405 with Allow, and an unknown path 404, whatever its content type. A JSON body is checked
+    here (UTF-8, not empty, no NaN); a multipart one only for its size, the route parses it.
     """
 
     OPEN_PATHS = ("/health/live", "/health/ready")
 
     def __init__(self, app, api_key: bytes | None, max_body_bytes: int, admission: Admission | None = None,
-                 body_timeout_s: float = 30.0, body_routes=(("POST", "/v1/predict"),)):
+                 body_timeout_s: float = 30.0, body_routes: dict | None = None):
         self.app, self.api_key, self.max_body_bytes, self.admission = app, api_key, max_body_bytes, admission
-        self.body_timeout_s, self.body_routes = body_timeout_s, {tuple(r) for r in body_routes}
+        self.body_timeout_s = body_timeout_s
+        self.body_routes = body_routes if body_routes is not None else {("POST", "/v1/predict"): (JSON,)}
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         given = headers.get(b"x-api-key")
@@ -198,28 +224,32 @@ class GuardMiddleware:
             return await send_error(send, 401, "unauthorized", "missing or wrong API key; send the header "
                                     "'Authorization: Bearer KEY' (or 'X-API-Key: KEY')",
                                     {"WWW-Authenticate": "Bearer"})
-        if (scope["method"], scope["path"]) not in self.body_routes:
+        accepted = self.body_routes.get((scope["method"], scope["path"]))
+        if accepted is None:
             return await self.app(scope, receive, send)
         if self.admission is None:
-            return await self._checked(scope, receive, send, headers)
+            return await self._checked(scope, receive, send, headers, accepted)
         if not self.admission.enter():
             a = self.admission
             return await send_error(send, 429, "overloaded", f"the server is at its limit of {a.limit} requests in "
                                     f"flight; retry after {a.retry_after_s} s", {"Retry-After": a.retry_after_s})
         try:
-            await self._checked(scope, receive, send, headers)
+            await self._checked(scope, receive, send, headers, accepted)
         finally:
             self.admission.leave()
 
-    async def _checked(self, scope, receive, send, headers):
+    async def _checked(self, scope, receive, send, headers, accepted: tuple[str, ...]):
         content_type = headers.get(b"content-type", b"").decode("latin-1")
-        if not _is_json(content_type):
+        media = media_type(content_type)
+        if media not in accepted and not (JSON in accepted and _is_json(content_type)):
             return await send_error(send, 415, "unsupported_media_type",
-                                    f"content type {content_type or '(none)'!r} is not accepted; send JSON with "
-                                    "'Content-Type: application/json'")
+                                    f"content type {content_type or '(none)'!r} is not accepted; send "
+                                    f"{' or '.join(SEND_AS[m] for m in accepted)}")
         body = await self._read_body(scope, receive, send, headers)
         if body is None:
             return
+        if media == MULTIPART:  # binary parts: the route parses them (serve/images.py)
+            return await self.app(scope, _replay(body, receive), send)
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -233,16 +263,7 @@ class GuardMiddleware:
             return await send_error(send, 400, "malformed_json", f"the body is not valid JSON: {constant} is not a "
                                     "JSON value (RFC 8259); send numbers as finite numbers and texts as strings")
 
-        sent = False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: wait for the disconnect, as a server would
-
-        await self.app(scope, replay, send)
+        await self.app(scope, _replay(body, receive), send)
 
     async def _read_body(self, scope, receive, send, headers) -> bytes | None:
         """The whole body, or None after answering 413/408/400. Stops reading as soon as the limit is passed, or

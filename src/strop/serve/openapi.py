@@ -20,7 +20,7 @@ ERROR_TEXTS = {
     404: "the body names a model this server does not serve (GET /v1/models lists it)",
     408: "the body did not arrive in time",
     413: "body or input count over the limit",
-    415: "content type is not JSON",
+    415: "content type is not one the route takes (JSON; image models also multipart/form-data)",
     422: "schema violation, or a text longer than the model allows without truncate",
     429: "too many requests in flight; retry after Retry-After seconds",
     503: "model not ready",
@@ -47,6 +47,25 @@ def error_responses(statuses: tuple[int, ...], keyed: bool, retry_on_503: bool =
         if headers:
             out[status]["headers"] = headers
     return out
+
+
+def publish_schemas(app: FastAPI, schemas: dict[str, dict]) -> None:
+    """Make app.openapi() hold `schemas` in components/schemas (bodies a route reads itself and documents with
+    openapi_extra, as the image route's two bodies)."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            generate()["components"]["schemas"].update(schemas)
+        return generate()  # FastAPI's method returns the document it built (and changed here) once
+
+    app.openapi = openapi
+
+
+def request_body(bodies: dict[str, str]) -> dict:
+    """An operation's requestBody (for openapi_extra): media type -> the name of its schema in components."""
+    content = {media: {"schema": {"$ref": f"#/components/schemas/{name}"}} for media, name in bodies.items()}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 def publish_request_schema(app: FastAPI, request_model: type[BaseModel] | None) -> None:

@@ -78,7 +78,8 @@ class ModelInfo(BaseModel):
     precision: str = Field(description="torch: fp32 or bf16; onnx: fp32 or int8")
     device: str = Field(description="where the model runs: cpu or cuda")
     source: str = Field(description="file name the weights came from")
-    max_length: int
+    max_length: int | None = Field(description="most tokens per input (null for image models)")
+    image_size: int | None = Field(None, description="image models: the side images are resized to")
     text_pair: bool = Field(description="whether inputs must be text pairs")
     strop_version: str
     limits: dict[str, int | float]
@@ -140,3 +141,48 @@ def published_request(meta: dict, max_inputs: int, takes_words: bool) -> type[Ba
     truncate = Field(False, description="cut inputs longer than the model takes instead of answering 422")
     config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"inputs": example}]})
     return create_model("PredictRequest", __config__=config, inputs=(list[one], inputs), truncate=(bool, truncate))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# image models: POST /v1/predict takes image files as multipart uploads or base64 in JSON
+
+IMAGE_FORMATS = "PNG, JPEG, TIFF, BMP or another format Pillow reads"
+
+
+class ImageInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: StrictStr = Field(description=f"an image file ({IMAGE_FORMATS}), base64-encoded")
+
+
+class ImagePredictRequest(BaseModel):
+    """What the route validates a JSON body with: any number of inputs, so that none and too many are answered
+    400 and 413 (as for texts); the published schema (`published_image_schemas`) states the bounds."""
+
+    model_config = ConfigDict(extra="forbid")
+    inputs: list[ImageInput]
+
+
+def published_image_schemas(max_inputs: int) -> dict[str, dict]:
+    """components/schemas of the two bodies an image model takes: ImagePredictRequest (JSON, base64 images) and
+    ImageUpload (multipart/form-data, one `image` file part per image)."""
+    image = Annotated[str, Field(min_length=1, description=f"an image file ({IMAGE_FORMATS}), base64-encoded",
+                                 json_schema_extra={"format": "byte", "contentEncoding": "base64"})]
+    one = create_model("ImageInput", __config__=ConfigDict(extra="forbid"), image=(image, ...))
+    config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"inputs": [{"image": SMALL_PNG}]}]})
+    body = create_model("ImagePredictRequest", __config__=config, inputs=(list[one], Field(
+        min_length=1, max_length=max_inputs, description=f"1 to {max_inputs} images (serve.max_inputs)")))
+    schemas = body.model_json_schema(ref_template="#/components/schemas/{model}")
+    out = schemas.pop("$defs", {})
+    out["ImagePredictRequest"] = schemas
+    out["ImageUpload"] = {
+        "type": "object", "title": "ImageUpload", "additionalProperties": False, "required": ["image"],
+        "properties": {"image": {
+            "type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
+            "maxItems": max_inputs,
+            "description": f"1 to {max_inputs} image files ({IMAGE_FORMATS}), each a part named `image` with a "
+                           "filename (curl -F image=@a.png -F image=@b.png)"}}}
+    return out
+
+
+# a 1x1 grey PNG: the example of a valid body
+SMALL_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg=="

@@ -33,7 +33,12 @@ class ServeConfig:
                            "worker stays with its event loop), at least 1")
     api_key_file: str | None = doc(None, "file holding the API key (first line); clients send "
                                    "'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
-    max_body_bytes: int = doc(1_048_576, "largest request body; larger ones get 413 before they are read in full")
+    max_body_bytes: int | None = doc(None, "largest request body; larger ones get 413 before they are read in "
+                                     "full; empty = 1 MiB for text models, 16 MiB for image models (an X-ray PNG is "
+                                     "several MB, and base64 in JSON adds a third)")
+    max_image_pixels: int = doc(16_777_216, "image models: most pixels (width x height, from the file's header) "
+                                "an uploaded image may have; larger ones get 413 before any pixel is decoded "
+                                "(a decompression bomb declares billions). Default 4096 x 4096")
     body_timeout_s: float = doc(30.0, "most seconds a request body may take to arrive; slower uploads get 408, so "
                                 "stalled clients cannot hold admission slots")
     max_inputs: int = doc(64, "most inputs in one request; more get 413")
@@ -52,6 +57,14 @@ class ServeConfig:
     graceful_timeout_s: float = doc(30.0, "on SIGTERM: most seconds to wait for in-flight requests")
     ray_min_replicas: int = doc(1, "strop serve --ray: fewest replicas of the autoscaling deployment")
     ray_max_replicas: int = doc(2, "strop serve --ray: most replicas of the autoscaling deployment")
+
+
+TEXT_BODY_BYTES, IMAGE_BODY_BYTES = 1 << 20, 16 << 20  # serve.max_body_bytes when it is empty
+
+
+def body_limit(cfg: ServeConfig, images: bool) -> int:
+    """The request body limit in bytes: serve.max_body_bytes, else the default for the model's inputs."""
+    return cfg.max_body_bytes or (IMAGE_BODY_BYTES if images else TEXT_BODY_BYTES)
 
 
 def _section(mapping: dict, path: Path | None) -> dict:
@@ -104,10 +117,10 @@ def validate_serve(cfg: ServeConfig) -> None:
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) not in choices:
             raise ConfigError(f"serve.{f.name}={getattr(cfg, f.name)!r} is not one of {list(choices)}")
-    positive = ("workers", "max_body_bytes", "body_timeout_s", "max_inputs", "max_batch_tokens", "max_batch_size", "max_concurrency",
-                "ray_min_replicas", "ray_max_replicas")
+    positive = ("workers", "max_body_bytes", "max_image_pixels", "body_timeout_s", "max_inputs", "max_batch_tokens",
+                "max_batch_size", "max_concurrency", "ray_min_replicas", "ray_max_replicas")
     for name in positive:
-        if getattr(cfg, name) <= 0:
+        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
             raise ConfigError(f"serve.{name}={getattr(cfg, name)} must be > 0")
     for name in ("max_wait_ms", "drain_s", "graceful_timeout_s", "threads", "retry_after_s"):
         if getattr(cfg, name) < 0:
