@@ -28,7 +28,7 @@ def _drawn_text(monkeypatch) -> list[tuple[str, bool]]:
     """Collect (text as drawn, drawn as mathtext?) for every Text of every figure the report renders."""
     from matplotlib.text import Text
 
-    drawn, real_png = [], report._png
+    drawn, real_png = [], report.png_html
 
     def png(fig):
         fig.canvas.draw()  # lays out the tick labels, so the categorical ones exist as Text
@@ -36,7 +36,7 @@ def _drawn_text(monkeypatch) -> list[tuple[str, bool]]:
         drawn.extend(t._preprocess_math(t.get_text()) for t in fig.findobj(Text) if t.get_text())
         return real_png(fig)
 
-    monkeypatch.setattr(report, "_png", png)
+    monkeypatch.setattr(report, "png_html", png)
     return drawn
 
 

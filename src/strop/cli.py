@@ -265,11 +265,16 @@ def explain(
     data: Optional[Path] = typer.Option(None, "--data", help="explain every row of this file instead"),
     target: Optional[str] = typer.Option(None, "--target", help="label to explain; default: the predicted one"),
     steps: int = typer.Option(50, min=2, help="integration steps to start with (doubled until complete)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="write .json (attributions) or .html (coloured tokens)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write .json (attributions) or .html (coloured "
+                                       "tokens); with --image: the overlays' folder (default RUN/explain)"),
+    image: Optional[List[Path]] = typer.Option(None, "--image", help="image classifiers: an image file or a "
+                                               "folder of them (repeatable)"),
 ):
-    """Token attributions (integrated gradients, with the completeness check) and attention rollout.
+    """Token attributions (integrated gradients, with the completeness check) and attention rollout; for
+    image classifiers Grad-CAM and integrated gradients, written as PNG heatmaps over each image.
 
     Example: strop explain runs/sst2 --text "a gripping, beautifully shot film" --out why.html
+    Example: strop explain runs/xray --image scans/ --out why/
     """
     from rich.console import Console
 
@@ -277,8 +282,13 @@ def explain(
     from strop.tasks import load_predictor
 
     require_captum()
+    if image:
+        if text is not None or data is not None:
+            raise StropError("give --image, or --text / --data, not both")
+        _explain_images(run, image, target, steps, out)
+        return
     if (text is None) == (data is None):
-        raise StropError("give either --text \"...\" or --data FILE")
+        raise StropError("give either --text \"...\", --data FILE or --image FILE")
     if out is not None:
         from strop.predict import check_output
 
@@ -301,6 +311,35 @@ def explain(
                    else json.dumps([e.to_dict() for e in results], indent=2, ensure_ascii=False))
     else:
         print(json.dumps([e.to_dict() for e in results], ensure_ascii=False))
+
+
+def _explain_images(run: Path, images: list[Path], target: str | None, steps: int, out: Path | None) -> None:
+    """Grad-CAM and integrated-gradients overlays of the images into `out` (default RUN/explain/), one JSON
+    object per image on stdout; every image is read and explained before anything is written."""
+    from strop.explain.image_attribution import write_overlays
+    from strop.runs import open_run
+    from strop.tasks import load_predictor
+
+    if out is not None and out.exists() and not out.is_dir():
+        raise StropError(f"--out {out} is a file; with --image it names the folder the PNG overlays go to")
+    predictor = load_predictor(run)
+    explain_images = getattr(predictor, "explain_images", None)
+    if explain_images is None:
+        raise StropError(f"--image explains image classifiers; {run} is a {predictor.task.name} model: give "
+                         "--text or --data")
+    found = explain_images(images, target=target, steps=steps)
+    if out is None:
+        model_dir = open_run(run)
+        out = (model_dir.parent if model_dir.name == "model" else model_dir) / "explain"
+    records = write_overlays(found, out)
+    for ex, record in zip(found, records):
+        c = record["completeness"]
+        err.print(f"{escape(ex.source)}: {escape(record['label'])} ({record['score']:.3f}); Grad-CAM of "
+                  f"{escape(ex.target)} at {escape(ex.layer.describe())}; integrated gradients sum "
+                  f"{c['sum']:+.4f} vs logit difference {c['logit_diff']:+.4f} ({c['steps']} steps"
+                  f"{'' if c['within_tolerance'] else ', NOT within tolerance'})", highlight=False)
+    err.print(f"wrote {2 * len(records)} PNG overlays to {escape(str(out))}", highlight=False)
+    print(json.dumps(records, ensure_ascii=False))
 
 
 def _print_explanation(console, ex) -> None:

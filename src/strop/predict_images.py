@@ -14,6 +14,7 @@ from strop.data.image_files import ImageReader, as_array, fit, stack_images
 from strop.data.images import ImageExamples, read_prediction_input
 from strop.errors import DataError, StropError
 from strop.evaluate.evaluator import batched_logits
+from strop.explain.image_attribution import explain_images, image_files, read_originals
 from strop.predict import check_output, write_predictions
 
 
@@ -106,8 +107,14 @@ class ImagePredictor:
         return self.task.flat(pred, self.labels)
 
     def explain(self, *args, **kwargs):
-        raise StropError("strop explain does not explain image classifiers yet (Grad-CAM and integrated gradients "
-                         "come with issue 27 part 2)")
+        raise StropError("this model classifies images: give --image FILE_OR_FOLDER (Grad-CAM and "
+                         "integrated gradients, written as PNG overlays), not --text")
 
     def explain_inputs(self, path):
-        raise DataError(f"{path}: strop explain does not explain image classifiers yet (issue 27 part 2)")
+        raise DataError(f"{path}: this model classifies images: give --image FILE_OR_FOLDER, not --data")
+
+    def explain_images(self, paths: list, target=None, steps: int = 50) -> list:
+        """Grad-CAM and integrated gradients of the image files `paths` name (files, or folders of them), for
+        `target` (default: each image's predicted class); every file is read before anything is computed."""
+        files = image_files(paths)
+        return explain_images(self, read_originals(files), [str(f) for f in files], target, steps)

@@ -19,13 +19,15 @@ from scipy.stats import rankdata, spearmanr
 __all__ = [
     "ClassificationMetrics",
     "ScoredClassificationMetrics",
+    "CalibrationError",
     "MultiLabelMetrics",
     "RegressionMetrics",
     "tune_threshold",
+    "roc_curve",
     "greater_is_better",
 ]
 
-_LOWER_IS_BETTER = frozenset({"mse", "rmse", "mae", "loss", "hamming_loss", "perplexity"})
+_LOWER_IS_BETTER = frozenset({"mse", "rmse", "mae", "loss", "hamming_loss", "perplexity", "ece"})
 
 def _to_numpy(x) -> np.ndarray:
     """Array-like or torch tensor -> numpy array (same shape)."""
@@ -141,28 +143,93 @@ def _binary_auc(score: np.ndarray, positive: np.ndarray) -> float | None:
 
 class ScoredClassificationMetrics(ClassificationMetrics):
     """Single-label classification from class probabilities: ClassificationMetrics of the argmax plus `roc_auc`,
-    which needs every score, so the probabilities are kept (n x K floats)."""
+    which needs every score, so the probabilities are kept (n x K floats), and `ece` (CalibrationError)."""
 
     def __init__(self, label_names: list[str]):
         super().__init__(label_names)
         self._probs: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
+        self.calibration = CalibrationError()
 
     def update(self, probs, labels) -> None:
         """probs: (batch, K) class probabilities; labels: (batch,) ints in [0, K)."""
         probs = _to_numpy(probs).reshape(-1, self.num_classes)
         labels = _to_numpy(labels).reshape(-1)
         super().update(probs.argmax(1), labels)
+        self.calibration.update_probs(probs, labels)
         self._probs.append(probs.astype(np.float64))
         self._labels.append(labels.astype(np.int64))
 
     def compute(self) -> dict:
         out = super().compute()
+        out["ece"] = self.calibration.compute()["ece"]
         if self._probs:
             out["roc_auc"] = roc_auc(np.concatenate(self._probs), np.concatenate(self._labels))
         else:
             out["roc_auc"] = 0.5
         return out
+
+
+def roc_curve(score, positive) -> tuple[np.ndarray, np.ndarray] | None:
+    """ROC points of one score against a yes/no truth: (false positive rates, true positive rates), each
+    (m,) from (0, 0) to (1, 1), one point per distinct score (a tie moves both rates at once: the diagonal
+    step that makes the area under the points `roc_auc`'s). None where the truth is all yes or all no."""
+    score = _to_numpy(score).reshape(-1).astype(np.float64)
+    positive = _to_numpy(positive).reshape(-1).astype(bool)
+    n_pos = int(positive.sum())
+    n_neg = positive.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(-score, kind="stable")
+    score, positive = score[order], positive[order]
+    last = np.r_[np.flatnonzero(np.diff(score)), score.size - 1]  # the last example at each distinct score
+    tp = np.cumsum(positive)[last]
+    fp = (last + 1) - tp
+    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos]
+
+
+class CalibrationError:
+    """Expected calibration error, streamed (Naeini et al. 2015; Guo et al. 2017). Examples fall into
+    `bins` equal-width bins of confidence (the predicted class's probability): (0, 1/B], (1/B, 2/B], ...,
+    ((B-1)/B, 1], a confidence of exactly 0 in the first; ECE = sum over bins of
+    (n_b / n) |accuracy_b - mean confidence_b|. Three numbers per bin are kept (count, sum of confidences,
+    count correct), so batches merge exactly. 15 bins by default, as Guo et al. measured with."""
+
+    def __init__(self, bins: int = 15):
+        self.edges = np.linspace(0.0, 1.0, bins + 1)
+        self.count = np.zeros(bins, dtype=np.int64)
+        self.confidence = np.zeros(bins, dtype=np.float64)
+        self.correct = np.zeros(bins, dtype=np.int64)
+
+    def update(self, confidence, correct) -> None:
+        """confidence: (batch,) floats in [0, 1]; correct: (batch,) bools (the prediction was right)."""
+        conf = _to_numpy(confidence).reshape(-1).astype(np.float64)
+        right = _to_numpy(correct).reshape(-1).astype(bool)
+        if conf.shape != right.shape:
+            raise ValueError(f"confidence {conf.shape} and correct {right.shape} differ in length")
+        bins = len(self.count)
+        # searchsorted(side=left) - 1 is the b with edges[b] < c <= edges[b + 1]: bins closed on the right
+        which = np.clip(np.searchsorted(self.edges, conf, side="left") - 1, 0, bins - 1)
+        self.count += np.bincount(which, minlength=bins)
+        self.confidence += np.bincount(which, weights=conf, minlength=bins)
+        self.correct += np.bincount(which[right], minlength=bins)
+
+    def update_probs(self, probs, labels) -> None:
+        """probs: (batch, K) class probabilities; labels: (batch,) true class ids."""
+        probs = _to_numpy(probs)
+        self.update(probs.max(1), probs.argmax(1) == _to_numpy(labels).reshape(-1))
+
+    def compute(self) -> dict:
+        """{'ece': float, 'bins': [{'bin': [lo, hi], 'n', 'accuracy', 'confidence'}] of the bins holding
+        any}."""
+        n = int(self.count.sum())
+        rows, ece = [], 0.0
+        for b in np.flatnonzero(self.count):
+            acc, conf = self.correct[b] / self.count[b], self.confidence[b] / self.count[b]
+            ece += abs(acc - conf) * self.count[b] / n
+            rows.append({"bin": [float(self.edges[b]), float(self.edges[b + 1])], "n": int(self.count[b]),
+                         "accuracy": float(acc), "confidence": float(conf)})
+        return {"ece": float(ece), "bins": rows}
 
 
 def _multiclass_mcc(cm: np.ndarray) -> float:

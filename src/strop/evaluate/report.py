@@ -2,9 +2,10 @@
 
 Sections: summary (config), data (split sizes, class balance, text lengths, texts shared between splits = leakage),
 training curves (loss, lr, validation metrics), final metrics, confusion matrix and per-class scores, calibration
-(reliability diagram + expected calibration error), the most confident errors with their token attributions, and a
-predicted-vs-true scatter for regression. Built from the run folder alone (config.yaml, data.json, metrics.jsonl,
-results.json, model/), so `strop report RUN` can rebuild it at any time.
+(reliability diagram + expected calibration error), the most confident errors with their token attributions,
+a predicted-vs-true scatter for regression; for images, ROC curves and a grid of images with Grad-CAM
+heatmaps. Built from the run folder alone (config.yaml, data.json, metrics.jsonl, results.json, model/), so
+`strop report RUN` can rebuild it at any time.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from strop.explain.attribution import SPAN_CSS
 from strop.runs import write_atomic
 from strop.tasks import load_predictor, prepare
 
-SECTIONS = ("summary", "data", "curves", "metrics", "generations", "entities", "confusion", "calibration", "errors",
-            "regression")
+SECTIONS = ("summary", "data", "curves", "metrics", "generations", "entities", "confusion", "roc",
+            "calibration", "images", "errors", "regression")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -58,6 +59,7 @@ def build_report(run_dir: str | Path, explain_k: int = 5, errors_k: int = 10) ->
     titles = {"summary": "Run", "data": "Data", "entities": "Entities", "curves": "Training curves",
               "metrics": "Final metrics", "confusion": "Confusion matrix", "calibration": "Calibration",
               "errors": f"Most confident errors ({split})", "regression": "Predicted vs true",
+              "roc": "ROC curves", "images": f"Images with Grad-CAM ({split})",
               "generations": f"Sample answers ({split})"}
     body = "".join(f'<section id="{k}"><h2>{titles[k]}</h2>{sections[k]}</section>' for k in SECTIONS
                    if sections.get(k))

@@ -10,7 +10,7 @@ import io
 
 import numpy as np
 
-def _png(fig) -> str:
+def png_html(fig) -> str:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -19,14 +19,14 @@ def _png(fig) -> str:
     return f'<img alt="" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
-def _plain(text) -> str:
+def plain_text(text) -> str:
     """`text` as matplotlib draws it verbatim. Every string from the user (labels, entity types, split names) goes
     through here: a pair of `$` starts mathtext, so the label `US$ & CA$` would be drawn mangled and `$x^$` would fail
     to render at all (a ValueError from savefig); an escaped `\\$` is drawn as a plain `$`."""
     return str(text).replace("$", r"\$")
 
 
-def _figure(w: float = 6.0, h: float = 3.2, cols: int = 1):
+def new_figure(w: float = 6.0, h: float = 3.2, cols: int = 1):
     import matplotlib
 
     matplotlib.use("Agg", force=True)  # files only, never a window
@@ -35,7 +35,7 @@ def _figure(w: float = 6.0, h: float = 3.2, cols: int = 1):
     return plt.subplots(1, cols, figsize=(w, h))
 
 
-def _table(header: list[str], rows: list[list], cls: str = "") -> str:
+def html_table(header: list[str], rows: list[list], cls: str = "") -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
     return f'<div class="scroll"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
@@ -59,7 +59,7 @@ def summary_section(cfg, results: dict, meta: dict) -> str:
                                                f"{results.get('train_samples_per_s', 0):.1f}")]]
     if "trainable_params" in results:
         rows.append(["trainable parameters", f"{results['trainable_params']:,} of {results['total_params']:,}"])
-    return _table(["", ""], rows, "kv")
+    return html_table(["", ""], rows, "kv")
 
 
 def _best_metric(results: dict):
@@ -68,32 +68,33 @@ def _best_metric(results: dict):
 
 
 def data_section(data: dict, ds) -> str:
-    parts = [_table(["split", "examples", "mean tokens", "max tokens", "truncated"],
+    parts = [html_table(["split", "examples", "mean tokens", "max tokens", "truncated"],
                     [[s, i["examples"], i["mean_tokens"], i["max_tokens"], i["truncated"]]
                      for s, i in data.get("splits", {}).items()])]
     counts = {s: i["label_counts"] for s, i in data.get("splits", {}).items() if "label_counts" in i}
     if counts:
-        fig, ax = _figure()
+        fig, ax = new_figure()
         labels = list(next(iter(counts.values())))
         width = 0.8 / len(counts)
         for k, (split, c) in enumerate(counts.items()):
-            ax.bar(np.arange(len(labels)) + k * width, [c[n] for n in labels], width, label=_plain(split))
-        ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, [_plain(n) for n in labels], rotation=30,
+            ax.bar(np.arange(len(labels)) + k * width, [c[n] for n in labels], width,
+                   label=plain_text(split))
+        ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, [plain_text(n) for n in labels], rotation=30,
                       ha="right")
         ax.set_title("class balance")
         ax.legend()
-        parts.append(_png(fig))
+        parts.append(png_html(fig))
     if ds is None:
         parts.append('<p class="warn">the data files are not readable from here: text lengths and leakage '
                      "checks skipped</p>")
         return "".join(parts)
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for split, ex in ds.splits.items():
-        ax.hist([len(t.split()) for t in _texts(ex)], bins=40, alpha=0.5, label=_plain(split))
+        ax.hist([len(t.split()) for t in _texts(ex)], bins=40, alpha=0.5, label=plain_text(split))
     ax.set_xlabel("words per text")
     ax.set_title("text lengths")
     ax.legend()
-    parts.append(_png(fig))
+    parts.append(png_html(fig))
     parts.append(leakage_html(ds))
     return "".join(parts)
 
@@ -136,7 +137,7 @@ def curves_section(records: list[dict], metric: str) -> str:
     val = [r for r in records if r.get("split") == "validation"]
     if not train:
         return "<p>no training steps were logged</p>"
-    fig, (a, b) = _figure(9, 3.2, cols=2)
+    fig, (a, b) = new_figure(9, 3.2, cols=2)
     a.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     if val:
         a.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation loss")
@@ -146,13 +147,13 @@ def curves_section(records: list[dict], metric: str) -> str:
     b.plot([r["step"] for r in train], [r["lr"] for r in train])
     b.set_xlabel("step")
     b.set_title("learning rate")
-    parts = [_png(fig)]
+    parts = [png_html(fig)]
     if val and metric in val[0]:
-        fig, ax = _figure()
+        fig, ax = new_figure()
         ax.plot([r["step"] for r in val], [r[metric] for r in val], "o-")
         ax.set_xlabel("step")
-        ax.set_title(_plain(f"validation {metric}"))
-        parts.append(_png(fig))
+        ax.set_title(plain_text(f"validation {metric}"))
+        parts.append(png_html(fig))
     return "".join(parts)
 
 
@@ -165,14 +166,16 @@ def metrics_section(results: dict) -> str:
     splits = [s for s in ("validation", "test") if s in results and s not in small]
     if not splits:
         return "".join(parts)
-    keys = [k for k in ("roc_auc", "accuracy", "macro_f1", "micro_f1", "mcc", "exact_match", "pearson", "spearman",
-                        "rmse", "mae", "loss") if any(k in results[s] for s in splits)]
-    parts.append(_table(["split", *keys], [[s, *[results[s].get(k, "-") for k in keys]] for s in splits]))
+    known = ("roc_auc", "accuracy", "macro_f1", "micro_f1", "mcc", "ece", "exact_match", "pearson",
+             "spearman", "rmse", "mae", "loss")
+    keys = [k for k in known if any(k in results[s] for s in splits)]
+    rows = [[s, *[results[s].get(k, "-") for k in keys]] for s in splits]
+    parts.append(html_table(["split", *keys], rows))
     for s in splits:
         per = results[s].get("per_class")
         if per:
             parts.append(f"<h3>per class ({s})</h3>")
-            parts.append(_table(["label", "precision", "recall", "f1", "support"],
+            parts.append(html_table(["label", "precision", "recall", "f1", "support"],
                                 [[n, v["precision"], v["recall"], v["f1"], v["support"]] for n, v in per.items()]))
     return "".join(parts)
 
@@ -181,18 +184,18 @@ def confusion_section(results: dict, labels: list[str], split: str) -> str:
     cm = np.array(results.get(split, {}).get("confusion_matrix") or [])
     if cm.size == 0:
         return ""
-    fig, ax = _figure(1.2 + 0.55 * len(labels), 1.0 + 0.5 * len(labels))
+    fig, ax = new_figure(1.2 + 0.55 * len(labels), 1.0 + 0.5 * len(labels))
     ax.imshow(cm, cmap="Blues")
     for i in range(len(labels)):
         for j in range(len(labels)):
             ax.text(j, i, int(cm[i, j]), ha="center", va="center",
                     color="white" if cm[i, j] > cm.max() / 2 else "black")
-    ax.set_xticks(range(len(labels)), [_plain(n) for n in labels], rotation=30, ha="right")
-    ax.set_yticks(range(len(labels)), [_plain(n) for n in labels])
+    ax.set_xticks(range(len(labels)), [plain_text(n) for n in labels], rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), [plain_text(n) for n in labels])
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(_plain(f"confusion matrix ({split})"))
-    return _png(fig)
+    ax.set_title(plain_text(f"confusion matrix ({split})"))
+    return png_html(fig)
 
 
 def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> dict:
@@ -220,14 +223,14 @@ def multi_label_calibration(probs: np.ndarray, labels: np.ndarray, threshold: fl
 
 
 def calibration_section(cal: dict, split: str) -> str:
-    fig, ax = _figure(4, 4)
+    fig, ax = new_figure(4, 4)
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
     ax.plot([r["confidence"] for r in cal["bins"]], [r["accuracy"] for r in cal["bins"]], "o-", label="model")
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
-    ax.set_title(_plain(f"reliability ({split}); ECE = {cal['ece']:.3f}"))
+    ax.set_title(plain_text(f"reliability ({split}); ECE = {cal['ece']:.3f}"))
     ax.legend()
-    return f"<p>expected calibration error: <b>{cal['ece']:.4f}</b></p>" + _png(fig)
+    return f"<p>expected calibration error: <b>{cal['ece']:.4f}</b></p>" + png_html(fig)
 
 
 def errors_section(predictor, ex, probs: np.ndarray, k: int, explain_k: int) -> tuple[str, list[dict]]:
@@ -268,12 +271,12 @@ def entities_section(predictor, ex, results: dict, split: str, k: int = 8) -> st
     parts = []
     per = (results.get(split) or {}).get("per_type") or {}
     if per:
-        fig, ax = _figure()
+        fig, ax = new_figure()
         ax.bar(range(len(per)), [v["f1"] for v in per.values()])
-        ax.set_xticks(range(len(per)), [_plain(t) for t in per])  # entity types come from the data
+        ax.set_xticks(range(len(per)), [plain_text(t) for t in per])  # entity types come from the data
         ax.set_ylim(0, 1)
-        ax.set_title(_plain(f"entity F1 per type ({split})"))
-        parts.append(_png(fig))
+        ax.set_title(plain_text(f"entity F1 per type ({split})"))
+        parts.append(png_html(fig))
     sentences = ex.tokens[:400]
     tagged = predictor.tag(sentences)
     shown = 0
@@ -318,14 +321,14 @@ def _has_captum() -> bool:
 
 
 def regression_section(pred: np.ndarray, true: np.ndarray, split: str) -> str:
-    fig, ax = _figure(4, 4)
+    fig, ax = new_figure(4, 4)
     ax.scatter(true, pred, s=8, alpha=0.5)
     lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
     ax.plot([lo, hi], [lo, hi], "--", color="grey")
     ax.set_xlabel("true")
     ax.set_ylabel("predicted")
-    ax.set_title(_plain(f"predicted vs true ({split})"))
-    return _png(fig)
+    ax.set_title(plain_text(f"predicted vs true ({split})"))
+    return png_html(fig)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,6 +344,10 @@ img{max-width:100%;height:auto;display:block;margin:.5rem 0}
 table{border-collapse:collapse;font-size:.9rem}td,th{border-bottom:1px solid #eee;padding:.25rem .5rem;text-align:left}
 .scroll{overflow-x:auto;max-width:100%}.warn{color:#b45309;font-weight:600}.ok{color:#15803d}
 nav a{margin-right:.6rem}.text{min-width:12rem}mark.ent{background:#dbeafe;border-radius:3px;padding:0 2px}
+.grid{display:flex;flex-wrap:wrap;gap:.6rem}
+.tile{margin:0;padding:.3rem;border:2px solid #15803d;border-radius:6px;font-size:.75rem;width:16.6rem}
+.tile.bad{border-color:#dc2626}.tile figcaption{overflow-wrap:anywhere}
+.tile img{display:inline-block;width:8rem;height:8rem;object-fit:contain;margin:0;image-rendering:pixelated}
 """
 
 SCRIPT = """
@@ -369,7 +376,7 @@ def generations_section(predictor, ex, split: str, base=None, k: int = 8) -> str
         row = [turns[-1]["content"], refs, _answer(tuned[i])]
         rows.append(row + ([_answer(before[i])] if before is not None else []))
     note = "" if before is not None else '<p class="warn">the base model could not be loaded here: no comparison</p>'
-    return f"<p>sample answers ({html.escape(split)}, greedy)</p>" + _table(header, rows) + note
+    return f"<p>sample answers ({html.escape(split)}, greedy)</p>" + html_table(header, rows) + note
 
 
 def _answer(pred: dict) -> str:

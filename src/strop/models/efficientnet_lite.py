@@ -153,6 +153,15 @@ class EfficientNetLite(nn.Module):
         """The stem convolution: what model.freeze_embeddings / model.frozen_layers fix first."""
         return self.stem.conv
 
+    def cam_layers(self) -> list[tuple[str, nn.Module]]:
+        """(name, module) of each stage's last block and of the last 1x1 convolution, in forward order: the
+        feature maps Grad-CAM can read (explain/gradcam.py picks the last one still at least 2x2)."""
+        out, end = [], -1
+        for repeats, *_ in self.config.stages:
+            end += repeats
+            out.append((f"blocks.{end}", self.blocks[end]))
+        return out + [("pooler.conv", self.pooler.conv)]
+
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(batch, 3, H, W) -> pooled features (batch, config.features)."""
         x = self.stem(pixel_values)

@@ -5,8 +5,9 @@ to image.size when read; batches are normalised as the backbone expects and augm
 (data/image_batches.py, image.augment). The model is EfficientNet-Lite0 with ImageNet weights by default
 (models/efficientnet_lite.py, models/vision.py) with a new linear head; full fine-tuning, freezing and LoRA on its
 convolutions work as for text. Metrics: ROC AUC (one-vs-rest averaged over classes, the MedMNIST convention),
-accuracy, macro-F1, MCC; AUC is the model-selection metric because it does not depend on a decision threshold and
-moves smoothly on a small validation split, where accuracy changes in steps of one image (and MedMNIST ranks by it).
+accuracy, macro-F1, MCC, calibration (ECE); AUC is the model-selection metric because it does not depend on a
+decision threshold and moves smoothly on a small validation split, where accuracy changes in steps of one
+image (and MedMNIST ranks by it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from strop.data.image_batches import ImageEncoded, collate_images, encode_images
 from strop.data.images import is_image_data, prepare_images
 from strop.evaluate.evaluator import batched_logits
 from strop.evaluate.metrics import ScoredClassificationMetrics
-from strop.tasks.classification import class_flat, class_format, class_sections
+from strop.evaluate.image_report import image_sections
+from strop.tasks.classification import class_flat, class_format
 from strop.models.vision import ImageProcessor, build_image_classifier, default_vision_path, vision_folder
 from strop.predict_images import ImagePredictor
 from strop.tasks.base import ExportSignature, Task
@@ -31,7 +33,7 @@ from strop.tasks.base import ExportSignature, Task
 class ImageClassification(Task):
     name = "image_classification"
     description = "one class per image: a MedMNIST-style .npz, a folder per class, or a table of image paths"
-    metrics = ("roc_auc", "accuracy", "macro_f1", "mcc", "loss")
+    metrics = ("roc_auc", "accuracy", "macro_f1", "mcc", "ece", "loss")  # ece: 15 bins, evaluate/metrics.py
     model_inputs = ("pixel_values",)
     head_names = ("classifier",)
     class_per_row = True
@@ -128,8 +130,8 @@ class ImageClassification(Task):
         return class_flat(pred, labels)
 
     def report_sections(self, predictor, examples, results, split, errors_k, explain_k):
-        sections, extra, _ = class_sections(predictor, examples, results, split)
-        return sections, extra
+        """Confusion matrix, ROC curves, calibration, images with Grad-CAM (evaluate/image_report.py)."""
+        return image_sections(predictor, examples, results, split, errors_k)
 
 
 IMAGE_CLASSIFICATION = ImageClassification()
