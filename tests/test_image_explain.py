@@ -218,12 +218,19 @@ def test_cli_explain_a_folder_of_images(trained, image_splits, tmp_path, capsys)
     folder.mkdir()
     for f in sorted((image_splits["test"] / "spot").glob("*.png"))[:2]:
         shutil.copy(f, folder / f.name)
-    assert main(["explain", str(trained.run_dir), "--image", str(folder), "--out", str(tmp_path / "o")]) == 0
-    records = json.loads(capsys.readouterr().out)
+    # no --out: RUN/explain/; --target: the class explained, whatever was predicted
+    assert main(["explain", str(trained.run_dir), "--image", str(folder), "--target", "vertical"]) == 0
+    captured = capsys.readouterr()
+    records = json.loads(captured.out)
     assert [Path(r["image"]).name for r in records] == sorted(p.name for p in folder.iterdir())
-    assert len(list((tmp_path / "o").glob("*.png"))) == 4  # two overlays per image
+    assert [r["target"] for r in records] == ["vertical", "vertical"]
     assert all(r["label"] in IMAGE_CLASSES and sum(r["probs"].values()) == pytest.approx(1, abs=1e-5)
                for r in records)
+    out = trained.run_dir / "explain"
+    assert f"wrote 4 PNG overlays to {out}" in " ".join(captured.err.split())
+    expected = [f"{Path(r['image']).stem}.{kind}.png" for r in records
+                for kind in ("gradcam", "integrated_gradients")]
+    assert sorted(p.name for p in out.glob("*.png")) == expected
 
 
 def test_cli_explain_bad_image_is_one_error_and_writes_nothing(trained, image_splits, tmp_path, capsys):
