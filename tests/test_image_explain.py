@@ -272,6 +272,8 @@ def test_report_of_an_image_run_has_roc_calibration_and_a_grid_of_real_images(tr
     assert set(extra["roc_auc_per_class"]) == set(IMAGE_CLASSES)
     assert np.mean(list(extra["roc_auc_per_class"].values())) == pytest.approx(test["roc_auc"], abs=1e-6)
     assert "data:image/png;base64," in _section(page, "roc") and _section(page, "confusion")
+    data = _section(page, "data")  # image shapes and the class balance; no text lengths of file names
+    assert "<td>train</td><td>60</td><td>3 x 32 x 32</td>" in data and data.count("<img") == 1
     grid = extra["image_grid"]
     wrong = [g for g in grid if not g["correct"]]
     # 8 correct ones, then every error up to the report's 10 (4 epochs: accuracy 0.8, 6 errors)

@@ -68,22 +68,22 @@ def _best_metric(results: dict):
 
 
 def data_section(data: dict, ds) -> str:
-    parts = [html_table(["split", "examples", "mean tokens", "max tokens", "truncated"],
-                    [[s, i["examples"], i["mean_tokens"], i["max_tokens"], i["truncated"]]
-                     for s, i in data.get("splits", {}).items()])]
-    counts = {s: i["label_counts"] for s, i in data.get("splits", {}).items() if "label_counts" in i}
+    splits = data.get("splits", {})
+    # an image run's split summaries hold the pixel shape; its token counts are 1 per image, and its "texts"
+    # are file names, so text lengths and shared texts would describe nothing
+    images = any("image_shape" in i for i in splits.values())
+    if images:
+        shapes = [[s, i["examples"], " x ".join(map(str, i["image_shape"]))] for s, i in splits.items()]
+        parts = [html_table(["split", "images", "channels x height x width"], shapes)]
+    else:
+        parts = [html_table(["split", "examples", "mean tokens", "max tokens", "truncated"],
+                            [[s, i["examples"], i["mean_tokens"], i["max_tokens"], i["truncated"]]
+                             for s, i in splits.items()])]
+    counts = {s: i["label_counts"] for s, i in splits.items() if "label_counts" in i}
     if counts:
-        fig, ax = new_figure()
-        labels = list(next(iter(counts.values())))
-        width = 0.8 / len(counts)
-        for k, (split, c) in enumerate(counts.items()):
-            ax.bar(np.arange(len(labels)) + k * width, [c[n] for n in labels], width,
-                   label=plain_text(split))
-        ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, [plain_text(n) for n in labels], rotation=30,
-                      ha="right")
-        ax.set_title("class balance")
-        ax.legend()
-        parts.append(png_html(fig))
+        parts.append(class_balance(counts))
+    if images:
+        return "".join(parts)
     if ds is None:
         parts.append('<p class="warn">the data files are not readable from here: text lengths and leakage '
                      "checks skipped</p>")
@@ -97,6 +97,20 @@ def data_section(data: dict, ds) -> str:
     parts.append(png_html(fig))
     parts.append(leakage_html(ds))
     return "".join(parts)
+
+
+def class_balance(counts: dict[str, dict[str, int]]) -> str:
+    """Bars of each split's examples per class; counts: {split: {label: n}}."""
+    fig, ax = new_figure()
+    labels = list(next(iter(counts.values())))
+    width = 0.8 / len(counts)
+    for k, (split, c) in enumerate(counts.items()):
+        ax.bar(np.arange(len(labels)) + k * width, [c[n] for n in labels], width, label=plain_text(split))
+    ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, [plain_text(n) for n in labels], rotation=30,
+                  ha="right")
+    ax.set_title("class balance")
+    ax.legend()
+    return png_html(fig)
 
 
 def _texts(ex) -> list[str]:
