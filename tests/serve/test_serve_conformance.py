@@ -2,12 +2,14 @@
 
 Fast tests run the app in process (no model load: routing, the guard and /openapi.json need only the run's
 strop.json); the slow test runs schemathesis (`st run --checks all`) against a real server for every task
-(generation: the OpenAI-compatible routes).
+(generation: the OpenAI-compatible routes; images: multipart uploads and base64 JSON, with the hooks of
+schemathesis_images.py, which tell it that this API's binary strings are image files).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -31,7 +33,10 @@ META = {"strop_version": "0", "labels": ["a", "b"], "max_length": 32, "text_colu
         "text_pair_column": None}
 MODELS = {"single": {**META, "task": "single_label"},
           "pair": {**META, "task": "single_label", "text_pair_column": "text_b"},
-          "ner": {**META, "task": "token_classification", "labels": ["O", "B-PER", "I-PER"]}}
+          "ner": {**META, "task": "token_classification", "labels": ["O", "B-PER", "I-PER"]},
+          "image": {"strop_version": "0", "task": "image_classification", "labels": ["a", "b"],
+                    "image": {"size": 32, "channels": 3, "augment": "none"}, "image_column": None,
+                    "label_column": "label", "text_column": None, "text_pair_column": None}}
 
 
 def _app(tmp_path: Path, kind: str = "single", key: bool = False, max_inputs: int = 8):
@@ -167,6 +172,34 @@ def test_each_model_publishes_its_own_request_schema(tmp_path):
     assert single["components"]["schemas"]["PredictRequest"]["properties"]["inputs"]["maxItems"] == 8
 
 
+def test_an_image_model_documents_its_two_bodies(tmp_path):
+    app = _app(tmp_path, "image", key=True, max_inputs=8)
+    spec = app.openapi()
+    operation = spec["paths"]["/v1/predict"]["post"]
+    content = operation["requestBody"]["content"]
+    assert content == {"application/json": {"schema": {"$ref": "#/components/schemas/ImagePredictRequest"}},
+                       "multipart/form-data": {"schema": {"$ref": "#/components/schemas/ImageUpload"}}}
+    # every status the route can answer, as for texts (413 also for an image over serve.max_image_pixels)
+    assert set(operation["responses"]) == {"200", "400", "401", "408", "413", "415", "422", "429", "503"}
+    upload = spec["components"]["schemas"]["ImageUpload"]
+    assert upload["properties"]["image"]["items"] == {"type": "string", "format": "binary"}
+    assert (upload["required"], upload["properties"]["image"]["maxItems"]) == (["image"], 8)
+    png = spec["components"]["schemas"]["ImagePredictRequest"]["examples"][0]["inputs"][0]["image"]
+    cases = [({"inputs": [{"image": png}]}, True), ({"inputs": [{"image": png}] * 8}, True),
+             ({"inputs": [{"image": png}] * 9}, False), ({"inputs": []}, False), ({"inputs": [png]}, False),
+             ({"inputs": [{"image": ""}]}, False), ({"inputs": [{"image": png, "text": "x"}]}, False),
+             ({"inputs": [{"text": "hello"}]}, False)]
+    for body, valid in cases:
+        validator = jsonschema.Draft202012Validator(_resolved(spec, "ImagePredictRequest"))
+        assert validator.is_valid(body) == valid, body
+    assert "PredictRequest" not in spec["components"]["schemas"]  # no text body on an image model
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = _send(app, "POST", "/v1/predict", content=b"x", headers={"content-type": "image/png", **auth})
+    assert r.status_code == 415 and "'Content-Type: multipart/form-data'" in r.json()["error"]["message"]
+    assert "'Content-Type: application/json'" in r.json()["error"]["message"]
+    assert _send(app, "PUT", "/v1/predict", headers=auth).status_code == 405
+
+
 def test_the_non_blank_pattern_is_what_the_server_checks():
     """NON_BLANK matches exactly the characters str.strip() keeps, so a text the schema accepts is never the
     server's 400 empty_input; surrogates are left out (JSON texts cannot carry them valid)."""
@@ -190,7 +223,7 @@ expected-statuses = [400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 428, 429]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run, operations", [("single_run", 5), ("pair_run", 5), ("ner_run", 5),
-                                             ("generation_run", 7)])
+                                             ("generation_run", 7), ("image_run", 5)])
 def test_schemathesis_finds_no_failure(run, operations, request, tmp_path):
     st = shutil.which("st", path=str(Path(sys.executable).parent))
     if st is None:
@@ -205,7 +238,11 @@ def test_schemathesis_finds_no_failure(run, operations, request, tmp_path):
                "-H", f"Authorization: Bearer {KEY}", "--checks", "all", "-n", "300", "--seed", "7",
                "--generation-database", "none", "--no-color", "--report", "junit",
                "--report-junit-path", str(tmp_path / "junit.xml")]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        # the hooks only concern binary and base64 strings, which only the image model's document has
+        path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+        hooks = {"SCHEMATHESIS_HOOKS": "schemathesis_images", "PYTHONPATH": path}
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                              env={**os.environ, **hooks})
     finally:
         srv.stop()
     out = done.stdout + done.stderr

@@ -1,6 +1,6 @@
-"""`strop serve` of an image-classification run against a real server on loopback: multipart uploads and base64
-JSON give the Python API's probabilities; content types, byte and pixel limits (a decompression bomb), undecodable
-images, the API key, batching, metrics and drain; no image reaches the log."""
+"""`strop serve` of an image-classification run against a real server on loopback: multipart uploads and
+base64 JSON give the Python API's probabilities; content types, byte and pixel limits (a decompression bomb),
+undecodable images, the API key, batching, metrics and drain; no image reaches the log."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def jpeg(array: np.ndarray) -> bytes:
 
 
 def bomb_png(width: int, height: int) -> bytes:
-    """A ~100-byte PNG whose header declares width x height RGB pixels (its data is a few zero rows): decoding it
-    would allocate width * height * 3 bytes before finding the data short."""
+    """A ~100-byte PNG whose header declares width x height RGB pixels (its data is a few zero rows):
+    decoding it would allocate width * height * 3 bytes before finding the data short."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -56,7 +56,7 @@ def bomb_png(width: int, height: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, Path]:
-    """Toy images as files: three colour PNGs (one per class), a grey PNG, a larger JPEG (resized to 32 px)."""
+    """Toy images as files: a colour PNG per class, a grey PNG, a larger JPEG (the server resizes it)."""
     colour, _ = toy_images(3, 11)
     grey, _ = toy_images(1, 12, colour=False)
     big, _ = toy_images(1, 13, side=90)
@@ -111,8 +111,8 @@ def test_multipart_and_base64_give_the_python_apis_probabilities(server, image_r
     for r in (one, several, as_json):
         assert r.status_code == 200, r.text
         assert r.json()["task"] == "image_classification" and r.json()["model"].startswith("images@")
-    # the server decodes and resizes as strop.load(...).predict reads a file; only the batch differs (a batch of
-    # one rounds a little differently on the CPU), hence 1e-5 rather than equality
+    # the server decodes and resizes as strop.load(...).predict reads a file; only the batch differs (a batch
+    # of one rounds a little differently on the CPU), hence 1e-5 rather than equality
     torch.testing.assert_close(probs(several.json()["predictions"]), probs(want), rtol=0, atol=1e-5)
     torch.testing.assert_close(probs(as_json.json()["predictions"]), probs(want), rtol=0, atol=1e-5)
     torch.testing.assert_close(probs(one.json()["predictions"]), probs(want[:1]), rtol=0, atol=1e-5)
@@ -127,7 +127,8 @@ def test_a_grey_image_and_wrapped_base64_are_served(server, image_run, images):
     wrapped = base64.encodebytes(grey).decode()  # line breaks every 76 characters, as GNU base64 writes
     r = post(server, json={"inputs": [{"image": wrapped}]})
     assert r.status_code == 200, r.text
-    want = strop.load(image_run).predict(str(images["grey.png"]))  # the colour model repeats the grey channel
+    # the colour model reads a grey image as three equal channels
+    want = strop.load(image_run).predict(str(images["grey.png"]))
     torch.testing.assert_close(probs(r.json()["predictions"]), probs(want), rtol=0, atol=1e-5)
 
 
@@ -144,18 +145,20 @@ def test_refusals_name_the_reason_and_the_upload(server, images):
          "upload 1 ('b.png') cannot be decoded"),
         (dict(json={"inputs": [{"image": base64.b64encode(truncated).decode()}]}), 400, "undecodable_image",
          "inputs[0].image cannot be decoded"),
-        (dict(files=files(("notes.txt", b"not an image"))), 400, "undecodable_image", "upload 0 ('notes.txt')"),
+        (dict(files=files(("notes.txt", b"not an image"))), 400, "undecodable_image",
+         "upload 0 ('notes.txt')"),
         (dict(json={"inputs": [{"image": "not base64!"}]}), 400, "invalid_base64", "inputs[0].image"),
         (dict(json={"inputs": [{"image": ""}]}), 400, "empty_input", "inputs[0].image is empty"),
         (dict(json={"inputs": []}), 400, "empty_input", "inputs is empty"),
         (dict(json={"inputs": [{"image": b64}] * 5}), 413, "too_many_inputs", "the limit is 4"),
         (dict(files=files(*[("a.png", good)] * 5)), 413, "too_many_inputs", "the limit is 4"),
         (dict(json={"inputs": [b64]}), 422, "schema_violation", "body.inputs.0"),
-        (dict(json={"inputs": [{"image": b64, "text": "x"}]}), 422, "schema_violation", "body.inputs.0.text"),
+        (dict(json={"inputs": [{"image": b64, "text": "x"}]}), 422, "schema_violation",
+         "body.inputs.0.text"),
         (dict(files=[("photo", ("a.png", good))]), 422, "schema_violation", "a field named 'photo'"),
         (dict(files=[("image", (None, b"abc"))]), 422, "schema_violation", "it has no filename"),
-        (dict(content=b"--x\r\n", headers={"content-type": "multipart/form-data"}), 400, "malformed_multipart",
-         "cannot be parsed"),
+        (dict(content=b"--x\r\n", headers={"content-type": "multipart/form-data"}), 400,
+         "malformed_multipart", "cannot be parsed"),
         (dict(content=b'{"inputs": [', headers={"content-type": "application/json"}), 400, "malformed_json",
          "not valid JSON"),
     ]
@@ -166,7 +169,8 @@ def test_refusals_name_the_reason_and_the_upload(server, images):
 
 
 def test_byte_limit_refuses_before_reading_the_body(server, images):
-    big = np.random.default_rng(0).integers(0, 256, (300, 300, 3)).astype(np.uint8)  # noise: a PNG of ~270 kB
+    # noise does not compress: a PNG of ~270 kB
+    big = np.random.default_rng(0).integers(0, 256, (300, 300, 3)).astype(np.uint8)
     body = png(big)
     assert len(body) > MAX_BODY
     r = post(server, files=files(("noise.png", body)))
@@ -184,10 +188,10 @@ def _peak_rss_mb(pid: int) -> float:
 
 def test_a_decompression_bomb_gets_413_without_being_decoded(server, images):
     peak = _peak_rss_mb(server.pid)
-    # 30000 x 30000 RGB would be 2.7 GB decoded: above Pillow's own bomb limit (set to serve.max_image_pixels)
+    # 30000 x 30000 RGB would be 2.7 GB decoded: above Pillow's own limit (set to serve.max_image_pixels)
     huge = post(server, files=files(("bomb.png", bomb_png(30000, 30000))))
-    # 1200 x 1200 = 1.44 M pixels is over the limit but under twice it, where Pillow only warns: the server's own
-    # header check refuses it
+    # 1200 x 1200 = 1.44 M pixels is over the limit but under twice it, where Pillow only warns: the
+    # server's own header check refuses it
     over = post(server, json={"inputs": [{"image": base64.b64encode(bomb_png(1200, 1200)).decode()}]})
     for r in (huge, over):
         assert r.status_code == 413 and error(r)["code"] == "image_too_large", r.text
@@ -216,13 +220,14 @@ def _metric(url: str, name: str) -> float:
 
 def test_concurrent_requests_share_batches_and_are_counted(server, images):
     data = images["vertical.png"].read_bytes()
-    inputs, batches = _metric(server.url, "strop_inputs_total"), _metric(server.url, "strop_batch_size_inputs_count")
+    inputs = _metric(server.url, "strop_inputs_total")
+    batches = _metric(server.url, "strop_batch_size_inputs_count")
     with ThreadPoolExecutor(8) as pool:
-        codes = list(pool.map(lambda _: post(server, files=files(("v.png", data), ("v.png", data))).status_code,
-                              range(8)))
+        two = files(("v.png", data), ("v.png", data))
+        codes = list(pool.map(lambda _: post(server, files=two).status_code, range(8)))
     assert codes == [200] * 8
     assert _metric(server.url, "strop_inputs_total") - inputs == 16  # 8 requests x 2 images
-    # each batch is one forward pass; 8 requests in flight together need fewer than 8 (the batcher merges them)
+    # a batch is one forward pass; 8 requests in flight together need fewer (the batcher merges them)
     assert _metric(server.url, "strop_batch_size_inputs_count") - batches < 8
 
 
@@ -253,7 +258,8 @@ def test_sigterm_drains_an_image_server(image_run, images, tmp_path):
         srv.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         ready = httpx.get(f"{srv.url}/health/ready", timeout=5)
-        r = httpx.post(f"{srv.url}/v1/predict", files=files(("s.png", images["spot.png"].read_bytes())), timeout=30)
+        spot = files(("s.png", images["spot.png"].read_bytes()))
+        r = httpx.post(f"{srv.url}/v1/predict", files=spot, timeout=30)
         assert ready.status_code == 503 and "draining" in error(ready)["message"]
         assert r.status_code == 200  # requests still run until the listener closes (serve.drain_s)
         assert srv.proc.wait(30) in (0, -signal.SIGTERM)

@@ -3,8 +3,9 @@
 Every route lists each error status it can answer with the error body's schema (ErrorResponse), 401 only where the
 server was started with an API key, and the headers those answers always carry (Allow on a 405 is not listed: a
 method a route lacks has no operation to list it under). The body of POST /v1/predict is the served model's own
-(schema.published_request), so a request the document calls valid is one the server accepts; an OpenAPI fuzzer
-(schemathesis, tests/serve/test_serve_conformance.py) checks both directions.
+(schema.published_request; an image model's two bodies: schema.published_image_schemas), so a request the
+document calls valid is one the server accepts; an OpenAPI fuzzer (schemathesis,
+tests/serve/test_serve_conformance.py) checks both directions.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from pydantic import BaseModel
 from strop.serve.schema import ErrorResponse
 
 ERROR_TEXTS = {
-    400: "empty input, a value out of range or malformed JSON",
+    400: "empty input, a value out of range, malformed JSON / multipart / base64, or an undecodable image",
     401: "missing or wrong API key",
     404: "the body names a model this server does not serve (GET /v1/models lists it)",
     408: "the body did not arrive in time",
-    413: "body or input count over the limit",
+    413: "body, input count or an image's pixel count over the limit",
     415: "content type is not one the route takes (JSON; image models also multipart/form-data)",
     422: "schema violation, or a text longer than the model allows without truncate",
     429: "too many requests in flight; retry after Retry-After seconds",
