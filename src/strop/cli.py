@@ -439,6 +439,9 @@ def serve(
     Point an OpenAI client at http://HOST:PORT/v1 with the run's name as model.
     Concurrent requests share decode steps (serve.max_batch_size sequences at most).
 
+    An image-classification run takes image files on /v1/predict: multipart uploads
+    (curl -F image=@scan.png) or base64 in JSON ({"inputs": [{"image": "..."}]}).
+
     Example: strop serve runs/try2 --backend onnx serve.max_batch_tokens=4096
     """
     import os
