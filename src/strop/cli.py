@@ -328,9 +328,9 @@ def _explain_images(run: Path, images: list[Path], target: str | None, steps: in
         raise StropError(f"--image explains image classifiers; {run} is a {predictor.task.name} model: give "
                          "--text or --data")
     found = explain_images(images, target=target, steps=steps)
-    if out is None:
+    if out is None:  # the run folder's explain/, also when given its model/ or adapter/ folder
         model_dir = open_run(run)
-        out = (model_dir.parent if model_dir.name == "model" else model_dir) / "explain"
+        out = (model_dir.parent if (model_dir.parent / "config.yaml").is_file() else model_dir) / "explain"
     records = write_overlays(found, out)
     for ex, record in zip(found, records):
         c = record["completeness"]
