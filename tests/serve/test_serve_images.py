@@ -265,3 +265,30 @@ def test_sigterm_drains_an_image_server(image_run, images, tmp_path):
         assert srv.proc.wait(30) in (0, -signal.SIGTERM)
     finally:
         srv.stop()
+
+
+def test_large_uploads_are_parsed_in_memory(monkeypatch):
+    """Starlette spills file parts over 1 MB to temporary files; the image route keeps them in memory (the
+    guard bounded the body), so no upload is written to disk."""
+    import asyncio
+    import tempfile
+
+    from starlette.requests import Request
+
+    from strop.serve.images import form_uploads
+
+    def no_disk(self):
+        raise AssertionError("an upload was spilled to a temporary file")
+
+    monkeypatch.setattr(tempfile.SpooledTemporaryFile, "rollover", no_disk)
+    data = bytes(3_000_000)  # 3 MB: three times Starlette's spool limit
+    request = httpx.Request("POST", "http://x", files=files(("big.png", data)))
+    content, content_type = request.read(), request.headers["content-type"]
+
+    async def receive():
+        return {"type": "http.request", "body": content, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/predict", "headers": [
+        (b"content-type", content_type.encode()), (b"content-length", str(len(content)).encode())]}
+    uploads = asyncio.run(form_uploads(Request(scope, receive)))
+    assert [(u.where, len(u.data)) for u in uploads] == [("upload 0 ('big.png')", 3_000_000)]

@@ -29,7 +29,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartException
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from strop.data.image_files import TooManyPixels, decode_image_bytes, fit, pillow
 from strop.serve.guard import MULTIPART, media_type
@@ -47,6 +47,14 @@ MAX_PARTS = 1000  # parts a multipart body may hold (the parser's bound; serve.m
 class Upload:
     where: str  # how messages name it: "inputs[0].image" or "upload 1 ('scan.png')"
     data: bytes  # the image file as sent
+
+
+class InMemoryMultipart(MultiPartParser):
+    """Starlette's multipart parser with every file part kept in memory: the guard has bounded the whole body
+    already, so spilling parts over 1 MB to temporary files (Starlette's default) would only write patients'
+    images to disk."""
+
+    spool_max_size = 1 << 40
 
 
 class ImageDecoder:
@@ -133,8 +141,10 @@ async def predict_images(state, model, decoder: ImageDecoder, request: Request) 
 async def form_uploads(request: Request) -> list[Upload]:
     """The `image` file parts of a multipart body, in order; 400 when it does not parse, 422 for another
     field or a part without a filename (a plain form field, which the parser reads as text)."""
+    parser = InMemoryMultipart(request.headers, request.stream(), max_files=MAX_PARTS,
+                               max_fields=MAX_PARTS)
     try:
-        form = await request.form(max_files=MAX_PARTS, max_fields=MAX_PARTS)
+        form = await parser.parse()
     except (StarletteHTTPException, MultiPartException) as e:  # what Starlette's parser refuses
         detail = getattr(e, "detail", None) or getattr(e, "message", "")
         raise ApiError(400, "malformed_multipart", f"the multipart body cannot be parsed ({detail}); "
