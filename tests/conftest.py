@@ -160,6 +160,41 @@ def write_image_folder(folder: Path, n: int, seed: int) -> Path:
     return folder
 
 
+MULTI_IMAGE_LABELS = ["lines", "square"]
+
+
+def toy_multi(n: int, seed: int, side: int = 20):
+    """(images (n, side, side, 3) uint8, labels (n, 2) 0/1): dark noise with two horizontal bright lines
+    (label 0), a bright 6x6 square (label 1), both, or neither, anywhere: each combination a quarter."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    labels = np.array([[i % 2, (i // 2) % 2] for i in range(n)], dtype=np.uint8)
+    images = rng.integers(0, 60, (n, side, side, 3)).astype(np.uint8)
+    for i, (lines, square) in enumerate(labels):
+        if lines:
+            at = int(rng.integers(0, side - 5))
+            images[i, [at, at + 4]] = 230
+        if square:
+            at = int(rng.integers(0, side - 6))
+            images[i, at:at + 6, at:at + 6] = 230
+    return images, labels
+
+
+def write_multi_image_table(folder: Path, n: int, seed: int) -> Path:
+    """n toy PNG images (toy_multi) and a JSONL table naming them, with the list of each image's labels."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images, labels = toy_multi(n, seed)
+    rows = []
+    for i, (image, row) in enumerate(zip(images, labels)):
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+        names = [name for name, on in zip(MULTI_IMAGE_LABELS, row) if on]
+        rows.append({"image": f"{i:03d}.png", "labels": names})
+    return write_jsonl(folder / "labels.jsonl", rows)
+
+
 @pytest.fixture(scope="session")
 def tiny_vision_model(tmp_path_factory) -> Path:
     """A 3-block, 8-16 channel random EfficientNet-Lite (5k parameters) in strop's vision folder format."""

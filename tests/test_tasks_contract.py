@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import (tiny_overrides, toy_generation_rows, toy_images, toy_rows, write_csv, write_image_folder,
-                      write_jsonl)
+from conftest import (tiny_overrides, toy_generation_rows, toy_images, toy_multi, toy_rows, write_csv,
+                      write_image_folder, write_jsonl, write_multi_image_table)
 from ner.toy_ner import toy_sentences, write_conll
 
 import strop
@@ -49,6 +49,10 @@ def _images(folder: Path, n: int, seed: int) -> Path:
     return write_image_folder(folder / f"images-{seed}", n, seed)
 
 
+def _multi_images(folder: Path, n: int, seed: int) -> Path:
+    return write_multi_image_table(folder / f"multi-images-{seed}", n, seed)
+
+
 # task -> (writer of n rows of its data, the inputs its predictor takes)
 SAMPLES = {
     "single_label": (_single, ["refund my card please", "where is my parcel"]),
@@ -57,9 +61,11 @@ SAMPLES = {
     "token_classification": (_tokens, ["john smith visited paris", "the report from unesco"]),
     "generation": (_generation, ["name[cotto], food[french]", "name[zizzi], food[indian]"]),
     "image_classification": (_images, list(toy_images(2, 9)[0])),
+    "image_multi_label": (_multi_images, list(toy_multi(2, 9)[0])),
 }
 # the tiny model each task trains (conftest fixtures): an encoder, or a decoder for tasks that generate
-MODELS = {"generation": "tiny_decoder", "image_classification": "tiny_vision_model"}
+MODELS = {"generation": "tiny_decoder", "image_classification": "tiny_vision_model",
+          "image_multi_label": "tiny_vision_model"}
 
 
 def test_every_registered_task_has_sample_data_here():

@@ -28,6 +28,7 @@ class InputSettings:
         self.format, self.encoding = fmt, encoding
         self.image_column = image_column or meta.get("image_column")
         self.label_column = label_column or meta.get("label_column")
+        self.label_delimiter = meta.get("label_delimiter")  # several labels per image: how a table's cells split
 
 
 class ImagePredictor:
@@ -79,7 +80,8 @@ class ImagePredictor:
 
     def file_examples(self, path, need_label: bool, fmt: str = "auto", encoding: str = "utf-8", **columns):
         settings = InputSettings(self.meta, fmt, encoding, **columns)
-        return read_prediction_input(path, settings, self.size, self.channels, self.labels, need_label)
+        return read_prediction_input(path, settings, self.size, self.channels, self.labels, need_label,
+                                     multi=not self.task.class_per_row)
 
     def labelled_encoding(self, path, **columns):
         """A labelled file encoded as training encoded its data."""

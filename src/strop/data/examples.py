@@ -98,7 +98,7 @@ def _number(value) -> float | None:
     return number if math.isfinite(number) else None  # the words "nan" and "inf" are class names, not numbers
 
 
-def _label_list(value, delimiter: str | None) -> list[str]:
+def label_list(value, delimiter: str | None) -> list[str]:
     if isinstance(value, (list, tuple, np.ndarray)):
         return [str(v).strip() for v in value if str(v).strip()]
     if delimiter:
@@ -136,7 +136,7 @@ def label_names(table: Table, label: str, kind: str, delimiter: str | None) -> l
             types_seen.setdefault(seen, (i, value))
             names.add(_name(value))
         else:
-            names.update(_label_list(value, delimiter))
+            names.update(label_list(value, delimiter))
     if len(types_seen) > 1:
         (i, a), (j, b) = types_seen["number"], types_seen["text"]
         raise DataError(f"label column '{label}' mixes numbers ({a!r} at {table.where(i)}) and text "
@@ -201,7 +201,7 @@ def _label(table, i, value, column, kind, index, delimiter, split):
                             "is regression; fix the value or set task=single_label")
         return number
     if kind == "classes":
-        found = _label_list(value, delimiter)
+        found = label_list(value, delimiter)
         unknown = [n for n in found if n not in index]
         ids = [index[n] for n in found if n in index]
     else:

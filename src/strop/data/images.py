@@ -2,11 +2,12 @@
 
 Layouts (of data.train; data.validation and data.test are read the same way, or carved from train):
 - `.npz` with `train_images` + `train_labels` (and `val_*`, `test_*`, whose splits are used as given): uint8
-  (N, H, W) grey or (N, H, W, 3) colour, labels (N,) or (N, 1) integers, named by image.class_names (else "0",
-  "1", ...).
+  (N, H, W) grey or (N, H, W, 3) colour, labels (N,) or (N, 1) integers, or (N, L) 0/1 rows for several labels per
+  image, named by image.class_names (else "0", "1", ...).
 - a folder with one subfolder per class: the subfolder's name is the label; images anywhere below it.
 - a CSV / TSV / JSONL / Parquet table with an image-path column (data.image_column, else image / path / file /
-  filename / ...; relative paths are relative to the table's folder) and a label column.
+  filename / ...; relative paths are relative to the table's folder) and a label column (lists, or strings split on
+  data.label_delimiter, for several labels per image; data/image_labels.py).
 Files are decoded and resized when read (data/image_files.py); `task=auto` recognises all three (`is_image_data`).
 """
 
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from strop.data.examples import LABEL_COLUMNS, Columns, label_names
+from strop.data.examples import LABEL_COLUMNS, Columns
 from strop.data.image_files import IMAGE_SUFFIXES, ImageReader, as_array, fit, is_image_file, stack_images
+from strop.data.image_labels import class_names, is_multi_label, label_ids, label_matrix
 from strop.data.load import FORMATS, Table, read_table
 from strop.data.prepare import Dataset
 from strop.errors import DataError
@@ -33,8 +35,8 @@ NPZ_COLUMNS = ["split", "index", "label"]
 class ImageExamples:
     """Decoded images of one split, each resized to image.size.
 
-    pixels: (n, size, size, channels) uint8, channels 1 (grey) or 3 (RGB); labels: (n,) int64 class ids, or None
-    for unlabelled prediction input; sources: where each image came from (a path, or 'data.npz:test[12]')."""
+    pixels: (n, size, size, channels) uint8, channels 1 (grey) or 3 (RGB); labels: (n,) int64 class ids ((n, L)
+    0/1 float32 for several labels per image), or None for unlabelled prediction input; sources: where each image came from (a path, or 'data.npz:test[12]')."""
 
     pixels: np.ndarray
     labels: np.ndarray | None
@@ -166,21 +168,27 @@ def _npz_split(path: Path, z, name: str, split: str, keys: list[str]) -> RawSpli
     labels = None
     if labels_key in keys:
         labels = z[labels_key]
-        if labels.ndim == 2 and labels.shape[1] != 1:
-            raise DataError(f"{path}: {labels_key} has shape {labels.shape}, several labels per image; "
-                            "image_classification takes one class per image ((N,) or (N, 1) integers)")
-        labels = labels.reshape(len(labels), -1)[:, 0] if labels.ndim else labels
+        if labels.ndim > 2 or (labels.ndim == 2 and labels.shape[1] > 1 and not np.isin(labels, (0, 1)).all()):
+            raise DataError(f"{path}: {labels_key} has shape {labels.shape}; give (N,) or (N, 1) class numbers, "
+                            "or (N, L) rows of 0 / 1 for several labels per image")
+        multi = labels.ndim == 2 and labels.shape[1] > 1  # (N, L) 0/1 rows: several labels per image
+        labels = labels.reshape(len(labels), -1)[:, 0] if labels.ndim and not multi else labels
         if len(labels) != len(images):
             raise DataError(f"{path}: {images_key} holds {len(images)} images but {labels_key} {len(labels)} "
                             "labels; give one label per image")
         if labels.dtype.kind not in "iub":
             raise DataError(f"{path}: {labels_key} holds {labels.dtype} values; labels must be class numbers "
                             "(integers from 0), named by image.class_names")
-    raw_labels = None if labels is None else [int(v) for v in labels]
-    rows = [{"split": split, "index": i, **({"label": raw_labels[i]} if raw_labels else {})}
+    raw_labels = None if labels is None else [v.astype(np.int64) if v.ndim else int(v) for v in labels]
+    rows = [{"split": split, "index": i, **({"label": label_cell(raw_labels[i])} if raw_labels else {})}
             for i in range(len(images))]
     return RawSplit(str(path), list(images), raw_labels, NPZ_COLUMNS if labels is not None else NPZ_COLUMNS[:2],
                     rows, [f"{path}:{split}[{i}]" for i in range(len(images))])
+
+
+def label_cell(value) -> int | str:
+    """An .npz label as a predictions file shows it: the class number, or the 0/1 row as '0|1|0'."""
+    return "|".join(str(int(v)) for v in value) if isinstance(value, np.ndarray) else value
 
 
 def read_folder(path: Path, labelled: bool = True) -> RawSplit:
@@ -265,56 +273,6 @@ def read_raw(path: str | Path, d, need_label: bool = True) -> dict[str, RawSplit
 # labels and decoding
 
 
-def class_names(raw: RawSplit, configured: list) -> list[str]:
-    """Sorted class names of the training split; integer labels (.npz) are named by `configured`
-    (image.class_names) or by their number."""
-    if raw.labels is None:
-        raise DataError(f"{raw.where} has no labels; training needs a label per image")
-    present = sorted({str(v) for v in raw.labels})
-    if len(present) < 2:
-        raise DataError(f"{raw.where} holds one class only ({present[0] if present else 'none'}); a classifier "
-                        "needs at least two: add a folder (or labelled images) per class")
-    if raw.items and isinstance(raw.items[0], np.ndarray):  # .npz: class numbers
-        top = max(raw.labels) if raw.labels else 0
-        if configured and len(configured) <= top:
-            raise DataError(f"image.class_names has {len(configured)} names, but {raw.where} has class number "
-                            f"{top}; give one name per class number 0..{top}")
-        names = [str(n) for n in configured] if configured else [str(i) for i in range(top + 1)]
-    else:
-        table = Table(raw.where, ["label"], [{"label": v} for v in raw.labels], list(range(1, len(raw.labels) + 1)),
-                      "row")
-        names = label_names(table, "label", "class", None)
-    return names
-
-
-def label_ids(raw: RawSplit, names: list[str], split: str) -> np.ndarray:
-    """Raw labels -> class ids; a label the training data never had is an error naming where it is."""
-    index = {n: i for i, n in enumerate(names)}
-    ids = []
-    for value, place in zip(raw.labels, raw.places):
-        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and raw.items and \
-                isinstance(raw.items[0], np.ndarray):
-            name = names[value] if 0 <= value < len(names) else None
-        else:
-            name = None if value is None else str(value).strip()
-            if name is not None and name not in index:
-                number = _as_int(name)
-                name = str(number) if number is not None and str(number) in index else name
-        if name is None or name not in index:
-            raise DataError(f"{place}: label {value!r} in the {split} split is not a class of the training data "
-                            f"(classes: {names[:20]}); fix the label or add training images of it")
-        ids.append(index[name])
-    return np.asarray(ids, dtype=np.int64)
-
-
-def _as_int(text: str) -> int | None:
-    try:
-        number = float(text)
-    except ValueError:
-        return None
-    return int(number) if number.is_integer() else None
-
-
 def decode_split(raw: RawSplit, reader: ImageReader, channels: int | None, labels: np.ndarray | None
                  ) -> ImageExamples:
     """Decode and resize a split's images (files through `reader`, arrays directly); skipped files drop out with
@@ -335,8 +293,10 @@ def decode_split(raw: RawSplit, reader: ImageReader, channels: int | None, label
 # the dataset
 
 
-def prepare_images(cfg, task_name: str, carve: bool = True) -> Dataset:
-    """Read, decode, validate and split the image data cfg.data describes (image.size pixels square)."""
+def prepare_images(cfg, task_name: str, multi_task: str, carve: bool = True) -> Dataset:
+    """Read, decode, validate and split the image data cfg.data describes (image.size pixels square). The
+    dataset's task is `task_name`, or `multi_task` when the training labels hold several labels per image and
+    the task was left to the data (task=auto)."""
     d = cfg.data
     if not d.train:
         raise DataError("data.train is not set; give an .npz file, a folder of class folders or a table of image "
@@ -349,26 +309,49 @@ def prepare_images(cfg, task_name: str, carve: bool = True) -> Dataset:
         if path:
             given = read_raw(path, d)
             raws[split] = given.get(split) or given.get("train") or next(iter(given.values()))
-    names = class_names(raws["train"], list(cfg.image.class_names))
+    task = image_task(raws["train"], cfg, task_name, multi_task)
+    names = class_names(raws["train"], list(cfg.image.class_names), d.label_delimiter)
+    labels = {split: split_labels(raw, names, split, task == multi_task, d.label_delimiter)
+              for split, raw in raws.items()}
     reader = ImageReader(cfg.image.size, d.on_bad_image)
-    splits = {"train": decode_split(raws["train"], reader, None, label_ids(raws["train"], names, "train"))}
+    splits = {"train": decode_split(raws["train"], reader, None, labels["train"])}
     channels = splits["train"].pixels.shape[-1]  # the other splits follow training's grey or colour
     for split in ("validation", "test"):
         if split in raws:
-            splits[split] = decode_split(raws[split], reader, channels, label_ids(raws[split], names, split))
-    notes = [f"images: {len(names)} classes, {'colour' if channels == 3 else 'grey'}, resized to "
+            splits[split] = decode_split(raws[split], reader, channels, labels[split])
+    kind = "labels, several per image" if task == multi_task else "classes"
+    notes = [f"images: {len(names)} {kind}, {'colour' if channels == 3 else 'grey'}, resized to "
              f"{cfg.image.size}x{cfg.image.size} (image.size)"]
     if reader.note():
         notes.append(reader.note())
     train = raws["train"]
-    ds = Dataset(task_name, names, Columns(train.image_column, None, train.label_column), splits, notes)
+    ds = Dataset(task, names, Columns(train.image_column, None, train.label_column), splits, notes)
     if carve:
         ds.carve_missing(d)
     return ds
 
 
+def image_task(train: RawSplit, cfg, task_name: str, multi_task: str) -> str:
+    """The task the training labels call for; a task named in the config that they contradict is an error."""
+    multi = is_multi_label(train, cfg.data.label_delimiter)
+    if cfg.task == "auto":
+        return multi_task if multi else task_name
+    if multi != (cfg.task == multi_task):
+        want = multi_task if multi else task_name
+        raise DataError(f"task={cfg.task} but {train.where} has {'several labels' if multi else 'one class'} per "
+                        f"image; set task={want} or task=auto")
+    return cfg.task
+
+
+def split_labels(raw: RawSplit, names: list[str], split: str, multi: bool, delimiter: str | None):
+    """(n,) class ids, or (n, L) 0/1 rows for several labels per image; None for a split without labels."""
+    if raw.labels is None:
+        return None
+    return label_matrix(raw, names, split, delimiter) if multi else label_ids(raw, names, split)
+
+
 def read_prediction_input(path: str | Path, d, size: int, channels: int, names: list[str], need_label: bool,
-                          on_bad: str = "error") -> tuple[RawSplit, ImageExamples]:
+                          on_bad: str = "error", multi: bool = False) -> tuple[RawSplit, ImageExamples]:
     """A file or folder to predict or evaluate on: (its raw split, for the input columns, and its images, with
     labels when present or needed). An .npz with several splits gives its test split (else val, else train)."""
     raws = read_raw(path, d, need_label)
@@ -379,7 +362,7 @@ def read_prediction_input(path: str | Path, d, size: int, channels: int, names: 
     labels = None
     if raw.labels is not None:
         try:
-            labels = label_ids(raw, names, "input")
+            labels = split_labels(raw, names, "input", multi, getattr(d, "label_delimiter", None))
         except DataError:
             if need_label:
                 raise

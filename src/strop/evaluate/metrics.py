@@ -293,6 +293,37 @@ class MultiLabelMetrics:
         }
 
 
+def label_auc(probs, labels) -> float:
+    """ROC AUC of several labels per example (ChestMNIST's convention, scikit-learn's macro average): the mean of
+    each label's AUC over the labels the examples hold both present and absent; 0.5 where none is.
+    probs, labels: (n, L) scores and 0/1."""
+    probs = _to_numpy(probs).astype(np.float64)
+    labels = _to_numpy(labels).astype(bool)
+    aucs = [_binary_auc(probs[:, j], labels[:, j]) for j in range(probs.shape[1])]
+    aucs = [a for a in aucs if a is not None]
+    return float(np.mean(aucs)) if aucs else 0.5
+
+
+class ScoredMultiLabelMetrics(MultiLabelMetrics):
+    """MultiLabelMetrics at the threshold plus `roc_auc` (label_auc), which needs every score: the probabilities
+    are kept (n x L floats)."""
+
+    def __init__(self, label_names: list[str], threshold: float = 0.5):
+        super().__init__(label_names, threshold)
+        self._probs: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+
+    def update(self, probs, labels) -> None:
+        super().update(probs, labels)
+        self._probs.append(_to_numpy(probs).reshape(-1, len(self.label_names)).astype(np.float64))
+        self._labels.append(_to_numpy(labels).reshape(-1, len(self.label_names)))
+
+    def compute(self) -> dict:
+        out = super().compute()
+        out["roc_auc"] = label_auc(np.concatenate(self._probs), np.concatenate(self._labels)) if self._probs else 0.5
+        return out
+
+
 def tune_threshold(probs, labels, grid=None) -> float:
     """Global decision threshold maximising micro F1 on validation data. probs, labels: (n, L). Default grid 0.05..0.95 step 0.05; ties -> the threshold closest to 0.5."""
     probs = _to_numpy(probs).astype(np.float64)

@@ -19,13 +19,13 @@ from strop.runs import open_run
 from strop.tasks.base import ExportSignature, Task
 from strop.tasks.classification import MULTI_LABEL, REGRESSION, SINGLE_LABEL
 from strop.tasks.generation import GENERATION
-from strop.tasks.image_classification import IMAGE_CLASSIFICATION
+from strop.tasks.image_classification import IMAGE_CLASSIFICATION, IMAGE_MULTI_LABEL
 from strop.tasks.token_classification import TOKEN_CLASSIFICATION
 
 # the order matters for task=auto: the first task whose `detects` says yes reads the data; single_label is the
 # fallback, and its reader infers single / multi-label / regression from a table's labels
-TASKS: dict[str, Task] = {t.name: t for t in (TOKEN_CLASSIFICATION, IMAGE_CLASSIFICATION, GENERATION, SINGLE_LABEL,
-                                              MULTI_LABEL, REGRESSION)}
+TASKS: dict[str, Task] = {t.name: t for t in (TOKEN_CLASSIFICATION, IMAGE_CLASSIFICATION, IMAGE_MULTI_LABEL,
+                                              GENERATION, SINGLE_LABEL, MULTI_LABEL, REGRESSION)}
 FALLBACK = SINGLE_LABEL
 
 __all__ = ["TASKS", "ExportSignature", "Task", "build_model", "detect_task", "get_task", "load_predictor",
@@ -90,8 +90,9 @@ def load_predictor(path: str | Path, device: str = "cpu", precision: str = "fp32
     .onnx files: ONNX Runtime behind the same interface, CPU, fp32 graph or int8)."""
     onnx_file = export_file_of(path)
     if onnx_file is not None:
-        model, processor, meta = load_export(onnx_file)
+        model, meta = load_export(onnx_file)
         task = get_task(meta["task"])
+        processor = task.load_processor(onnx_file.parent)  # saved beside the graph: tokenizer, image normalisation
     else:
         model, processor, meta, task = load_trained(open_run(path))
     return task.predictor(model, processor, meta, resolve_device(device), precision)

@@ -201,22 +201,42 @@ class MultiLabel(SequenceClassification):
         return F.binary_cross_entropy_with_logits(student / t, torch.sigmoid(teacher / t)) * t * t
 
     def agreement(self, a: np.ndarray, b: np.ndarray, threshold: float) -> float | None:
-        sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
-        return float(((sig(a) >= threshold) == (sig(b) >= threshold)).all(1).mean())
+        return labels_agreement(a, b, threshold)
 
     def format(self, row: np.ndarray, labels: list[str], meta: dict) -> dict:
-        probs = {name: float(p) for name, p in zip(labels, row)}
-        return {"labels": [n for n, p in probs.items() if p >= meta["threshold"]], "probs": probs}
+        return labels_format(row, labels, meta["threshold"])
 
     def flat(self, pred: dict, labels: list[str]) -> dict:
-        return {"prediction": "|".join(pred["labels"]), **{f"prob_{n}": pred["probs"][n] for n in labels}}
+        return labels_flat(pred, labels)
 
     def report_sections(self, predictor, examples, results, split, errors_k, explain_k):
-        if examples is None:
-            return {}, {}
-        probs = predictor.outputs_of(examples, 64)
-        cal = multi_label_calibration(probs, examples.labels, predictor.meta.get("threshold", 0.5))
-        return {"calibration": calibration_section(cal, split + ", per label decision")}, {"calibration": cal}
+        return labels_sections(predictor, examples, split)
+
+
+def labels_agreement(a: np.ndarray, b: np.ndarray, threshold: float) -> float:
+    """Share of examples whose every label decision two models' logits (n, L) make alike at `threshold`."""
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    return float(((sig(a) >= threshold) == (sig(b) >= threshold)).all(1).mean())
+
+
+def labels_format(row: np.ndarray, labels: list[str], threshold: float) -> dict:
+    """One multi-label prediction: the labels at or above the threshold, every label's probability."""
+    probs = {name: float(p) for name, p in zip(labels, row)}
+    return {"labels": [n for n, p in probs.items() if p >= threshold], "probs": probs}
+
+
+def labels_flat(pred: dict, labels: list[str]) -> dict:
+    """A multi-label prediction as flat CSV columns (the labels joined by '|')."""
+    return {"prediction": "|".join(pred["labels"]), **{f"prob_{n}": pred["probs"][n] for n in labels}}
+
+
+def labels_sections(predictor, examples, split: str | None) -> tuple[dict, dict]:
+    """The report of a multi-label task, with the data at hand: calibration of each label's decision."""
+    if examples is None:
+        return {}, {}
+    probs = predictor.outputs_of(examples, 64)
+    cal = multi_label_calibration(probs, examples.labels, predictor.meta.get("threshold", 0.5))
+    return {"calibration": calibration_section(cal, split + ", per label decision")}, {"calibration": cal}
 
 
 class Regression(SequenceClassification):

@@ -22,16 +22,20 @@ from strop.compress.onnx import OnnxInputs, image_inputs
 from strop.data.image_batches import ImageEncoded, collate_images, encode_images
 from strop.data.images import is_image_data, prepare_images
 from strop.evaluate.evaluator import batched_logits
-from strop.evaluate.metrics import ScoredClassificationMetrics
+from strop.evaluate.metrics import ScoredClassificationMetrics, ScoredMultiLabelMetrics
 from strop.evaluate.image_report import image_sections
-from strop.tasks.classification import class_flat, class_format
+from strop.tasks.classification import (class_flat, class_format, labels_agreement, labels_flat, labels_format,
+                                        labels_sections)
 from strop.models.vision import ImageProcessor, build_image_classifier, default_vision_path, vision_folder
 from strop.predict_images import ImagePredictor
 from strop.tasks.base import ExportSignature, Task
 
 
+SINGLE, MULTI = "image_classification", "image_multi_label"  # the data decide which under task=auto
+
+
 class ImageClassification(Task):
-    name = "image_classification"
+    name = SINGLE
     description = "one class per image: a MedMNIST-style .npz, a folder per class, or a table of image paths"
     metrics = ("roc_auc", "accuracy", "macro_f1", "mcc", "ece", "loss")  # ece: 15 bins, evaluate/metrics.py
     model_inputs = ("pixel_values",)
@@ -55,7 +59,7 @@ class ImageClassification(Task):
         return is_image_data(cfg.data)
 
     def prepare(self, cfg, carve: bool = True):
-        return prepare_images(cfg, self.name, carve)
+        return prepare_images(cfg, SINGLE, MULTI, carve)
 
     def model_path(self, cfg) -> str | Path:
         return default_vision_path() if str(cfg.model.path) == "default" else cfg.model.path
@@ -97,7 +101,7 @@ class ImageClassification(Task):
     def evaluate(self, model, enc: ImageEncoded, labels: list[str], batch_size: int, device: torch.device,
                  precision: str = "fp32", threshold: float = 0.5, keep_outputs: bool = False):
         """Streamed metrics with `loss`; with keep_outputs also the (n, L) probabilities in input order."""
-        metrics, kept, loss_sum = ScoredClassificationMetrics(labels), None, 0.0
+        metrics, kept, loss_sum = self.metrics_of(labels, threshold), None, 0.0
         if keep_outputs:
             kept = np.zeros((len(enc), len(labels)), dtype=np.float32)
         for idx, logits, batch in batched_logits(model, enc, batch_size, device, precision, self.collate,
@@ -111,11 +115,15 @@ class ImageClassification(Task):
         result["loss"] = loss_sum / max(1, len(enc))
         return result, kept
 
+    def metrics_of(self, labels: list[str], threshold: float):
+        """The streaming metrics of a labelled split (evaluate/metrics.py)."""
+        return ScoredClassificationMetrics(labels)
+
     def meta(self, cfg, ds) -> dict:
         channels = int(ds.splits["train"].pixels.shape[-1])
         return {"image": {"size": cfg.image.size, "channels": channels, "augment": cfg.image.augment},
                 "image_column": ds.columns.text, "label_column": ds.columns.label, "text_column": None,
-                "text_pair_column": None}
+                "text_pair_column": None, "label_delimiter": cfg.data.label_delimiter}
 
     def predictor(self, model, processor, meta: dict, device: torch.device, precision: str = "fp32"):
         return ImagePredictor(model, processor, meta, device, precision, task=self)
@@ -134,4 +142,46 @@ class ImageClassification(Task):
         return image_sections(predictor, examples, results, split, errors_k)
 
 
+
+class ImageMultiLabel(ImageClassification):
+    """Several findings per image (ChestMNIST's 14 labels; a table of images with lists of labels): one sigmoid
+    per label, binary cross-entropy, the decision threshold tuned on validation (micro-F1) and saved; ROC AUC is the
+    mean of the labels' AUCs (ChestMNIST's convention) and picks the best step, as for one class per image."""
+
+    name = MULTI
+    description = "several labels per image: an .npz with (N, L) 0/1 labels, or a table of image paths with lists"
+    metrics = ("roc_auc", "micro_f1", "macro_f1", "exact_match", "loss")
+    class_per_row = False
+    tunes_threshold = True
+
+    def detects(self, cfg) -> bool:
+        return False  # image data are recognised once, by image_classification, whose reader picks this task
+
+    def split_summary(self, ds, split: str, enc: ImageEncoded) -> dict:
+        counts = np.asarray(ds.splits[split].labels).sum(0).astype(int)
+        return {"label_counts": dict(zip(ds.labels, counts.tolist())), "image_shape": list(enc.pixels.shape[1:])}
+
+    def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits.float(), batch["labels"].float())
+
+    def outputs(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().sigmoid()
+
+    def metrics_of(self, labels: list[str], threshold: float) -> ScoredMultiLabelMetrics:
+        return ScoredMultiLabelMetrics(labels, threshold)
+
+    def agreement(self, a: np.ndarray, b: np.ndarray, threshold: float) -> float | None:
+        return labels_agreement(a, b, threshold)
+
+    def format(self, row: np.ndarray, labels: list[str], meta: dict) -> dict:
+        return labels_format(row, labels, meta.get("threshold", 0.5))
+
+    def flat(self, pred: dict, labels: list[str]) -> dict:
+        return labels_flat(pred, labels)
+
+    def report_sections(self, predictor, examples, results, split, errors_k, explain_k):
+        return labels_sections(predictor, examples, split)
+
+
 IMAGE_CLASSIFICATION = ImageClassification()
+IMAGE_MULTI_LABEL = ImageMultiLabel()
