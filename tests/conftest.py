@@ -195,6 +195,31 @@ def write_multi_image_table(folder: Path, n: int, seed: int) -> Path:
     return write_jsonl(folder / "labels.jsonl", rows)
 
 
+DICOM_PATIENT = "Doe^Jane"
+
+
+def write_dicom(path: Path, pixels, photometric: str = "MONOCHROME2", **tags) -> Path:
+    """A minimal, valid DICOM file (Secondary Capture) with a patient name and ID, `pixels` stored as given."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID = DICOM_PATIENT, "MRN-0042"
+    if pixels is not None:
+        bits = 8 if pixels.dtype.itemsize == 1 else 16
+        ds.set_pixel_data(pixels, photometric, bits)
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_vision_model(tmp_path_factory) -> Path:
     """A 3-block, 8-16 channel random EfficientNet-Lite (5k parameters) in strop's vision folder format."""

@@ -3,12 +3,11 @@ several frames refused with the fix, patient tags never in what a run writes or 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from conftest import DICOM_PATIENT as PATIENT
+from conftest import write_dicom
 from test_image_classification import overrides
 
 import strop
@@ -16,28 +15,6 @@ import strop
 from strop.data.dicom import decode_dicom
 from strop.data.image_files import ImageReader
 from strop.errors import DataError
-
-PATIENT = "Doe^Jane"
-
-
-def write_dicom(path: Path, pixels: np.ndarray | None, photometric: str = "MONOCHROME2", **tags) -> Path:
-    """A minimal, valid DICOM file (Secondary Capture) with a patient name, `pixels` stored as given."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = SecondaryCaptureImageStorage, meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID = PATIENT, "MRN-0042"
-    if pixels is not None:
-        bits = 8 if pixels.dtype == np.uint8 else 16
-        ds.set_pixel_data(pixels, photometric, bits)
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
 
 def test_rescale_then_window_as_a_viewer_shows_it(tmp_path):
     # stored 0..3, slope 50, intercept -50 -> -50, 0, 50, 100 (e.g. Hounsfield units); window center 50, width

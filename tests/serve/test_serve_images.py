@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_CLASSES, toy_images
+from conftest import IMAGE_CLASSES, toy_images, write_dicom
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -130,6 +130,20 @@ def test_a_grey_image_and_wrapped_base64_are_served(server, image_run, images):
     # the colour model reads a grey image as three equal channels
     want = strop.load(image_run).predict(str(images["grey.png"]))
     torch.testing.assert_close(probs(r.json()["predictions"]), probs(want), rtol=0, atol=1e-5)
+
+
+def test_a_dicom_upload_is_read_as_the_file_is(server, image_run, tmp_path):
+    # a grey scan stored as 16-bit values with a window: served as `strop predict` reads the same .dcm file
+    pixels = (toy_images(1, 14, colour=False)[0][0].astype(np.uint16) * 16)
+    scan = write_dicom(tmp_path / "scan.dcm", pixels, WindowCenter=2000, WindowWidth=4000)
+    r = post(server, files=files(("scan.dcm", scan.read_bytes())))
+    assert r.status_code == 200, r.text
+    want = strop.load(image_run).predict(str(scan))
+    torch.testing.assert_close(probs(r.json()["predictions"]), probs(want), rtol=0, atol=1e-5)
+    # a DICOM bomb: 16 stored pixels, a header declaring 1000 x 1100 (over MAX_PIXELS), refused from the header
+    big = write_dicom(tmp_path / "big.dcm", np.zeros((4, 4), dtype=np.uint8), Rows=1100, Columns=1000)
+    r = post(server, files=files(("big.dcm", big.read_bytes())))
+    assert r.status_code == 413 and "1000x1100" in error(r)["message"], r.text
 
 
 def test_refusals_name_the_reason_and_the_upload(server, images):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -47,11 +48,24 @@ def stretch(values: np.ndarray) -> np.ndarray:
     return np.round((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
-def decode_dicom(path: Path) -> np.ndarray:
-    """(H, W) uint8 for grey images, (H, W, 3) for colour ones. Raises ValueError (a file without pixel data,
-    several frames) or pydicom's errors (not DICOM, a compressed syntax without its decoder installed)."""
+def is_dicom_bytes(data: bytes) -> bool:
+    """Whether bytes in memory are a DICOM file: 'DICM' after the 128-byte preamble (PS3.10 7.1)."""
+    return data[128:132] == b"DICM"
+
+
+def dicom_size(source: Path | BinaryIO) -> tuple[int, int]:
+    """(width, height) the header declares (Columns, Rows), read without the pixel data: what a size limit checks
+    before anything is decoded."""
+    ds = pydicom().dcmread(source, stop_before_pixels=True)
+    return int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)
+
+
+def decode_dicom(source: Path | BinaryIO) -> np.ndarray:
+    """(H, W) uint8 for grey images, (H, W, 3) for colour ones, from a path or an open binary file. Raises
+    ValueError (a file without pixel data, several frames) or pydicom's errors (not DICOM, a compressed syntax
+    without its decoder installed)."""
     module = pydicom()
-    ds = module.dcmread(path)
+    ds = module.dcmread(source)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ValueError("the DICOM file has no pixel data (a report or a series header, not an image); remove "
                          "it from the data")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from strop.data.dicom import decode_dicom
+from strop.data.dicom import decode_dicom, dicom_size, is_dicom_bytes
 from strop.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm")
@@ -84,6 +84,11 @@ def decode_image_bytes(data: bytes, max_pixels: int) -> np.ndarray:
     declares is checked against max_pixels before anything is decoded (Image.open reads only the header), so a
     small file declaring a huge image (a decompression bomb) costs no memory. Raises TooManyPixels, or Pillow's
     OSError / ValueError / SyntaxError for bytes it cannot decode completely."""
+    if is_dicom_bytes(data):  # DICOM: the header's Rows x Columns checked before the pixel data is read
+        width, height = dicom_size(io.BytesIO(data))
+        if width * height > max_pixels:
+            raise TooManyPixels(max_pixels, (width, height))
+        return decode_dicom(io.BytesIO(data))
     Image, _ = pillow()
     try:
         img = Image.open(io.BytesIO(data))
