@@ -14,7 +14,9 @@ test split is scored). Variants, same model (EfficientNet-Lite0, ImageNet weight
           linear schedule, an evaluation on the validation split each epoch, the epoch with the best validation AUC
           scored on test. timm itself cannot be installed here (it imports torchvision, which needs another torch),
           so the network is strop's EfficientNet-Lite0 (its logits equal the original code's) in both.
-Each (set, variant, seed) runs in its own child process; CPU seconds are the child's user + system time (on a shared
+Both sides use one thread (`train.threads=1`, torch.set_num_threads(1)), as part 1's measurements did, so two runs
+can share the 2-core machine without the stalls of two-thread kernels on an oversubscribed CPU. Each (set, variant,
+seed) runs in its own child process; CPU seconds are the child's user + system time (on a shared
 machine they move far less than wall time); results are added to bench/results/vision.json as they finish, and runs
 already there are skipped.
 """
@@ -42,6 +44,7 @@ SETS = ("breastmnist", "retinamnist")
 PAPER = {"breastmnist": {"ResNet-18 (28)": (0.901, 0.863), "AutoML Vision": (0.919, 0.861)},
          "retinamnist": {"ResNet-18 (28)": (0.717, 0.524), "AutoML Vision": (0.750, 0.531)}}
 EPOCHS, BATCH, LR, SIZE, WEIGHT_DECAY, WARMUP = 10, 32, 1e-3, 224, 0.01, 0.06
+THREADS = 1
 
 
 def cpu_seconds() -> float:
@@ -58,7 +61,8 @@ def run_strop(set_name: str, seed: int, work: Path) -> dict:
 
     start = time.perf_counter()
     run = strop.train(None, {"data.train": str(MEDMNIST / f"{set_name}.npz"), "train.seed": seed, "track": "none",
-                             "eval.report": False, "output_dir": str(work), "name": f"{set_name}-{seed}"})
+                             "train.threads": THREADS, "eval.report": False, "output_dir": str(work),
+                             "name": f"{set_name}-{seed}"})
     r = run.results
     return {"test": r["test"], "validation": r["validation"], "best_step": r["best_step"], "steps": r["steps"],
             "train_seconds": r["train_seconds"], "train_images_per_s": r["train_samples_per_s"],
@@ -118,6 +122,7 @@ def run_plain(set_name: str, seed: int) -> dict:
     from strop.models.vision import build_image_classifier, default_vision_path
 
     start = time.perf_counter()
+    torch.set_num_threads(THREADS)
     torch.manual_seed(seed)
     z = np.load(MEDMNIST / f"{set_name}.npz")
     n_classes = int(z["train_labels"].max()) + 1
