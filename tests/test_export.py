@@ -12,7 +12,7 @@ from conftest import tiny_overrides, toy_rows, write_csv
 from strop.cli import main
 from strop.compress.distill import distillation_loss, kept_layers, make_student
 from strop.compress.export import ExportOptions, export_run, logits_of
-from strop.compress.onnx import OnnxModel, export_onnx
+from strop.compress.onnx import OnnxModel, export_graph, export_onnx
 from strop.compress.prune import (encoder_layers, magnitude_prune, parse_prune, prune_ffn, prune_heads,
                                   sparsity_of)
 from strop.config import Config, ModelConfig
@@ -277,14 +277,14 @@ def test_tolerance_breach_fails_loudly_and_exports_nothing(exported, monkeypatch
 
     run, _ = exported
 
-    def export_off_by_a_bit(model, tokenizer, path, max_length=512):
+    def export_off_by_a_bit(model, inputs, path):
         # an exporter that silently changes the model: the classifier's bias shifted by 0.01
         shifted = __import__("copy").deepcopy(model)
         with torch.no_grad():
             shifted.classifier.bias += 0.01
-        return export_onnx(shifted, tokenizer, path, max_length)
+        return export_graph(shifted, inputs, path)
 
-    monkeypatch.setattr(export_module, "export_onnx", export_off_by_a_bit)
+    monkeypatch.setattr(export_module, "export_graph", export_off_by_a_bit)
     before = (run / "export" / "model.onnx").stat().st_mtime_ns
     with pytest.raises(ExportError, match=r"max \|logit difference\| 0.01 > tolerance 0.001"):
         export_run(run, ExportOptions(int8=False, timing=False), log=lambda m: None)

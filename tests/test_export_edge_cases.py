@@ -73,7 +73,7 @@ def test_bad_options_fail_before_the_onnx_export_and_leave_nothing(runs, monkeyp
     def must_not_run(*args, **kwargs):
         raise AssertionError("the ONNX export started before the options were checked")
 
-    monkeypatch.setattr(export_module, "export_onnx", must_not_run)
+    monkeypatch.setattr(export_module, "export_graph", must_not_run)
     run = runs["short"]
     with pytest.raises(ExportError, match=message):
         export_run(run, ExportOptions(**{**QUIET, **options}), log=lambda m: None)

@@ -145,17 +145,17 @@ def test_ner_tolerance_breach_fails_loudly(ner_export, monkeypatch):
     import torch
 
     import strop.compress.export as export_module
-    from strop.compress.onnx import export_onnx
+    from strop.compress.onnx import export_graph
 
     run, _, _ = ner_export
 
-    def export_off_by_a_bit(model, tokenizer, path, max_length=512):
+    def export_off_by_a_bit(model, inputs, path):
         shifted = copy.deepcopy(model)
         with torch.no_grad():
             shifted.classifier.bias += 0.01
-        return export_onnx(shifted, tokenizer, path, max_length)
+        return export_graph(shifted, inputs, path)
 
-    monkeypatch.setattr(export_module, "export_onnx", export_off_by_a_bit)
+    monkeypatch.setattr(export_module, "export_graph", export_off_by_a_bit)
     with pytest.raises(ExportError, match=r"max \|logit difference\| 0.01 > tolerance 0.001"):
         export_module.export_run(run, export_module.ExportOptions(int8=False, timing=False), log=lambda m: None)
     failed = json.loads((run / "export.failed" / "parity.json").read_text())

@@ -2,12 +2,15 @@
 optional pruned and distilled variants; every artifact is measured against the original on held data.
 
 RUN/export/ (a contract with `strop serve`, which loads it with onnxruntime):
-  model.onnx        fp32; int64 inputs input_ids, attention_mask (+ token_type_ids when the tokenizer makes them),
-                    axes (batch, sequence); output `logits` (batch, num_labels), or (batch, sequence,
-                    num_labels) for token classification (parity then compares every real subword's logits)
-  model.int8.onnx   ONNX Runtime dynamic int8
-  tokenizer files   as saved by the run's tokenizer
-  strop.json        the run's meta plus an "onnx" entry: files and input names
+  model.onnx        fp32; the inputs the task names (`Task.onnx_inputs`): int64 input_ids, attention_mask
+                    (+ token_type_ids when the tokenizer makes them), axes (batch, sequence), or float32
+                    pixel_values (batch, 3, size, size) of images normalised as in training; output `logits`
+                    (batch, num_labels), or (batch, sequence, num_labels) for token classification (parity then
+                    compares every real subword's logits)
+  model.int8.onnx   ONNX Runtime dynamic int8 (transformers), or static int8 calibrated on training inputs (image
+                    classifiers: the task's `export.int8`)
+  processor files   as saved by the run's tokenizer (or image processor: the normalisation)
+  strop.json        the run's meta plus an "onnx" entry: files, input names and dynamic axes
   parity.json       ONNX vs PyTorch on held data, and quality/size/speed of every variant
   pruned/, student/ optional: model folders (strop.json inside) of the pruned and distilled models
 Options are all checked first (options.py). The folder is written as export.tmp/, removed on any failure, and
@@ -27,10 +30,10 @@ import torch
 
 from strop.compress.folders import replace_folder, tidy_leftovers
 from strop.compress.generation_export import export_generation
-from strop.compress.onnx import OnnxModel, export_onnx
+from strop.compress.onnx import OnnxModel, export_graph
 from strop.compress.options import ExportOptions, check_options, check_options_for_model
 from strop.compress.timing import latency_ms, throughput
-from strop.data.batching import Encoded
+from strop.data.batching import INPUT_NAMES, Encoded, collate_inputs
 from strop.errors import ExportError, RunError, StropError
 from strop.evaluate.evaluator import batched_logits
 from strop.models.classifier import META_FILE, save_model
@@ -59,33 +62,56 @@ def run_model_dir(run: str | Path) -> Path:
     return model
 
 
-def _data(run: Path, model_dir: Path, meta: dict, tokenizer, opts: ExportOptions, need_train: bool):
+def _data(run: Path, meta: dict, processor, opts: ExportOptions, need_train: tuple[str, str] | None):
     """(held Encoded, where it came from, train Encoded or None, train Examples or None); subword windows for
-    token classification."""
-    from strop.config import load_config
-
+    token classification. need_train: (what needs the training split, how to export without it), or None."""
     task = get_task(meta["task"])
     held = source = None
     if opts.data:
-        held, source = _held_file(opts.data, meta, tokenizer), str(opts.data)
+        held, source = _held_file(opts.data, meta, processor), str(opts.data)
     if held is not None and not need_train:
         return held, source, None, None
-    if not (run / "config.yaml").is_file():
-        raise RunError(f"{run} has no config.yaml, so its data is unknown; pass --data FILE (labelled held data)")
-    try:
-        cfg = load_config(run / "config.yaml")
-        ds = prepare_task_data(cfg)
-    except StropError as e:
-        raise type(e)(f"{e} (reading the data named in {run / 'config.yaml'}: run from the folder the run was "
-                      "trained in, or pass --data FILE)") from None
+    ds = _run_data(run, need_train)
     if held is None:
         split = "validation" if "validation" in ds.splits else "test" if "test" in ds.splits else None
         if split is None:
             raise ExportError(f"{run} has no validation or test split to check the export on; pass --data FILE")
-        held, source = task.encode(tokenizer, ds.splits[split], meta), f"{split} split of {run}/config.yaml"
+        held, source = task.encode(processor, ds.splits[split], meta), f"{split} split of {run}/config.yaml"
     if not need_train:
         return held, source, None, None
-    return held, source, task.encode(tokenizer, ds.splits["train"], meta), ds.splits["train"]
+    return held, source, task.encode(processor, ds.splits["train"], meta), ds.splits["train"]
+
+
+def _run_data(run: Path, need_train: tuple[str, str] | None):
+    """The Dataset the run's config.yaml names; errors say what needed it and how to do without."""
+    from strop.config import load_config
+
+    if need_train:
+        what, without = need_train
+        why, fix = f"{what} needs the run's training data", f"run from the folder the run was trained in, or {without}"
+    else:
+        why, fix = "the export is checked on the run's validation data", "run from the folder the run was trained " \
+            "in, or pass --data FILE (labelled held data)"
+    if not (run / "config.yaml").is_file():
+        raise RunError(f"{run} has no config.yaml, so its data is unknown and {why}; {fix}")
+    try:
+        return prepare_task_data(load_config(run / "config.yaml"))
+    except StropError as e:
+        raise type(e)(f"{e} (reading the data named in {run / 'config.yaml'}: {why}; {fix})") from None
+
+
+def train_need(opts: ExportOptions, task: Task) -> tuple[str, str] | None:
+    """(what needs the run's training split, how to export without it), or None when nothing does."""
+    if opts.distill > 0:
+        return "--distill (training the student)", "drop --distill"
+    if opts.prune is not None and opts.recover_epochs > 0:
+        return "--recover-epochs (fine-tuning the pruned model)", "drop --recover-epochs"
+    if opts.static_int8 and task.export.int8 != "static":
+        return "--static-int8 (calibration)", "drop --static-int8"
+    if opts.int8 and task.export.int8 == "static":
+        return (f"int8 export (static: activation ranges calibrated on {opts.calibration_size} training "
+                "examples)"), "export the fp32 model alone with --no-int8"
+    return None
 
 
 def _held_file(path: str, meta: dict, tokenizer) -> Encoded:
@@ -99,16 +125,23 @@ def per_token(task: Task) -> bool:
     return "sequence" in task.export.output_axes
 
 
-def logits_of(model, enc: Encoded, batch_size: int = 64, per_token: bool = False) -> np.ndarray:
+def logits_of(model, enc: Encoded, batch_size: int = 64, per_token: bool = False, collate=collate_inputs,
+              inputs: tuple[str, ...] = INPUT_NAMES) -> np.ndarray:
     """Logits in input order: (n, num_labels) float32 for one output per example; per_token: the logits of every
-    real (unpadded) subword of every window, windows in input order: (total tokens, num_labels)."""
+    real (unpadded) subword of every window, windows in input order: (total tokens, num_labels). `collate` and
+    `inputs`: the task's batches and model inputs (token ids by default)."""
     rows: list = [None] * len(enc)
-    for idx, logits, _ in batched_logits(model, enc, batch_size, CPU):
+    for idx, logits, _ in batched_logits(model, enc, batch_size, CPU, collate=collate, inputs=inputs):
         for row, i in enumerate(idx):
             rows[i] = logits[row, :enc.lengths[i]].numpy() if per_token else logits[row].numpy()
     if not rows:
         return np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(rows) if per_token else np.stack(rows)
+
+
+def task_logits(model, enc: Encoded, task: Task) -> np.ndarray:
+    """`logits_of` with the task's batches, inputs and output axes."""
+    return logits_of(model, enc, per_token=per_token(task), collate=task.collate, inputs=task.model_inputs)
 
 
 def file_mb(*paths: Path) -> float:
@@ -135,23 +168,27 @@ class Report:
     def add(self, name: str, model, size_mb: float, **extra) -> dict:
         m = self.meta
         metrics, _ = self.task.evaluate(model, self.held, m["labels"], 64, CPU, "fp32", m.get("threshold", 0.5))
-        logits = logits_of(model, self.held, per_token=per_token(self.task))
+        logits = task_logits(model, self.held, self.task)
         entry = {"metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                  self.metric: metrics[self.metric], "size_mb": size_mb,
                  "max_abs_logit_diff": float(np.abs(logits - self.reference).max()),
                  "agreement": self.task.agreement(logits, self.reference, m.get("threshold", 0.5)), **extra}
         if self.opts.timing:
-            lat = latency_ms(model, self.held, self.opts.timing_examples)
+            batches = {"collate": self.task.collate, "inputs": self.task.model_inputs}
+            lat = latency_ms(model, self.held, self.opts.timing_examples, **batches)
             entry.update(latency_ms_p50=lat["p50"], latency_ms_p95=lat["p95"],
-                         throughput_bs32=throughput(model, self.held, 32, 4 * self.opts.timing_examples))
+                         throughput_bs32=throughput(model, self.held, 32, 4 * self.opts.timing_examples, **batches))
         self.variants[name] = entry
         return entry
 
     def ratios(self) -> None:
-        """Each variant's quality change and speed-up relative to the PyTorch fp32 original."""
+        """Each variant's quality change (the primary metric's, and every metric's in `metric_changes`) and speed-up
+        relative to the PyTorch fp32 original."""
         base = self.variants["torch_fp32"]
         for entry in self.variants.values():
             entry[f"{self.metric}_change"] = entry[self.metric] - base[self.metric]
+            entry["metric_changes"] = {k: v - base["metrics"][k] for k, v in entry["metrics"].items()
+                                       if isinstance(v, float) and k in base["metrics"]}  # not counts (n)
             entry["size_ratio"] = entry["size_mb"] / base["size_mb"]
             if "latency_ms_p50" in entry:
                 entry["latency_p50_ratio"] = entry["latency_ms_p50"] / base["latency_ms_p50"]
@@ -178,8 +215,7 @@ def export_run(run: str | Path, opts: ExportOptions | None = None, log=print) ->
     check_options_for_model(opts, teacher, meta, task, run_dir)
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    need_train = opts.static_int8 or opts.distill > 0 or (opts.prune is not None and opts.recover_epochs > 0)
-    held, source, train_enc, train_examples = _data(run_dir, model_dir, meta, tokenizer, opts, need_train)
+    held, source, train_enc, train_examples = _data(run_dir, meta, tokenizer, opts, train_need(opts, task))
     log(f"checking on {len(held)} held examples ({source})")
 
     tmp, final = run_dir / "export.tmp", run_dir / "export"
@@ -217,16 +253,17 @@ def _export_into(tmp: Path, run_dir: Path, model_dir: Path, teacher, tokenizer, 
     RUN/export.failed/ and raises ExportError."""
     started = time.perf_counter()
     task = get_task(meta["task"])
-    reference = logits_of(teacher, held, per_token=per_token(task))
+    reference = task_logits(teacher, held, task)
     report = Report(held, meta, reference, opts)
     parity = {"run": str(run_dir), "task": meta["task"], "held_data": {"source": source, "examples": len(held)},
               "adapter": adapter_entry(meta), "tolerance": opts.tolerance,
               "primary_metric": report.metric, "threads": torch.get_num_threads()}
 
     log("exporting ONNX (fp32) ...")
-    names = export_onnx(teacher, tokenizer, tmp / "model.onnx", meta["max_length"])
+    inputs = task.onnx_inputs(tokenizer, meta)
+    names = export_graph(teacher, inputs, tmp / "model.onnx")
     onnx_fp32 = OnnxModel(tmp / "model.onnx", opts.threads)
-    exported = logits_of(onnx_fp32, held, per_token=per_token(task))
+    exported = task_logits(onnx_fp32, held, task)
     diff = np.abs(exported - reference)
     parity["onnx"] = {"max_abs_logit_diff": float(diff.max()), "mean_abs_logit_diff": float(diff.mean()),
                       "prediction_agreement": task.agreement(exported, reference, meta.get("threshold", 0.5)),
@@ -245,7 +282,7 @@ def _export_into(tmp: Path, run_dir: Path, model_dir: Path, teacher, tokenizer, 
     report.add("onnx_fp32", onnx_fp32, file_mb(tmp / "model.onnx"))
     files = {"fp32": "model.onnx"}
     if opts.int8:
-        files.update(_int8_variants(report, teacher, tmp, names, train_enc if opts.static_int8 else None, opts, log))
+        files.update(_int8_variants(report, teacher, tmp, names, train_enc, opts, log))
     if opts.prune:
         _pruned_variant(report, teacher, tokenizer, meta, tmp, train_enc, run_dir, opts, log)
     if opts.distill:
@@ -264,7 +301,7 @@ def _export_into(tmp: Path, run_dir: Path, model_dir: Path, teacher, tokenizer, 
     tokenizer.save_pretrained(str(tmp))
     _write_json(tmp / META_FILE, {**meta, "onnx": {"files": files, "inputs": list(names), "output": "logits",
                                                    "opset": _opset(tmp / "model.onnx"),
-                                                   "dynamic_axes": ["batch", "sequence"]},
+                                                   "dynamic_axes": inputs.axis_names()},
                                   "source_run": str(run_dir), "adapter_merged": parity["adapter"]["merged"]})
     _write_json(tmp / "parity.json", parity)
     return parity
@@ -293,12 +330,14 @@ def _int8_variants(report: Report, teacher, tmp: Path, names, train_enc, opts: E
         torch_dynamic_int8,
     )
 
+    if report.task.export.int8 == "static":
+        return _static_int8(report, tmp, names, train_enc, opts, log)
     log("quantising: ONNX Runtime dynamic int8 ...")
     settings = quantize_onnx_dynamic(tmp / "model.onnx", tmp / "model.int8.onnx")
     report.add("onnx_int8", OnnxModel(tmp / "model.int8.onnx", opts.threads), file_mb(tmp / "model.int8.onnx"),
                quantization=settings)
     files = {"int8": "model.int8.onnx"}
-    if train_enc is not None:
+    if opts.static_int8:
         log(f"quantising: ONNX Runtime static int8 (calibration: {opts.calibration_size} training examples) ...")
         quantize_onnx_static(tmp / "model.onnx", tmp / "model.static-int8.onnx", train_enc, list(names),
                              opts.calibration_size)
@@ -310,6 +349,21 @@ def _int8_variants(report: Report, teacher, tmp: Path, names, train_enc, opts: E
     report.add("torch_int8", q, torch_size_mb(q), note="not saved: PyTorch int8 modules do not load with "
                "from_pretrained; measured for comparison")
     return files
+
+
+def _static_int8(report: Report, tmp: Path, names, train_enc, opts: ExportOptions, log) -> dict:
+    """model.int8.onnx of a task whose int8 is static (CNNs): weights and activations in int8, activation ranges
+    from training inputs batched as evaluation batches them (normalised, not augmented). No PyTorch int8 variant:
+    torch's dynamic int8 covers nn.Linear only, a CNN's head alone."""
+    from strop.compress.quantize import STATIC_INT8_CONV, quantize_onnx_static
+
+    n = min(opts.calibration_size, len(train_enc))
+    log(f"quantising: ONNX Runtime static int8 (QDQ; calibration: {n} training examples) ...")
+    settings = quantize_onnx_static(tmp / "model.onnx", tmp / "model.int8.onnx", train_enc, list(names),
+                                    opts.calibration_size, collate=report.task.collate, settings=STATIC_INT8_CONV)
+    report.add("onnx_int8", OnnxModel(tmp / "model.int8.onnx", opts.threads), file_mb(tmp / "model.int8.onnx"),
+               quantization=settings)
+    return {"int8": "model.int8.onnx"}
 
 
 def _variant_cfg(run_dir: Path, epochs: float, lr: float | None):
