@@ -76,7 +76,8 @@ def test_every_task_implements_the_protocol():
     for name, task in TASKS.items():
         assert task.name == name and task.metrics and task.metrics[-1] == "loss" and task.primary_metric != "loss"
         assert task.description and set(task.modes) >= {"standard"}
-        assert task.export is None or task.export.inputs[:2] == ("input_ids", "attention_mask")
+        assert task.export is None or set(task.export.inputs) <= set(task.model_inputs)  # what collate gives
+        assert task.export is None or task.export.int8 in ("dynamic", "static")
         assert task.export is not None or task.export_refusal
         for method in ("prepare", "encode", "collate", "build_model", "load_model", "loss", "evaluate", "meta",
                        "predictor"):
