@@ -354,10 +354,10 @@ def _print_explanation(console, ex) -> None:
 @app.command()
 def export(
     run: Path = typer.Argument(..., help="finished run folder (runs/<name>); writes RUN/export/"),
-    int8: bool = typer.Option(True, "--int8/--no-int8", help="ONNX Runtime and PyTorch dynamic int8 (image runs: "
-                              "ONNX static int8, calibrated on training images)"),
-    static_int8: bool = typer.Option(False, "--static-int8", help="also ONNX static int8, calibrated on training data "
-                                     "(image runs: their int8 is static already)"),
+    int8: bool = typer.Option(True, "--int8/--no-int8", help="ONNX Runtime and PyTorch dynamic int8 "
+                              "(image runs: ONNX static int8, calibrated on training images)"),
+    static_int8: bool = typer.Option(False, "--static-int8", help="also ONNX static int8, calibrated on "
+                                     "training data (image runs: their int8 is static already)"),
     prune: Optional[str] = typer.Option(None, "--prune", help="magnitude=S (unstructured) and/or heads=F,ffn=F "
                                         "(structured: removes that share of heads / FFN neurons in every layer)"),
     recover_epochs: float = typer.Option(0.0, min=0, help="fine-tune the pruned model this many epochs"),
@@ -379,10 +379,11 @@ def export(
 
     Example: strop export runs/sst2 --prune heads=0.25,ffn=0.5 --recover-epochs 1 --distill 3
     Token-classification (NER) runs export ONNX fp32 + int8 with per-token parity (no --prune / --distill).
-    Image-classification runs export model.onnx (input pixel_values: batch x 3 x size x size, normalised; dynamic
-    batch) with the same parity check, and model.int8.onnx: static int8 calibrated on 256 of the run's training
-    images (normalised, not augmented), so the run's data must be readable (else --no-int8); parity.json gives the
-    int8 model's accuracy and AUC change. --data takes a folder, table or .npz of labelled images.
+    Image-classification runs export model.onnx (input pixel_values: batch x 3 x size x size, normalised;
+    dynamic batch) with the same parity check, and model.int8.onnx: static int8 calibrated on 256 of the
+    run's training images (normalised, not augmented), so the run's data must be readable (else --no-int8);
+    parity.json gives the int8 model's accuracy and AUC change. --data takes labelled images (folder, table,
+    .npz).
     Generation runs export RUN/export/model.gguf (llama.cpp / Ollama; chat template inside), its greedy answers
     compared with the run's model on held prompts; RUN/model/ is already the merged Hugging Face model.
     """

@@ -4,11 +4,11 @@ optional pruned and distilled variants; every artifact is measured against the o
 RUN/export/ (a contract with `strop serve`, which loads it with onnxruntime):
   model.onnx        fp32; the inputs the task names (`Task.onnx_inputs`): int64 input_ids, attention_mask
                     (+ token_type_ids when the tokenizer makes them), axes (batch, sequence), or float32
-                    pixel_values (batch, 3, size, size) of images normalised as in training; output `logits`
-                    (batch, num_labels), or (batch, sequence, num_labels) for token classification (parity then
-                    compares every real subword's logits)
-  model.int8.onnx   ONNX Runtime dynamic int8 (transformers), or static int8 calibrated on training inputs (image
-                    classifiers: the task's `export.int8`)
+                    pixel_values (batch, 3, size, size) of images normalised as in training; output
+                    `logits` (batch, num_labels), or (batch, sequence, num_labels) for token classification
+                    (parity then compares every real subword's logits)
+  model.int8.onnx   ONNX Runtime dynamic int8 (transformers), or static int8 calibrated on training inputs
+                    (image classifiers: the task's `export.int8`)
   processor files   as saved by the run's tokenizer (or image processor: the normalisation)
   strop.json        the run's meta plus an "onnx" entry: files, input names and dynamic axes
   parity.json       ONNX vs PyTorch on held data, and quality/size/speed of every variant
@@ -86,12 +86,12 @@ def _run_data(run: Path, need_train: tuple[str, str] | None):
     """The Dataset the run's config.yaml names; errors say what needed it and how to do without."""
     from strop.config import load_config
 
+    where = "run from the folder the run was trained in"
     if need_train:
         what, without = need_train
-        why, fix = f"{what} needs the run's training data", f"run from the folder the run was trained in, or {without}"
+        why, fix = f"{what} needs the run's training data", f"{where}, or {without}"
     else:
-        why, fix = "the export is checked on the run's validation data", "run from the folder the run was trained " \
-            "in, or pass --data FILE (labelled held data)"
+        why, fix = "the export is checked on its validation data", f"{where}, or pass --data FILE (labelled)"
     if not (run / "config.yaml").is_file():
         raise RunError(f"{run} has no config.yaml, so its data is unknown and {why}; {fix}")
     try:
@@ -128,8 +128,8 @@ def per_token(task: Task) -> bool:
 def logits_of(model, enc: Encoded, batch_size: int = 64, per_token: bool = False, collate=collate_inputs,
               inputs: tuple[str, ...] = INPUT_NAMES) -> np.ndarray:
     """Logits in input order: (n, num_labels) float32 for one output per example; per_token: the logits of every
-    real (unpadded) subword of every window, windows in input order: (total tokens, num_labels). `collate` and
-    `inputs`: the task's batches and model inputs (token ids by default)."""
+    real (unpadded) subword of every window, windows in input order: (total tokens, num_labels). `collate`
+    and `inputs`: the task's batches and model inputs (token ids by default)."""
     rows: list = [None] * len(enc)
     for idx, logits, _ in batched_logits(model, enc, batch_size, CPU, collate=collate, inputs=inputs):
         for row, i in enumerate(idx):
@@ -176,14 +176,14 @@ class Report:
         if self.opts.timing:
             batches = {"collate": self.task.collate, "inputs": self.task.model_inputs}
             lat = latency_ms(model, self.held, self.opts.timing_examples, **batches)
-            entry.update(latency_ms_p50=lat["p50"], latency_ms_p95=lat["p95"],
-                         throughput_bs32=throughput(model, self.held, 32, 4 * self.opts.timing_examples, **batches))
+            speed = throughput(model, self.held, 32, 4 * self.opts.timing_examples, **batches)
+            entry.update(latency_ms_p50=lat["p50"], latency_ms_p95=lat["p95"], throughput_bs32=speed)
         self.variants[name] = entry
         return entry
 
     def ratios(self) -> None:
-        """Each variant's quality change (the primary metric's, and every metric's in `metric_changes`) and speed-up
-        relative to the PyTorch fp32 original."""
+        """Each variant's quality change (the primary metric's, and every metric's in `metric_changes`) and
+        speed-up relative to the PyTorch fp32 original."""
         base = self.variants["torch_fp32"]
         for entry in self.variants.values():
             entry[f"{self.metric}_change"] = entry[self.metric] - base[self.metric]
@@ -352,17 +352,17 @@ def _int8_variants(report: Report, teacher, tmp: Path, names, train_enc, opts: E
 
 
 def _static_int8(report: Report, tmp: Path, names, train_enc, opts: ExportOptions, log) -> dict:
-    """model.int8.onnx of a task whose int8 is static (CNNs): weights and activations in int8, activation ranges
-    from training inputs batched as evaluation batches them (normalised, not augmented). No PyTorch int8 variant:
-    torch's dynamic int8 covers nn.Linear only, a CNN's head alone."""
+    """model.int8.onnx of a task whose int8 is static (CNNs): weights and activations in int8, activation
+    ranges from training inputs batched as evaluation batches them (normalised, not augmented). No PyTorch
+    int8 variant: torch's dynamic int8 covers nn.Linear only, a CNN's head alone."""
     from strop.compress.quantize import STATIC_INT8_CONV, quantize_onnx_static
 
     n = min(opts.calibration_size, len(train_enc))
     log(f"quantising: ONNX Runtime static int8 (QDQ; calibration: {n} training examples) ...")
-    settings = quantize_onnx_static(tmp / "model.onnx", tmp / "model.int8.onnx", train_enc, list(names),
-                                    opts.calibration_size, collate=report.task.collate, settings=STATIC_INT8_CONV)
-    report.add("onnx_int8", OnnxModel(tmp / "model.int8.onnx", opts.threads), file_mb(tmp / "model.int8.onnx"),
-               quantization=settings)
+    path = tmp / "model.int8.onnx"
+    settings = quantize_onnx_static(tmp / "model.onnx", path, train_enc, list(names), opts.calibration_size,
+                                    collate=report.task.collate, settings=STATIC_INT8_CONV)
+    report.add("onnx_int8", OnnxModel(path, opts.threads), file_mb(path), quantization=settings)
     return {"int8": "model.int8.onnx"}
 
 

@@ -1,11 +1,11 @@
-"""ONNX export (a dynamic batch axis, and a dynamic sequence axis for texts) and an ONNX Runtime model that plugs
-into strop's evaluation.
+"""ONNX export (a dynamic batch axis, and a dynamic sequence axis for texts) and an ONNX Runtime model that
+plugs into strop's evaluation.
 
-`export_graph` traces any model that takes named tensors and returns `.logits`; what the inputs are (their names,
+`export_graph` traces any model that takes named tensors and returns `.logits`; what the inputs are (names,
 an example of each, which axes vary) is the task's (`Task.onnx_inputs`: `text_inputs` for token ids,
 `image_inputs` for pixels). `OnnxModel` behaves like the PyTorch models where strop uses them
-(`model(**inputs).logits`, `.eval()`, `.train()`, `.to()`), so `evaluate`, `batched_logits` and the predictors run
-an exported model unchanged.
+(`model(**inputs).logits`, `.eval()`, `.train()`, `.to()`), so `evaluate`, `batched_logits` and the
+predictors run an exported model unchanged.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ def onnxruntime():
 
 @dataclass
 class OnnxInputs:
-    """What an export traces the model with: an example tensor per input name (in the graph's input order) and the
-    axes of each that vary at run time ({axis index: torch.export.Dim}); every other axis is fixed to the example's
-    size."""
+    """What an export traces the model with: an example tensor per input name (in the graph's input order)
+    and the axes of each that vary at run time ({axis index: torch.export.Dim}); every other axis is fixed to
+    the example's size."""
 
     example: dict[str, torch.Tensor]
     dynamic: dict[str, dict[int, object]]
@@ -61,8 +61,8 @@ class OnnxInputs:
 
 
 class LogitsOnly(nn.Module):
-    """Wraps a model so the traced graph takes the tensors `names` (positionally, in that order) and returns only
-    logits: (batch, num_labels), or (batch, sequence, num_labels) for a token classifier."""
+    """Wraps a model so the traced graph takes the tensors `names` (positionally, in that order) and returns
+    only logits: (batch, num_labels), or (batch, sequence, num_labels) for a token classifier."""
 
     def __init__(self, model: nn.Module, names: tuple[str, ...]):
         super().__init__()
@@ -99,21 +99,22 @@ def text_inputs(tokenizer, max_length: int = 512) -> OnnxInputs:
 
 
 def image_inputs(size: int, channels: int = 3) -> OnnxInputs:
-    """float32 `pixel_values` (batch, channels, size, size), normalised as training batches are; only the batch
-    axis varies (predictors resize every image to the run's size, and fixed spatial shapes let ONNX Runtime fold
-    the padding arithmetic of strided convolutions into constants)."""
+    """float32 `pixel_values` (batch, channels, size, size), normalised as training batches are. Only the
+    batch axis varies: predictors resize every image to the run's size, so no other size reaches the graph,
+    and fixed sizes let the exporter turn the "SAME" padding of strided convolutions into constants."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     return OnnxInputs({"pixel_values": torch.zeros(2, channels, size, size)}, {"pixel_values": {0: batch}})
 
 
 def export_onnx(model: nn.Module, tokenizer, path: Path, max_length: int = 512) -> tuple[str, ...]:
-    """A text model to ONNX (fp32): int64 inputs with axes (batch, sequence), output `logits`. Returns the input
-    names."""
+    """A text model to ONNX (fp32): int64 inputs with axes (batch, sequence), output `logits`. Returns the
+    input names."""
     return export_graph(model, text_inputs(tokenizer, max_length), path)
 
 
 def export_graph(model: nn.Module, inputs: OnnxInputs, path: Path) -> tuple[str, ...]:
-    """Write `model` to `path` as ONNX (fp32): the inputs `inputs` names, with its dynamic axes; output `logits`.
+    """Write `model` to `path` as ONNX (fp32): the inputs `inputs` names, with its dynamic axes; output
+    `logits`.
 
     Uses torch's torch.export-based exporter (`dynamo=True`, torch's default since 2.9): the TorchScript tracer gives
     logits off by ~1e-2 on padded batches with transformers 5's masking code. Returns the input names.
@@ -133,26 +134,26 @@ def export_graph(model: nn.Module, inputs: OnnxInputs, path: Path) -> tuple[str,
         with warnings.catch_warnings(), torch.no_grad(), first_token_only(model):
             warnings.simplefilter("ignore")
             # LogitsOnly takes *inputs, so torch.export wants the dynamic axes under that parameter's name
+            dynamic = {"inputs": tuple(inputs.dynamic.get(n, {}) for n in names)}
             torch.onnx.export(wrapper, tuple(inputs.example.values()), str(path), input_names=list(names),
-                              output_names=["logits"], dynamic_shapes={"inputs": tuple(inputs.dynamic.get(n, {})
-                                                                                       for n in names)},
-                              dynamo=True, external_data=False, opset_version=OPSET, verbose=False)
+                              output_names=["logits"], dynamic_shapes=dynamic, dynamo=True,
+                              external_data=False, opset_version=OPSET, verbose=False)
     except Exception as e:  # the exporter raises many types; all mean this architecture did not export
         arch = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise ExportError(f"architecture {arch!r} could not be exported to ONNX by torch {torch.__version__} "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); export supports the models "
-                          "torch.export can trace (BERT, RoBERTa, DistilBERT, ELECTRA, EfficientNet-Lite, "
-                          "...)") from None
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); export supports the "
+                          "models torch.export can trace (BERT, RoBERTa, DistilBERT, ELECTRA, "
+                          "EfficientNet-Lite, ...)") from None
     return names
 
 
 class OnnxModel:
     """An ONNX Runtime session with the calling convention of strop's PyTorch models.
 
-    model(**inputs) -> Output with logits float32: (batch, num_labels), or (batch, sequence, num_labels) for token
-    classification. `inputs` are the graph's input tensors by name, or positionally in the graph's order
-    (input_ids, attention_mask, token_type_ids: (batch, sequence) integers; pixel_values: (batch, channels, H, W)
-    floats), each passed to ONNX Runtime in the graph's dtype.
+    model(**inputs) -> Output with logits float32: (batch, num_labels), or (batch, sequence, num_labels) for
+    token classification. `inputs` are the graph's input tensors by name, or positionally in the graph's
+    order (input_ids, attention_mask, token_type_ids: (batch, sequence) integers; pixel_values:
+    (batch, channels, H, W) floats), each passed to ONNX Runtime in the graph's dtype.
     """
 
     def __init__(self, path: str | Path, threads: int = 0):
@@ -171,7 +172,8 @@ class OnnxModel:
             raise ExportError(f"onnxruntime cannot load {path} ({e}); export the run again") from None
         self.path = path
         self.input_names = [i.name for i in self.session.get_inputs()]
-        self.input_dtypes = {i.name: ONNX_DTYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
+        self.input_dtypes = {i.name: ONNX_DTYPES.get(i.type, np.float32)
+                             for i in self.session.get_inputs()}
         self.training = False
 
     def __call__(self, *args: torch.Tensor | None, **inputs: torch.Tensor | None) -> Output:
@@ -183,7 +185,8 @@ class OnnxModel:
             elif name == "token_type_ids" and "input_ids" in feed:  # single texts: every segment id is 0
                 feed[name] = np.zeros_like(feed["input_ids"])
             else:
-                raise ExportError(f"{self.path} takes {self.input_names}; got {sorted(inputs)} (no {name!r})")
+                raise ExportError(f"{self.path} takes {self.input_names}; got {sorted(inputs)} "
+                                  f"(no {name!r})")
         return Output(torch.from_numpy(self.session.run(["logits"], feed)[0]))
 
     def eval(self) -> OnnxModel:
@@ -210,8 +213,8 @@ def export_file_of(path: str | Path) -> Path | None:
 
 
 def load_export(onnx_path: Path, threads: int = 0) -> tuple[OnnxModel, dict]:
-    """(OnnxModel, meta) of an export folder written by `strop export`; the processor saved beside it (tokenizer,
-    image normalisation) is the task's to load (`Task.load_processor`)."""
+    """(OnnxModel, meta) of an export folder written by `strop export`; the processor saved beside it
+    (tokenizer, image normalisation) is the task's to load (`Task.load_processor`)."""
     from strop.models.classifier import read_meta
 
     folder = onnx_path.parent

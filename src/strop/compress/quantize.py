@@ -1,8 +1,8 @@
 """int8 quantisation: ONNX Runtime dynamic and static (calibrated) int8, and PyTorch dynamic int8.
 
 Dynamic int8 stores Linear/MatMul weights as int8 and quantises activations per batch at run time (VNNI kernels on
-CPUs that have them); static int8 also fixes activation ranges from a calibration set drawn from training data
-(transformers: `strop export --static-int8`; CNNs: their model.int8.onnx, STATIC_INT8_CONV).
+CPUs that have them); static int8 also fixes activation ranges from a calibration set drawn from training
+data (transformers: `strop export --static-int8`; CNNs: their model.int8.onnx, STATIC_INT8_CONV).
 """
 
 from __future__ import annotations
@@ -33,21 +33,21 @@ from strop.errors import ExportError
 DYNAMIC_INT8 = {"weight_type": "QInt8", "activation_type": "QUInt8", "per_channel": True, "reduce_range": False,
                 "op_types_to_quantize": ["MatMul"],
                 "kept_fp32": "embeddings (Gather), LayerNorm, attention scores (activation x activation MatMul)"}
-# ONNX Runtime static int8 of transformers (strop export --static-int8): the projections only, as dynamic int8
+# ONNX Runtime static int8 of transformers (strop export --static-int8): the projections only, as dynamic
 STATIC_INT8 = {"format": "QDQ", "weight_type": "QInt8", "activation_type": "QUInt8", "per_channel": True,
                "op_types_to_quantize": ["MatMul", "Gemm"], "calibration": "MinMax"}
-# ... and of CNNs (image classifiers' model.int8.onnx), chosen on EfficientNet-Lite0 BreastMNIST runs (224 and 112
-# px, 156 test images, 256 calibration images, one thread; DECISIONS.md):
-# - static, not dynamic: ORT's dynamic int8 runs convolutions as ConvInteger, 7x slower than fp32 at 224 px, and lost
-#   15 points of accuracy.
+# ... and of CNNs (image classifiers' model.int8.onnx), chosen on EfficientNet-Lite0 BreastMNIST runs (224
+# and 112 px, 156 test images, 256 calibration images, one thread; DECISIONS.md):
+# - static, not dynamic: ORT's dynamic int8 runs convolutions as ConvInteger, 7x slower than fp32 at 224 px,
+#   and lost 15 points of accuracy.
 # - QDQ, not QOperator: the same predictions (identical logits), throughput at batch 32 1.1-1.2x QOperator's.
-# - every op ORT quantises (None), not Conv/Gemm alone: with the ReLU6 (Clip) and Add nodes quantised too, each
-#   convolution's output range is the activation's; Conv/Gemm alone agreed with fp32 on 78-82% of images, all ops
-#   on 96-97% (accuracy -0.6 / +0.6 points, AUC -1.7 / +0.2), 1.7-1.8x fp32's speed.
+# - every op ORT quantises (None), not Conv/Gemm alone: with the ReLU6 (Clip) and Add nodes quantised too,
+#   each convolution's output range is the activation's; Conv/Gemm alone agreed with fp32 on 78-82% of
+#   images, all ops on 96-97% (accuracy -0.6 / +0.6 points, AUC -1.7 / +0.2), 1.7-1.8x fp32's speed.
 # - per-channel weights: per-tensor agreed on 86%. u8 activations: s8 gave the same predictions 4x slower.
 #   Percentile calibration agreed on 98% at 224 px but took 8x MinMax's time; entropy equalled MinMax.
-STATIC_INT8_CONV = {"format": "QDQ", "weight_type": "QInt8", "activation_type": "QUInt8", "per_channel": True,
-                    "op_types_to_quantize": None, "calibration": "MinMax"}
+STATIC_INT8_CONV = {"format": "QDQ", "weight_type": "QInt8", "activation_type": "QUInt8",
+                    "per_channel": True, "op_types_to_quantize": None, "calibration": "MinMax"}
 
 
 def quantize_onnx_dynamic(src: Path, dst: Path) -> dict:
@@ -67,10 +67,10 @@ def quantize_onnx_dynamic(src: Path, dst: Path) -> dict:
 def quantize_onnx_static(src: Path, dst: Path, calibration: Encoded, input_names: list[str], n: int = 256,
                          batch_size: int = 16, seed: int = 0, collate=collate_inputs,
                          settings: dict = STATIC_INT8) -> dict:
-    """int8 weights and activations (`settings`: STATIC_INT8 or STATIC_INT8_CONV), activation ranges calibrated on
-    `n` examples of `calibration` drawn with `seed`; `collate(enc, idx)` builds their batches as evaluation does
-    (the task's collate without an rng: images normalised, never augmented). Returns the settings used and the
-    number of calibration examples (recorded in parity.json)."""
+    """int8 weights and activations (`settings`: STATIC_INT8 or STATIC_INT8_CONV), activation ranges
+    calibrated on `n` examples of `calibration` drawn with `seed`; `collate(enc, idx)` builds their batches
+    as evaluation does (the task's collate without an rng: images normalised, never augmented). Returns the
+    settings used and the number of calibration examples (recorded in parity.json)."""
     onnxruntime()
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)

@@ -1,8 +1,8 @@
 """Speed of a model on real inputs: latency at batch 1 (p50/p95) and throughput at a larger batch.
 
-Both time `model(**inputs)` only (tokenisation, image decoding and batching excluded) on the first examples of a
-split in input order, so every variant sees the same inputs. Batches are token ids by default; pass the task's
-`collate` and model `inputs` for others (images). Works for PyTorch models and `OnnxModel`.
+Both time `model(**inputs)` only (tokenisation, image decoding and batching excluded) on the first examples
+of a split in input order, so every variant sees the same inputs. Batches are token ids by default; pass the
+task's `collate` and model `inputs` for others (images). Works for PyTorch models and `OnnxModel`.
 """
 
 from __future__ import annotations
@@ -46,12 +46,13 @@ def latency_ms(model, enc: Encoded, n: int = 100, warmup: int = 10, collate=coll
 
 
 @torch.inference_mode()
-def throughput(model, enc: Encoded, batch_size: int = 32, n: int = 512, warmup: int = 1, collate=collate_inputs,
-               inputs: tuple[str, ...] = INPUT_NAMES) -> float:
+def throughput(model, enc: Encoded, batch_size: int = 32, n: int = 512, warmup: int = 1,
+               collate=collate_inputs, inputs: tuple[str, ...] = INPUT_NAMES) -> float:
     """Examples per second at `batch_size` over the first `n` examples (each batch padded to its longest)."""
     model.eval()
     n = min(n, len(enc))
-    batches = [model_batch(enc, range(i, min(i + batch_size, n)), collate, inputs) for i in range(0, n, batch_size)]
+    batches = [model_batch(enc, range(i, min(i + batch_size, n)), collate, inputs)
+               for i in range(0, n, batch_size)]
     for b in batches[:warmup]:
         model(**b)
     start = time.perf_counter()

@@ -32,9 +32,9 @@ class ExportSignature:
 
     inputs: tuple[str, ...]
     output_axes: tuple[str, ...]  # ("batch", "labels") or ("batch", "sequence", "labels")
-    # model.int8.onnx: "dynamic" (int8 weights of the MatMuls, activations quantised per batch: transformers) or
-    # "static" (weights and activations, ranges calibrated on training inputs: CNNs, whose convolutions ONNX
-    # Runtime's dynamic int8 runs slower than fp32)
+    # model.int8.onnx: "dynamic" (int8 weights of the MatMuls, activations quantised per batch: transformers)
+    # or "static" (weights and activations, ranges calibrated on training inputs: CNNs, whose convolutions
+    # ONNX Runtime's dynamic int8 runs slower than fp32)
     int8: str = "dynamic"
 
 
