@@ -114,6 +114,22 @@ def test_predict_and_eval_through_the_export_give_the_runs_results(exported, ima
     assert max(abs(float(a["score"]) - float(b["score"])) for a, b in zip(ours, theirs)) < 1e-5
 
 
+def test_serve_loads_the_export_with_its_image_processor(exported, image_splits):
+    from PIL import Image
+
+    from strop.serve.backend import load_model_for_serving
+
+    run, _ = exported
+    loaded = load_model_for_serving(run.run_dir, backend="onnx", onnx_file="model.onnx")
+    assert loaded.backend == "onnx" and loaded.precision == "fp32"
+    images = [np.asarray(Image.open(p)) for p in sorted(image_splits["test"].rglob("*.png"))[:6]]
+    served = loaded.predictor.predict_inputs(images)  # what serve's batcher calls with decoded uploads
+    ours = strop.load(run.run_dir).predict(images)
+    assert [p["label"] for p in served] == [p["label"] for p in ours]
+    # fp32 graph: probabilities within 1e-5 of the run's, as test_onnx_probabilities_equal_the_runs
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(served, ours)) < 1e-5
+
+
 def test_int8_without_the_training_images_exits_2_and_writes_nothing(exported, image_splits, tmp_path,
                                                                       capsys):
     run, _ = exported

@@ -3,8 +3,9 @@
 The ONNX backend wraps an ONNX Runtime session in a parameter-free torch module that returns the same `.logits`
 as the torch model, so tokenisation, batching and output formatting stay Predictor's (one code path, parity-tested).
 Export folder layout (written by `strop export`): model.onnx (fp32; int64 inputs input_ids, attention_mask and
-token_type_ids when the model uses them; dynamic batch/sequence axes; output `logits`), model.int8.onnx, the
-tokenizer files and strop.json (the run's meta).
+token_type_ids when the model uses them, dynamic batch/sequence axes, or float32 pixel_values with a dynamic
+batch axis; output `logits`), model.int8.onnx, the processor files (tokenizer, or image normalisation) and
+strop.json (the run's meta).
 """
 
 from __future__ import annotations
@@ -26,17 +27,19 @@ from strop.tasks import get_task, load_predictor
 
 
 class OnnxLogits(nn.Module):
-    """An ONNX Runtime session as a torch module: forward(input_ids, attention_mask[, token_type_ids]) ->
-    Output(logits float32: (batch, num_labels), or (batch, sequence, num_labels) for token classification)."""
+    """An ONNX Runtime session as a torch module: forward(**the graph's inputs) (input_ids, attention_mask
+    [, token_type_ids], or pixel_values; positionally in the graph's order too) -> Output(logits float32:
+    (batch, num_labels), or (batch, sequence, num_labels) for token classification)."""
 
     def __init__(self, session):
         super().__init__()
         self.session = session
         self.input_names = [i.name for i in session.get_inputs()]
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> Output:
-        given = {"input_ids": input_ids, "attention_mask": attention_mask,
-                 "token_type_ids": token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)}
+    def forward(self, *args, **given) -> Output:
+        given = {**dict(zip(self.input_names, args)), **given}
+        if given.get("token_type_ids") is None and "input_ids" in given:  # single texts: segment ids all 0
+            given["token_type_ids"] = torch.zeros_like(given["input_ids"])
         feed = {name: given[name].cpu().numpy() for name in self.input_names}
         (logits,) = self.session.run(["logits"], feed)
         return Output(torch.from_numpy(logits))
@@ -62,7 +65,6 @@ def onnx_predictor(path: Path, onnx_file: str | None, threads: int) -> tuple[Pre
         import onnxruntime as ort
     except ImportError:
         raise ModelError("--backend onnx needs ONNX Runtime: pip install 'strop[serve]'") from None
-    from strop.models.backbone import load_tokenizer
 
     folder = find_export(path)
     name = onnx_file or ("model.int8.onnx" if (folder / "model.int8.onnx").is_file() else "model.onnx")
@@ -82,7 +84,8 @@ def onnx_predictor(path: Path, onnx_file: str | None, threads: int) -> tuple[Pre
                          " re-export it with `strop export`")
     meta = read_meta(folder)
     task = get_task(meta["task"])
-    return task.predictor(OnnxLogits(session), load_tokenizer(folder), meta, torch.device("cpu")), file
+    processor = task.load_processor(folder)  # saved beside the graph: tokenizer, image normalisation
+    return task.predictor(OnnxLogits(session), processor, meta, torch.device("cpu")), file
 
 
 @dataclass
