@@ -37,7 +37,7 @@ DYNAMIC_INT8 = {"weight_type": "QInt8", "activation_type": "QUInt8", "per_channe
 STATIC_INT8 = {"format": "QDQ", "weight_type": "QInt8", "activation_type": "QUInt8", "per_channel": True,
                "op_types_to_quantize": ["MatMul", "Gemm"], "calibration": "MinMax"}
 # ... and of CNNs (image classifiers' model.int8.onnx), chosen on EfficientNet-Lite0 BreastMNIST runs (224
-# and 112 px, 156 test images, 256 calibration images, one thread; DECISIONS.md):
+# and 112 px, 156 test images, 256 calibration images, one thread; bench/int8_images.py, DECISIONS.md):
 # - static, not dynamic: ORT's dynamic int8 runs convolutions as ConvInteger, 7x slower than fp32 at 224 px,
 #   and lost 15 points of accuracy.
 # - QDQ, not QOperator: the same predictions (identical logits), throughput at batch 32 1.1-1.2x QOperator's.
