@@ -53,6 +53,19 @@ def toy_rows(n: int, seed: int, pairs: bool = False) -> list[dict]:
     return rows
 
 
+def toy_documents(n: int, seed: int) -> list[str]:
+    """Unlabelled documents (masked-LM pretraining): a few toy texts each, and a word of 6 subwords."""
+    rng = random.Random(seed)
+    texts = [". ".join(r["text"] for r in toy_rows(rng.randint(2, 4), seed * 1000 + i)) for i in range(n)]
+    return [t + " unsubscribed again" for t in texts]
+
+
+def write_lines(path: Path, texts: list[str]) -> Path:
+    """One text per line (a .txt corpus)."""
+    path.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
 def write_csv(path: Path, rows: list[dict]) -> Path:
     with open(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -7,16 +7,17 @@ A new task registered in strop.tasks gets checked here for free once it says how
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
-from conftest import (tiny_overrides, toy_generation_rows, toy_images, toy_multi, toy_rows, write_csv,
-                      write_image_folder, write_jsonl, write_multi_image_table)
+from conftest import (tiny_overrides, toy_documents, toy_generation_rows, toy_images, toy_multi, toy_rows,
+                      write_csv, write_image_folder, write_jsonl, write_lines, write_multi_image_table)
 from ner.toy_ner import toy_sentences, write_conll
 
 import strop
 from strop.compress.export import ExportOptions, export_run
-from strop.errors import ExportError
+from strop.errors import ExportError, StropError
 from strop.config import load_config
 from strop.tasks import TASKS, detect_task, get_task, prepare
 
@@ -53,6 +54,10 @@ def _multi_images(folder: Path, n: int, seed: int) -> Path:
     return write_multi_image_table(folder / f"multi-images-{seed}", n, seed)
 
 
+def _documents(folder: Path, n: int, seed: int) -> Path:
+    return write_lines(folder / f"documents-{seed}.txt", toy_documents(n, seed))
+
+
 # task -> (writer of n rows of its data, the inputs its predictor takes)
 SAMPLES = {
     "single_label": (_single, ["refund my card please", "where is my parcel"]),
@@ -62,6 +67,7 @@ SAMPLES = {
     "generation": (_generation, ["name[cotto], food[french]", "name[zizzi], food[indian]"]),
     "image_classification": (_images, list(toy_images(2, 9)[0])),
     "image_multi_label": (_multi_images, list(toy_multi(2, 9)[0])),
+    "masked_lm": (_documents, ["refund my card please", "where is my parcel"]),
 }
 # the tiny model each task trains (conftest fixtures): an encoder, or a decoder for tasks that generate
 MODELS = {"generation": "tiny_decoder", "image_classification": "tiny_vision_model",
@@ -104,9 +110,12 @@ def runs(request, tmp_path_factory) -> dict:
 def test_task_through_every_stage(name, runs, tmp_path):
     task = get_task(name)
     run, files, args = runs[name]
-    # prepare: task=auto finds the same task for its data (the table family infers which of the three)
-    auto = load_config(None, [a for a in args if not a.startswith("task=")])
-    assert get_task(prepare(auto).task) is task and detect_task(load_config(None, args)) is task
+    # prepare: task=auto finds the same task for its data (the table family infers which of the three),
+    # unless the task is chosen by name only
+    if task.auto_detected:
+        auto = load_config(None, [a for a in args if not a.startswith("task=")])
+        assert get_task(prepare(auto).task) is task
+    assert detect_task(load_config(None, args)) is task
     # train + evaluate: the run validated on the task's primary metric and scored the test split
     assert run.results["metric"] == task.primary_metric and run.results["best_step"] in (3, 6)
     for split in ("validation", "test"):
@@ -116,10 +125,16 @@ def test_task_through_every_stage(name, runs, tmp_path):
     saved = load_config(run.run_dir / "config.yaml")
     expected = task.meta(saved, prepare(saved))
     assert meta["task"] == name and {k: meta[k] for k in expected} == expected
-    # predict: the loaded predictor answers the task's inputs, one output per input, and its file evaluation
-    # reproduces the run's final test metrics (same encoding, same weights)
+    # predict: the loaded predictor answers the task's inputs, one output per input (or refuses with the
+    # task's reason), and its file evaluation reproduces the run's final test metrics (same encoding, same
+    # weights)
     predictor = strop.load(run.run_dir)
-    assert predictor.task is task and len(predictor.predict(SAMPLES[name][1])) == 2
+    assert predictor.task is task
+    if task.predict_refusal:
+        with pytest.raises(StropError, match=re.escape(task.predict_refusal)):
+            predictor.predict(SAMPLES[name][1])
+    else:
+        assert len(predictor.predict(SAMPLES[name][1])) == 2
     again = predictor.evaluate_file(files["test"])
     assert again[task.primary_metric] == pytest.approx(run.results["test"][task.primary_metric], abs=1e-6)
     # export: ONNX with its parity gate, loaded back behind the same interface, or a refusal with a reason

@@ -65,6 +65,38 @@ def train(
 
 
 @app.command(context_settings={"allow_extra_args": False})
+def pretrain(
+    args: Optional[List[str]] = typer.Argument(None, metavar="[CONFIG.yaml] [KEY=VALUE]...",
+                                               help="a YAML config and/or overrides (data.train=...)"),
+    help_config: bool = typer.Option(False, "--help-config",
+                                     help="list every config field with its default and doc"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run folder of that name"),
+    resume: Optional[str] = typer.Option(None, "--resume", help="continue a run folder from its newest "
+                                         "complete checkpoint (its config.yaml is used; overrides apply)"),
+):
+    """Continue pretraining an encoder on unlabelled text (masked LM on whole words): task=masked_lm.
+
+    Data: a .txt file, one document per line, or the text column of a CSV/JSONL/Parquet file.
+    data.text_column names that column; the other columns, a label among them, are ignored.
+    Documents are packed into rows of model.max_length tokens.
+    Masking: mlm.probability of the words (default 0.15); of their tokens 80% [MASK], 10% random, 10% kept.
+    Validation perplexity (fixed masks) picks the best step and drives train.early_stopping_patience.
+    Writes runs/<name>/ like strop train; its model/ is an encoder folder to fine-tune:
+    strop train model.path=runs/<name>/model data.train=labelled.csv
+
+    Example: strop pretrain data.train=abstracts.txt train.epochs=3 name=abstracts-mlm
+    """
+    args = list(args or [])
+    other = [a for a in args if a.startswith("task=") and a != "task=masked_lm"]
+    if other:
+        raise StropError(f"strop pretrain trains task=masked_lm, not {other[0]}; use strop train for that")
+    config = args[:1] if args and "=" not in args[0] else []
+    if not help_config and not resume and not args:
+        raise typer.BadParameter("give a config file and/or key=value overrides (at least data.train=FILE)")
+    train(config + ["task=masked_lm"] + args[len(config):], help_config, overwrite, resume)
+
+
+@app.command(context_settings={"allow_extra_args": False})
 def tune(
     args: List[str] = typer.Argument(..., metavar="CONFIG.yaml [KEY=VALUE]...",
                                      help="a YAML config with a tune.space section, and/or overrides"),

@@ -231,6 +231,13 @@ class ImageConfig:
 
 
 @dataclass
+class MlmConfig:
+    probability: float = doc(0.15, "masked_lm: share of words masked per sequence, whole words (their "
+                             "subwords together); of the masked tokens 80% become [MASK], 10% a random "
+                             "token, 10% stay (BERT)")
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = doc(128, "examples per forward pass during evaluation and prediction")
     report: bool = doc(True, "write report.html (plots, metrics, calibration, worst errors) at the end of the run")
@@ -296,6 +303,7 @@ class Config:
     ner: NerConfig = field(default_factory=NerConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
+    mlm: MlmConfig = field(default_factory=MlmConfig)
     fewshot: FewshotConfig = field(default_factory=FewshotConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -663,6 +671,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"image.size={cfg.image.size} is too small for the backbone (it downsamples by 32); set "
                           "image.size to 64 or more (112 is the default, 224 the size ImageNet weights were "
                           "trained at)")
+    if not 0 < cfg.mlm.probability < 1:
+        raise ConfigError(f"mlm.probability={cfg.mlm.probability} must be in (0, 1): the share of words "
+                          "masked in each sequence (0.15, BERT's, is the default)")
     n = cfg.ner
     if n.stride < 0:  # stride < the window size is checked where the window size is known (data/tokens.py)
         raise ConfigError(f"ner.stride={n.stride} must be >= 0 (subword tokens shared by consecutive windows)")

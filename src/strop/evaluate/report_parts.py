@@ -181,7 +181,7 @@ def metrics_section(results: dict) -> str:
     if not splits:
         return "".join(parts)
     known = ("roc_auc", "accuracy", "macro_f1", "micro_f1", "mcc", "ece", "exact_match", "pearson",
-             "spearman", "rmse", "mae", "loss")
+             "spearman", "rmse", "mae", "perplexity", "masked_accuracy", "loss")
     keys = [k for k in known if any(k in results[s] for s in splits)]
     rows = [[s, *[results[s].get(k, "-") for k in keys]] for s in splits]
     parts.append(html_table(["split", *keys], rows))

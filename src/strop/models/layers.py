@@ -46,16 +46,22 @@ def under(name: str, prefixes: list[str]) -> bool:
 
 
 @contextlib.contextmanager
-def scored_positions(model: nn.Module, labels: torch.Tensor):
-    """While active, the causal LM `model`'s output layer computes logits only where the next token is scored
-    (`labels[:, 1:] != -100`): the model returns (scored positions, vocabulary) instead of (batch, sequence,
-    vocabulary). A pre-hook on the output embedding, so it works through PEFT and DDP wrappers alike."""
+def output_positions(model: nn.Module, keep: torch.Tensor):
+    """While active, the language model `model`'s output layer computes logits only at the positions
+    `keep` ((batch, sequence) bool): the model returns (kept positions, vocabulary) instead of (batch,
+    sequence, vocabulary). That layer is as wide as the vocabulary, the model's largest matmul, and a loss
+    reads a few positions. A pre-hook on the output embedding: it works through PEFT and DDP wrappers."""
     inner = model.module if hasattr(model, "module") else model  # DDP
     head = inner.get_output_embeddings()
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = labels[:, 1:] != -100
     handle = head.register_forward_pre_hook(lambda module, args: (args[0][keep],) + tuple(args[1:]))
     try:
         yield
     finally:
         handle.remove()
+
+
+def scored_positions(model: nn.Module, labels: torch.Tensor):
+    """`output_positions` of a causal LM where the next token is scored (`labels[:, 1:] != -100`)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    return output_positions(model, keep)

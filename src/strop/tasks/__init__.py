@@ -20,12 +20,14 @@ from strop.tasks.base import ExportSignature, Task
 from strop.tasks.classification import MULTI_LABEL, REGRESSION, SINGLE_LABEL
 from strop.tasks.generation import GENERATION
 from strop.tasks.image_classification import IMAGE_CLASSIFICATION, IMAGE_MULTI_LABEL
+from strop.tasks.masked_lm import MASKED_LM
 from strop.tasks.token_classification import TOKEN_CLASSIFICATION
 
 # the order matters for task=auto: the first task whose `detects` says yes reads the data; single_label is the
-# fallback, and its reader infers single / multi-label / regression from a table's labels
+# fallback, and its reader infers single / multi-label / regression from a table's labels; masked_lm is
+# chosen by name only
 TASKS: dict[str, Task] = {t.name: t for t in (TOKEN_CLASSIFICATION, IMAGE_CLASSIFICATION, IMAGE_MULTI_LABEL,
-                                              GENERATION, SINGLE_LABEL, MULTI_LABEL, REGRESSION)}
+                                              GENERATION, SINGLE_LABEL, MULTI_LABEL, REGRESSION, MASKED_LM)}
 FALLBACK = SINGLE_LABEL
 
 __all__ = ["TASKS", "ExportSignature", "Task", "build_model", "detect_task", "get_task", "load_predictor",

@@ -54,6 +54,8 @@ class Task:
     export: ExportSignature | None = None  # None: `strop export` refuses with `export_refusal`
     export_refusal: str = "this task has no ONNX export"
     serve_refusal: str | None = None  # set: `strop serve` refuses the task's runs with this reason
+    predict_refusal: str | None = None  # set: its predictor's predict / explain refuse with this reason
+    auto_detected: bool = True  # task=auto can find it from the data (False: chosen by name only, task=...)
     compressible: bool = False  # `strop export --prune / --distill` apply (soft_loss, gold_rows, a sequence head)
     default_model: str = "all-MiniLM-L6-v2"  # what model.path=default loads (model_path), by name
     default_peft: str = "none"  # what peft.method=auto means for this task (none = full fine-tuning)
