@@ -1,8 +1,8 @@
-"""Medical image classification on MedMNIST (BreastMNIST, RetinaMNIST): strop at its defaults against the MedMNIST v2
-paper and against a plain PyTorch training loop, over seeds; then predict throughput of torch and ONNX exports.
+"""Medical image classification on MedMNIST (BreastMNIST, RetinaMNIST): strop at its defaults against the MedMNIST
+v2 paper and a plain PyTorch training loop, over seeds; then predict and serving throughput of torch and ONNX.
 
     python bench/vision.py --sets breastmnist,retinamnist --variants strop,plain --seeds 42,1,2
-    python bench/vision.py --throughput            # images/s: torch fp32, ONNX fp32, ONNX int8 (one trained run)
+    python bench/vision.py --throughput RUN        # images/s: torch fp32, ONNX fp32, ONNX int8 (one trained run)
     python bench/vision.py --summary               # the tables from bench/results/vision.json, nothing run
 
 Data: ../shared/datasets/medmnist/<set>.npz (28x28, splits as given: the validation split picks the best step, the
@@ -29,6 +29,7 @@ import os
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 from common import REPO, RESULTS, machine, run_child
+
+sys.path.insert(0, str(REPO / "tests" / "serve"))  # serve_helpers.free_port, as bench/serve.py uses it
 
 MEDMNIST = REPO.parent / "shared" / "datasets" / "medmnist"
 OUT = RESULTS / "vision.json"
@@ -154,6 +157,87 @@ def run_plain(set_name: str, seed: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# predict and serving throughput of one trained run: torch fp32, ONNX fp32, ONNX int8
+
+BACKENDS = {"torch-fp32": ("", []),
+            "onnx-fp32": ("export/model.onnx", ["--backend", "onnx", "serve.onnx_file=model.onnx"]),
+            "onnx-int8": ("export/model.int8.onnx", ["--backend", "onnx", "serve.onnx_file=model.int8.onnx"])}
+
+
+def test_images(set_name: str) -> list[np.ndarray]:
+    with np.load(MEDMNIST / f"{set_name}.npz") as z:
+        return list(z["test_images"])
+
+
+def predict_speed(run: Path, images: list[np.ndarray], repeats: int = 3) -> dict:
+    """Images/s of strop.load(...).predict on the test images (decode, resize to the run's size, normalise,
+    forward), batch 64, the best of `repeats` passes after one warm-up pass, per backend."""
+    import strop
+
+    out = {}
+    for name, (rel, _) in BACKENDS.items():
+        predictor = strop.load(run / rel if rel else run)
+        predictor.predict(images[:64])
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            predictor.predict(images, batch_size=64)
+            times.append(time.perf_counter() - t0)
+        out[name] = {"images_per_s": len(images) / min(times), "seconds": times}
+        print(f"predict {name}: {out[name]['images_per_s']:.1f} images/s", flush=True)
+    return out
+
+
+def serve_speed(run: Path, images: list[np.ndarray], clients: int, seconds: float) -> dict:
+    """Requests/s (one image per request, base64 JSON) of `strop serve` per backend, `clients` closed-loop clients
+    after a warm-up (bench/serve.py's driver)."""
+    import asyncio
+    import base64
+    import io
+
+    from PIL import Image
+    from serve import drive, wait_ready
+    from serve_helpers import free_port
+
+    bodies = []
+    for a in images:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "PNG")
+        bodies.append(base64.b64encode(buf.getvalue()).decode())
+    out = {}
+    for name, (_, extra) in BACKENDS.items():
+        port = free_port()
+        cmd = [sys.executable, "-c", "import sys; from strop.cli import main; sys.exit(main())", "serve", str(run),
+               "--port", str(port), *extra, "serve.max_concurrency=256"]
+        with tempfile.TemporaryFile() as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+            try:
+                wait_ready(f"http://127.0.0.1:{port}", proc, "/health/ready")
+                point = asyncio.run(drive(f"http://127.0.0.1:{port}/v1/predict",
+                                          lambda b: {"inputs": [{"image": b}]}, bodies, clients, seconds, 3.0))
+            finally:
+                proc.terminate()
+                proc.wait(60)
+        out[name] = point
+        print(f"serve {name}: {point['throughput_rps']:.1f} images/s, p50 {point['p50_ms']} ms, errors "
+              f"{point['errors']}", flush=True)
+    return out
+
+
+def throughput(run: Path, set_name: str, clients: int, seconds: float) -> dict:
+    from strop.cli import main as strop_main
+
+    if not (run / "export" / "model.int8.onnx").is_file():
+        if strop_main(["export", str(run)]) != 0:
+            raise SystemExit(f"strop export {run} failed")
+    images = test_images(set_name)
+    parity = json.loads((run / "export" / "parity.json").read_text(encoding="utf-8"))
+    return {"run": str(run), "set": set_name, "images": len(images), "threads": os.cpu_count(),
+            "predict": predict_speed(run, images), "serve": serve_speed(run, images, clients, seconds),
+            "int8_metric_changes": parity.get("metric_changes"), "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the parent: queue, results file, summary
 
 
@@ -236,11 +320,21 @@ def main() -> None:
     p.add_argument("--variants", default="strop,plain")
     p.add_argument("--seeds", default="42,1,2")
     p.add_argument("--summary", action="store_true")
+    p.add_argument("--throughput", metavar="RUN", help="a finished image run: predict and serving images/s")
+    p.add_argument("--throughput-set", default="breastmnist", help="whose test images --throughput sends")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--child", help=argparse.SUPPRESS)  # set/variant/seed, run in this process
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args.child, args.out)
+        return
+    if args.throughput:
+        result = throughput(Path(args.throughput).resolve(), args.throughput_set, args.clients, args.seconds)
+        results = load_results()
+        results["throughput"] = {**result, "machine": machine()}
+        save_results(results)
         return
     results = load_results() if args.summary else run_queue(args)
     print(summary(results))
