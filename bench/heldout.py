@@ -132,13 +132,13 @@ def variant_overrides(variant: str) -> dict:
     return {"peft.method": method, **({"train.lr": float(lr)} if lr else {})}
 
 
-def run_one(set_name: str, variant: str, seed: int, files: dict, work: Path) -> dict:
+def run_one(set_name: str, variant: str, seed: int, files: dict, work: Path, threads: int = 0) -> dict:
     from strop.config import load_config
 
     over = {"data.train": files["train"], "data.validation": files["validation"], "data.test": files["test"],
             "data.text_column": "text", "data.label_column": "label", "train.seed": seed, "eval.report": False,
             "output_dir": str(work), "name": f"{set_name}-{variant.replace('@', '-')}-{seed}",
-            **variant_overrides(variant)}
+            **variant_overrides(variant), **({"train.threads": threads} if threads else {})}
     start = time.perf_counter()
     if variant == "hf":
         return run_hf(load_config(None, {**over, "train.precision": "bf16"}), start)
@@ -215,6 +215,8 @@ def main() -> None:
     p.add_argument("--seeds", default="42,1,2")
     p.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "strop-heldout-data"))
     p.add_argument("--summary", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="train.threads of both sides (0: all cores); 1 lets "
+                   "two benchmarks share the 2-core machine without two-thread kernels stalling each other")
     p.add_argument("--child", help=argparse.SUPPRESS)  # set/variant/seed, run in this process
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -222,7 +224,8 @@ def main() -> None:
         set_name, variant, seed = args.child.split("/")
         work = Path(tempfile.mkdtemp(prefix="heldout-run-"))
         try:
-            result = run_one(set_name, variant, int(seed), write_set(set_name, Path(args.data_dir)), work)
+            result = run_one(set_name, variant, int(seed), write_set(set_name, Path(args.data_dir)), work,
+                             args.threads)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         Path(args.out).write_text(json.dumps(result), encoding="utf-8")
@@ -238,9 +241,10 @@ def main() -> None:
                     key = f"{set_name}/{variant}/{seed}"
                     if key in results["runs"]:
                         continue
-                    extra = ["--data-dir", args.data_dir]
+                    extra = ["--data-dir", args.data_dir, "--threads", str(args.threads)]
                     result = run_child(__file__, ["--child", key, *extra], key, key)
                     result["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+                    result["threads"] = args.threads or os.cpu_count()
                     keep = {k: results[k] for k in ("machine", "command")}
                     results = load_results()  # another process may have added runs meanwhile
                     results.update(keep)
