@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "strop"
-TASK_NAMES = ("single_label", "multi_label", "regression", "token_classification", "image_classification")
+TASK_NAMES = ("single_label", "multi_label", "regression", "token_classification", "image_classification",
+              "masked_lm")
 
 
 def _modules() -> dict[str, Path]:
