@@ -161,6 +161,18 @@ HF_ARGS_SHOWN = ("per_device_train_batch_size", "gradient_accumulation_steps", "
 # child processes, memory, peak FLOP/s
 
 
+def load_runs(path: Path) -> dict:
+    """A resumable benchmark's results file ({"runs": {key: result}, ...}); empty when it is not there yet."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"runs": {}}
+
+
+def save_runs(path: Path, results: dict) -> None:
+    """Write the results file whole, atomically, so an interrupted benchmark never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1), encoding="utf-8")
+    tmp.replace(path)
+
+
 def run_child(script: str | Path, args: list[str], title: str, what: str) -> dict:
     """Run `python script *args --out FILE` in a fresh process (no shared allocator/thread state) and return the
     JSON it writes to FILE. `title` is printed before it starts; `what` names it if it fails."""

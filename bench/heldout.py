@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, RESULTS, hf_trainer, machine, run_child
+from common import REPO, RESULTS, hf_trainer, load_runs, machine, run_child, save_runs
 
 SHARED = REPO.parent / "shared" / "datasets"
 OUT = RESULTS / "heldout.json"
@@ -175,13 +175,11 @@ def run_hf(cfg, start: float) -> dict:
 
 
 def load_results() -> dict:
-    return json.loads(OUT.read_text(encoding="utf-8")) if OUT.is_file() else {"runs": {}}
+    return load_runs(OUT)
 
 
 def save_results(results: dict) -> None:
-    tmp = OUT.with_name(OUT.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1), encoding="utf-8")
-    tmp.replace(OUT)
+    save_runs(OUT, results)
 
 
 def summary(results: dict) -> str:

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import REPO, RESULTS, machine, run_child
+from common import REPO, RESULTS, load_runs, machine, run_child, save_runs
 
 sys.path.insert(0, str(REPO / "tests" / "serve"))  # serve_helpers.free_port, as bench/serve.py uses it
 
@@ -242,13 +242,11 @@ def throughput(run: Path, set_name: str, clients: int, seconds: float) -> dict:
 
 
 def load_results() -> dict:
-    return json.loads(OUT.read_text(encoding="utf-8")) if OUT.is_file() else {"runs": {}}
+    return load_runs(OUT)
 
 
 def save_results(results: dict) -> None:
-    tmp = OUT.with_name(OUT.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1), encoding="utf-8")
-    tmp.replace(OUT)
+    save_runs(OUT, results)
 
 
 def mean_sd(xs: list[float], digits: int = 3) -> str:
