@@ -291,8 +291,8 @@ def test_an_unknown_task_names_the_registered_ones():
     with pytest.raises(ConfigError) as info:
         detect_task(cfg)
     assert "task='classification'" in str(info.value)
-    assert str(["auto", "token_classification", "image_classification", "generation", "single_label", "multi_label",
-                "regression"]) in str(info.value)
+    assert str(["auto", "token_classification", "image_classification", "image_multi_label", "generation",
+                "single_label", "multi_label", "regression", "masked_lm"]) in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
