@@ -16,7 +16,7 @@ from test_image_classification import overrides
 
 import strop
 from strop.cli import main
-from strop.evaluate.metrics import label_auc
+from strop.evaluate.metrics import decide, label_auc, youden_threshold
 
 @pytest.fixture(scope="module")
 def npz_file(tmp_path_factory):
@@ -91,3 +91,33 @@ def test_npz_label_rows_that_are_not_zero_or_one_are_refused(tiny_vision_model, 
     np.savez(bad, train_images=images, train_labels=labels * 3)
     assert main(["train", *overrides(tiny_vision_model, tmp_path, {"train": str(bad)})]) == 2
     assert "(N, L) rows of 0 / 1" in capsys.readouterr().err
+
+
+def test_youden_threshold_and_the_decision_it_makes():
+    # positives score .3 .4 .9, negatives .1 .2 .35: from .36 to .40 every positive but .3 is caught and no negative
+    # (J = 2/3); from .21 to .30 all positives but one negative (.35) pass (J = 2/3 too): the tie goes to the
+    # threshold nearest 0.5, 0.40
+    score, positive = np.array([.3, .4, .9, .1, .2, .35]), np.array([1, 1, 1, 0, 0, 0])
+    assert youden_threshold(score, positive) == 0.40
+    assert youden_threshold(score, np.ones(6)) == 0.5  # J needs both sides
+    probs = np.array([[.55, .45], [.7, .3], [.2, .8]])
+    assert decide(probs, 0.4).tolist() == [1, 0, 1] and decide(probs).tolist() == [0, 0, 1]
+
+
+def test_a_binary_image_run_can_tune_and_save_its_threshold(tiny_vision_model, tmp_path):
+    images, labels = toy_multi(64, 7)
+    arrays = {}
+    for split, lo, hi in (("train", 0, 40), ("val", 40, 52), ("test", 52, 64)):
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images[lo:hi], labels[lo:hi, 1]  # square or not
+    np.savez(tmp_path / "square.npz", **arrays)
+    run = strop.train(None, overrides(tiny_vision_model, tmp_path, {"train": str(tmp_path / "square.npz")},
+                                      **{"eval.tune_threshold": True, "train.epochs": 3}))
+    meta = json.loads((run.model_dir / "strop.json").read_text())
+    with np.load(tmp_path / "square.npz") as z:
+        predictor = strop.load(run.run_dir)
+        val_probs = np.array([[p["probs"]["0"], p["probs"]["1"]] for p in predictor.predict(list(z["val_images"]))])
+        assert meta["threshold"] == youden_threshold(val_probs[:, 1], z["val_labels"] == 1)  # chosen on validation
+        test = predictor.predict(list(z["test_images"]))
+    assert [p["label"] for p in test] == ["1" if p["probs"]["1"] >= meta["threshold"] else "0" for p in test]
+    decided = np.array([int(p["label"]) for p in test])
+    assert run.results["test"]["accuracy"] == pytest.approx(float((decided == arrays["test_labels"]).mean()))

@@ -243,6 +243,10 @@ class EvalConfig:
     report: bool = doc(True, "write report.html (plots, metrics, calibration, worst errors) at the end of the run")
     report_explain: int = doc(5, "explain this many of the report's most confident errors with integrated gradients "
                               "(needs strop[explain]); 0 = none")
+    tune_threshold: bool = doc(False, "two-class image runs: decide the second class when its probability reaches a "
+                               "threshold tuned on validation (Youden's J: sensitivity + specificity - 1), saved and "
+                               "used by eval, predict, export and serve; off = 0.5 (the likelier class). "
+                               "Multi-label runs always tune theirs (micro-F1)")
 
 
 @dataclass

@@ -20,7 +20,6 @@ from strop.data.prepare import Dataset
 from strop.data.split import too_small_to_score
 from strop.device import resolve_device, resolve_precision
 from strop.errors import ConfigError, DataError, RunError
-from strop.evaluate.metrics import tune_threshold
 from strop.models.backbone import read_model_config
 from strop.models.peft import apply_peft, count_parameters, save_trained
 from strop.runs import write_atomic
@@ -455,11 +454,11 @@ def _train_other_rank(s: RunSetup) -> RunResult:
 def final_evaluation(model, processor, encoded: dict, ds: Dataset, task: Task, cfg: Config, device, precision
                      ) -> tuple[float, dict]:
     """(decision threshold, {split: metrics}) with the final weights; a task that thresholds its outputs
-    (multi-label) has the threshold tuned on validation. A generating task generates on test (else validation)."""
+    (multi-label; two-class images with eval.tune_threshold) has it tuned on validation. A generating task generates on test (else validation)."""
     threshold, val = 0.5, encoded.get("validation")
-    if task.tunes_threshold and val is not None:
+    if val is not None and task.tunes_threshold_for(cfg, ds.labels):
         _, probs = task.evaluate(model, val, ds.labels, cfg.eval.batch_size, device, precision, keep_outputs=True)
-        threshold = tune_threshold(probs, val.labels)
+        threshold = task.choose_threshold(probs, val.labels)
         console.print(f"decision threshold tuned on validation: {threshold:.2f}")
     final, scored = {}, "test" if "test" in encoded else "validation"
     for split in ("validation", "test"):

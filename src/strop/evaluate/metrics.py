@@ -21,8 +21,13 @@ __all__ = [
     "ScoredClassificationMetrics",
     "CalibrationError",
     "MultiLabelMetrics",
+    "ScoredMultiLabelMetrics",
     "RegressionMetrics",
     "tune_threshold",
+    "youden_threshold",
+    "decide",
+    "softmax",
+    "label_auc",
     "roc_curve",
     "greater_is_better",
 ]
@@ -141,12 +146,29 @@ def _binary_auc(score: np.ndarray, positive: np.ndarray) -> float | None:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """(n, K) logits -> (n, K) probabilities, stable for large logits."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def decide(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """(n, K) class probabilities -> (n,) decided classes: the likeliest, except that with two classes class 1
+    is decided from `threshold` on (a tuned threshold; at 0.5 the likeliest is decided, as argmax does)."""
+    probs = np.asarray(probs)
+    if probs.shape[1] == 2 and threshold != 0.5:
+        return (probs[:, 1] >= threshold).astype(np.int64)
+    return probs.argmax(1)
+
+
 class ScoredClassificationMetrics(ClassificationMetrics):
     """Single-label classification from class probabilities: ClassificationMetrics of the argmax plus `roc_auc`,
     which needs every score, so the probabilities are kept (n x K floats), and `ece` (CalibrationError)."""
 
-    def __init__(self, label_names: list[str]):
+    def __init__(self, label_names: list[str], threshold: float = 0.5):
         super().__init__(label_names)
+        self.threshold = float(threshold)  # two classes: class 1 from this probability on (0.5 = argmax)
         self._probs: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
         self.calibration = CalibrationError()
@@ -155,7 +177,7 @@ class ScoredClassificationMetrics(ClassificationMetrics):
         """probs: (batch, K) class probabilities; labels: (batch,) ints in [0, K)."""
         probs = _to_numpy(probs).reshape(-1, self.num_classes)
         labels = _to_numpy(labels).reshape(-1)
-        super().update(probs.argmax(1), labels)
+        super().update(decide(probs, self.threshold), labels)
         self.calibration.update_probs(probs, labels)
         self._probs.append(probs.astype(np.float64))
         self._labels.append(labels.astype(np.int64))
@@ -322,6 +344,25 @@ class ScoredMultiLabelMetrics(MultiLabelMetrics):
         out = super().compute()
         out["roc_auc"] = label_auc(np.concatenate(self._probs), np.concatenate(self._labels)) if self._probs else 0.5
         return out
+
+
+def youden_threshold(score, positive) -> float:
+    """The decision threshold on `score` (n,) that maximises Youden's J = sensitivity + specificity - 1 against
+    the yes/no truth `positive` (n,): one of the grid 0.01..0.99 (step 0.01, so a saved threshold reads plainly);
+    ties -> the one closest to 0.5, then the lower. 0.5 where one side is missing (J is undefined)."""
+    score = _to_numpy(score).astype(np.float64).reshape(-1)
+    positive = _to_numpy(positive).astype(bool).reshape(-1)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return 0.5
+    best_key, best_t = None, 0.5
+    for t in np.round(np.arange(1, 100) * 0.01, 2):
+        decided = score >= t
+        j = (decided & positive).sum() / n_pos + (~decided & ~positive).sum() / n_neg - 1.0
+        key = (-round(float(j), 12), abs(t - 0.5), t)
+        if best_key is None or key < best_key:
+            best_key, best_t = key, float(t)
+    return best_t
 
 
 def tune_threshold(probs, labels, grid=None) -> float:

@@ -22,7 +22,7 @@ from torch import nn
 from strop.config import EPOCHS
 from strop.compress.onnx import OnnxInputs, text_inputs
 from strop.data.batching import Encoded, collate_inputs
-from strop.evaluate.metrics import greater_is_better
+from strop.evaluate.metrics import greater_is_better, tune_threshold
 from strop.models.backbone import load_tokenizer, resolve_model_path
 
 
@@ -155,6 +155,15 @@ class Task:
                  precision: str = "fp32", threshold: float = 0.5, keep_outputs: bool = False):
         """(metrics with `loss`, kept outputs in input order or None) on a labelled split."""
         raise NotImplementedError
+
+    def tunes_threshold_for(self, cfg, labels: list[str]) -> bool:
+        """Whether this run's decision threshold is chosen on validation (`choose_threshold`) once it has trained."""
+        return self.tunes_threshold
+
+    def choose_threshold(self, probs: np.ndarray, labels: np.ndarray) -> float:
+        """The decision threshold for validation outputs `probs` (evaluate's kept outputs) and their labels:
+        micro-F1's best for thresholded outputs (multi-label)."""
+        return tune_threshold(probs, labels)
 
     def final_evaluate(self, model, processor, enc: Encoded, labels: list[str], cfg, device: torch.device,
                        precision: str, threshold: float, generate: bool) -> dict:

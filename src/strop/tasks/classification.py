@@ -19,7 +19,7 @@ from strop.data.examples import infer_label_kind, label_names, resolve_columns, 
 from strop.data.prepare import Dataset, read_tables
 from strop.errors import ConfigError, DataError
 from strop.evaluate.evaluator import batched_logits
-from strop.evaluate.metrics import ClassificationMetrics, MultiLabelMetrics, RegressionMetrics
+from strop.evaluate.metrics import ClassificationMetrics, MultiLabelMetrics, RegressionMetrics, decide
 from strop.evaluate.report_parts import (calibration, calibration_section, confusion_section, errors_section,
                                          multi_label_calibration, regression_section)
 from strop.models.classifier import build_classifier, load_sequence_classifier, sequence_classifier
@@ -158,9 +158,10 @@ class SingleLabel(SequenceClassification):
         return sections, extra
 
 
-def class_format(row: np.ndarray, labels: list[str]) -> dict:
-    """One single-label prediction: the best label, its probability, every label's probability."""
-    best = int(np.argmax(row))
+def class_format(row: np.ndarray, labels: list[str], threshold: float = 0.5) -> dict:
+    """One single-label prediction: the decided label (the likeliest; with two classes and a tuned threshold,
+    evaluate/metrics.decide), its probability, every label's probability."""
+    best = int(decide(np.asarray(row)[None], threshold)[0])
     return {"label": labels[best], "score": float(row[best]),
             "probs": {name: float(p) for name, p in zip(labels, row)}}
 

@@ -22,7 +22,8 @@ from strop.compress.onnx import OnnxInputs, image_inputs
 from strop.data.image_batches import ImageEncoded, collate_images, encode_images
 from strop.data.images import is_image_data, prepare_images
 from strop.evaluate.evaluator import batched_logits
-from strop.evaluate.metrics import ScoredClassificationMetrics, ScoredMultiLabelMetrics
+from strop.evaluate.metrics import (ScoredClassificationMetrics, ScoredMultiLabelMetrics, decide, softmax,
+                                    tune_threshold, youden_threshold)
 from strop.evaluate.image_report import image_sections
 from strop.tasks.classification import (class_flat, class_format, labels_agreement, labels_flat, labels_format,
                                         labels_sections)
@@ -117,7 +118,17 @@ class ImageClassification(Task):
 
     def metrics_of(self, labels: list[str], threshold: float):
         """The streaming metrics of a labelled split (evaluate/metrics.py)."""
-        return ScoredClassificationMetrics(labels)
+        return ScoredClassificationMetrics(labels, threshold)
+
+    def tunes_threshold_for(self, cfg, labels: list[str]) -> bool:
+        return bool(cfg.eval.tune_threshold) and len(labels) == 2
+
+    def choose_threshold(self, probs: np.ndarray, labels: np.ndarray) -> float:
+        # Youden's J: the operating point a screening test is usually set at (sensitivity + specificity)
+        return youden_threshold(probs[:, 1], np.asarray(labels) == 1)
+
+    def agreement(self, a: np.ndarray, b: np.ndarray, threshold: float) -> float | None:
+        return float((decide(softmax(a), threshold) == decide(softmax(b), threshold)).mean())
 
     def meta(self, cfg, ds) -> dict:
         channels = int(ds.splits["train"].pixels.shape[-1])
@@ -132,7 +143,7 @@ class ImageClassification(Task):
         return image_inputs(meta["image"]["size"])  # always 3 channels: collate repeats a grey one
 
     def format(self, row: np.ndarray, labels: list[str], meta: dict) -> dict:
-        return class_format(row, labels)
+        return class_format(row, labels, meta.get("threshold", 0.5))
 
     def flat(self, pred: dict, labels: list[str]) -> dict:
         return class_flat(pred, labels)
@@ -169,6 +180,12 @@ class ImageMultiLabel(ImageClassification):
 
     def metrics_of(self, labels: list[str], threshold: float) -> ScoredMultiLabelMetrics:
         return ScoredMultiLabelMetrics(labels, threshold)
+
+    def tunes_threshold_for(self, cfg, labels: list[str]) -> bool:
+        return True
+
+    def choose_threshold(self, probs: np.ndarray, labels: np.ndarray) -> float:
+        return tune_threshold(probs, labels)
 
     def agreement(self, a: np.ndarray, b: np.ndarray, threshold: float) -> float | None:
         return labels_agreement(a, b, threshold)
