@@ -4,6 +4,7 @@
     run = strop.train("configs/quickstart.yaml", ["train.epochs=1"])
     model = strop.load(run.run_dir)
     model.predict(["where is my parcel?"])
+    parity = strop.export(run.run_dir)   # RUN/export/: ONNX fp32 + int8, each checked against PyTorch
 """
 
 import os as _os
@@ -30,3 +31,20 @@ def load(path, device: str = "cpu", precision: str = "fp32"):
     from strop.tasks import load_predictor
 
     return load_predictor(path, device=device, precision=precision)
+
+
+def export(run, log=print, **options) -> dict:
+    """Export a finished run folder to RUN/export/ as `strop export` does: ONNX fp32 (refused when any logit differs
+    from PyTorch's by more than `tolerance` on held data), int8 variants and, on request, pruned / distilled ones.
+    options are strop.compress.options.ExportOptions fields (int8, tolerance, timing, prune={'heads': 0.25}, ...);
+    returns what RUN/export/parity.json holds. `strop.load(run / "export")` then predicts with ONNX Runtime."""
+    import dataclasses
+
+    from strop.compress.export import ExportOptions, export_run
+    from strop.errors import StropError
+
+    valid = [f.name for f in dataclasses.fields(ExportOptions)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise StropError(f"strop.export: unknown option {unknown[0]!r}; the options are {valid}")
+    return export_run(run, ExportOptions(**options), log=log)
