@@ -1,6 +1,6 @@
-"""The documentation site: `mkdocs build --strict` passes (no broken link or anchor, no missing include), and the
-generated reference pages list every config field, every serve setting and every CLI verb and option that the code
-has, so neither can drift from the code."""
+"""The documentation site: `mkdocs build --strict` passes (no broken link or anchor, no missing include),
+and the generated reference pages list every config field, every serve setting and every CLI verb and option
+that the code has, so neither can drift from the code."""
 
 from __future__ import annotations
 
@@ -20,10 +20,19 @@ from conftest import REPO
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     out = tmp_path_factory.mktemp("site")
-    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material's banner about MkDocs 2, not a problem here
+    env = {
+        **os.environ,
+        "NO_MKDOCS_2_WARNING": "1",
+    }  # mkdocs-material's banner about MkDocs 2, not a problem here
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, f"mkdocs build --strict failed:\n{done.stdout}\n{done.stderr}"
     print(f"mkdocs build: {time.perf_counter() - start:.1f} s")
     return out
@@ -32,7 +41,7 @@ def site(tmp_path_factory):
 def _article(site, page: str) -> str:
     """The page's content (no navigation, whose links name every page)."""
     text = (site / page / "index.html").read_text(encoding="utf-8")
-    return text[text.index("<article"):text.index("</article>")]
+    return text[text.index("<article") : text.index("</article>")]
 
 
 def test_config_reference_lists_every_field_with_its_doc(site):
@@ -71,14 +80,25 @@ def test_cli_reference_lists_every_verb_and_option(site):
     page = _article(site, "reference/cli")
     group = typer.main.get_command(app)
     verbs = list(group.commands)
-    # the verbs the README and DESIGN.md promise, so an app that lost its commands cannot pass by listing none
-    assert {"train", "pretrain", "tune", "eval", "predict", "chat", "report", "explain", "export", "bench",
-            "serve"} <= set(verbs)
+    # the verbs the README and DESIGN.md promise: an app that lost its commands cannot pass by listing none
+    assert {
+        "train",
+        "pretrain",
+        "tune",
+        "eval",
+        "predict",
+        "chat",
+        "report",
+        "explain",
+        "export",
+        "bench",
+        "serve",
+    } <= set(verbs)
     headings = re.findall(r'<h2 id="strop-([a-z-]+)"', page)
     assert headings == verbs
     for name, command in group.commands.items():
-        section = page[page.index(f'id="strop-{name}"'):]
-        section = section[:section.index("</table>")]
+        section = page[page.index(f'id="strop-{name}"') :]
+        section = section[: section.index("</table>")]
         for param in command.params:
             for opt in (o for o in list(param.opts) + list(param.secondary_opts) if o.startswith("-")):
                 assert f"<code>{opt}" in section or f", {opt}" in section, (name, opt)

@@ -1,12 +1,12 @@
 """mkdocs hook: the configuration and CLI reference pages, generated from the code at every build.
 
-A written copy of ~330 config fields and eleven verbs would drift from the code the day a field is added; these pages
-hold a marker instead, which this hook replaces with what `strop.config` (each field's `doc(...)`),
-`strop.serve.settings` and the typer app in `strop.cli` say. A page whose marker is missing fails the build, so the
-reference cannot silently stop being generated.
+A written copy of ~130 config fields, ~25 serve settings and eleven verbs would drift from the code the day
+a field is added; these pages hold a marker instead, which this hook replaces with what `strop.config` (each
+field's `doc(...)`), `strop.serve.settings` and the typer app in `strop.cli` say. A page whose marker is
+missing fails the build, so the reference cannot silently stop being generated.
 
-Raw HTML tables rather than Markdown tables: cell text holds `|` (choices), `<name>` placeholders and backticks,
-which Markdown tables would split or swallow; here every value is escaped once, by html.escape.
+Raw HTML tables rather than Markdown tables: cell text holds `|` (choices), `<name>` placeholders and
+backticks, which Markdown tables would split or swallow; here every value is escaped once, by html.escape.
 """
 
 from __future__ import annotations
@@ -42,11 +42,14 @@ def _field_row(key: str, f: dataclasses.Field, default) -> str:
     if not doc:  # a field without its one line of documentation is a bug (STYLE.md: every field has one)
         raise PluginError(f"config field {key} has no doc(...) text")
     text = _inline(doc)
-    if f.metadata.get("choices"):
-        text += " One of: " + ", ".join(f"<code>{html.escape(str(c))}</code>" for c in f.metadata["choices"]) + "."
+    choices = f.metadata.get("choices")
+    if choices:
+        text += " One of: " + ", ".join(f"<code>{html.escape(str(c))}</code>" for c in choices) + "."
     kind = html.escape(str(f.type), quote=False)
-    return (f'<tr id="{key}"><td><a href="#{key}"><code>{key}</code></a></td><td><code>{kind}</code></td>'
-            f"<td>{_default(default)}</td><td>{text}</td></tr>")
+    return (
+        f'<tr id="{key}"><td><a href="#{key}"><code>{key}</code></a></td><td><code>{kind}</code></td>'
+        f"<td>{_default(default)}</td><td>{text}</td></tr>"
+    )
 
 
 def _table(rows: list[str]) -> str:
@@ -55,7 +58,7 @@ def _table(rows: list[str]) -> str:
 
 
 def _section_rows(cls, prefix: str) -> tuple[list[str], list[tuple[str, object]]]:
-    """Rows of a section's own fields, and its sub-sections (name, dataclass instance) in declaration order."""
+    """Rows of a section's own fields, and its sub-sections (name, instance), in declaration order."""
     defaults = cls()
     rows, sections = [], []
     for f in dataclasses.fields(cls):
@@ -68,18 +71,27 @@ def _section_rows(cls, prefix: str) -> tuple[list[str], list[tuple[str, object]]
 
 
 def config_reference() -> str:
-    """One table per config section ([run] for the top-level fields), in the order --help-config prints them."""
+    """One table per config section ([run] for the top-level fields), in --help-config's order."""
     from strop.config import Config
 
     rows, sections = _section_rows(Config, "")
-    parts = ["## run {#run}\n", "Top-level keys: `name=...`, `task=...` on the command line.\n", _table(rows)]
+    parts = [
+        "## run {#run}\n",
+        "Top-level keys: `name=...`, `task=...` on the command line.\n",
+        _table(rows),
+    ]
     for name, value in sections:
         sub_rows, nested = _section_rows(type(value), f"{name}.")
         if nested:  # no section nests another today; a new nesting must be rendered, not dropped
-            raise PluginError(f"config section {name} has sub-sections {[n for n, _ in nested]}; teach the "
-                              "reference hook to render them")
-        parts += [f"## {name} {{#section-{name}}}\n", f"Keys `{name}.*`: a `{name}:` section in YAML or "
-                  f"`{name}.KEY=VALUE` on the command line.\n", _table(sub_rows)]
+            raise PluginError(
+                f"config section {name} has sub-sections {[n for n, _ in nested]}; teach the "
+                "reference hook to render them"
+            )
+        parts += [
+            f"## {name} {{#section-{name}}}\n",
+            f"Keys `{name}.*`: a `{name}:` section in YAML or `{name}.KEY=VALUE` on the command line.\n",
+            _table(sub_rows),
+        ]
     return "\n".join(parts)
 
 
@@ -105,7 +117,7 @@ def _escape_md(text: str) -> str:
 
 
 def _argument_name(param) -> str:
-    """An argument as usage shows it: its metavar, else NAME ([NAME] when optional, NAME... when repeated)."""
+    """An argument as usage shows it: its metavar, else NAME ([NAME] optional, NAME... repeated)."""
     if param.metavar:
         return param.metavar
     name = param.name.upper() + ("..." if param.nargs == -1 else "")
@@ -129,13 +141,15 @@ def _param_row(param, ctx) -> str:
         shown = "<em>required</em>"
     elif param.default in (None, (), []) or (getattr(param, "is_flag", False) and param.default is False):
         shown = ""  # nothing given = nothing happens: an empty cell says it best
-    elif param.secondary_opts and isinstance(param.default, bool):  # --int8/--no-int8: the default is a switch
+    elif param.secondary_opts and isinstance(param.default, bool):  # --int8/--no-int8: name the switch
         shown = _default(param.opts[0] if param.default else param.secondary_opts[0])
     else:
         shown = _default(param.default)
     help_text = html.escape(getattr(param, "help", None) or "", quote=False)
-    return (f"<tr><td><code>{html.escape(names)}</code></td><td>{html.escape(_kind(param, ctx))}</td>"
-            f"<td>{shown}</td><td>{help_text}</td></tr>")
+    return (
+        f"<tr><td><code>{html.escape(names)}</code></td><td>{html.escape(_kind(param, ctx))}</td>"
+        f"<td>{shown}</td><td>{help_text}</td></tr>"
+    )
 
 
 def cli_reference() -> str:
@@ -162,17 +176,25 @@ def cli_reference() -> str:
     return "\n".join(parts)
 
 
-GENERATORS = {CONFIG_MARKER: config_reference, SERVE_MARKER: serve_reference, TASKS_MARKER: task_list,
-              CLI_MARKER: cli_reference}
+GENERATORS = {
+    CONFIG_MARKER: config_reference,
+    SERVE_MARKER: serve_reference,
+    TASKS_MARKER: task_list,
+    CLI_MARKER: cli_reference,
+}
 # which page must carry which markers: a marker deleted from its page fails the build
-REQUIRED = {"reference/config.md": (CONFIG_MARKER, SERVE_MARKER, TASKS_MARKER), "reference/cli.md": (CLI_MARKER,)}
+REQUIRED = {
+    "reference/config.md": (CONFIG_MARKER, SERVE_MARKER, TASKS_MARKER),
+    "reference/cli.md": (CLI_MARKER,),
+}
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
     for marker in REQUIRED.get(page.file.src_uri, ()):
         if marker not in markdown:
-            raise PluginError(f"{page.file.src_uri} lost its {marker} marker: the generated reference has nowhere "
-                              "to go")
+            raise PluginError(
+                f"{page.file.src_uri} lost its {marker} marker: the generated reference has nowhere to go"
+            )
     for marker, generate in GENERATORS.items():
         if marker in markdown:
             markdown = markdown.replace(marker, generate())
