@@ -242,3 +242,13 @@ def test_re_export_clears_an_interrupted_exports_leftovers(runs):
     export_run(run, ExportOptions(**QUIET), log=lambda m: None)
     assert (run / "export" / "model.onnx").is_file() and not (run / "export" / "marker").exists()
     assert _leftovers(run) == []
+
+
+def test_python_export_names_an_unknown_option(tmp_path):
+    """strop.export(run, **options) checks the option names before touching the run: a typo is named with
+    the list of valid options, not a dataclass TypeError."""
+    import strop
+    from strop.errors import StropError
+
+    with pytest.raises(StropError, match=r"unknown option 'timming'.*'timing'"):
+        strop.export(tmp_path / "no-run-here", timming=False)

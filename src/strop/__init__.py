@@ -34,10 +34,11 @@ def load(path, device: str = "cpu", precision: str = "fp32"):
 
 
 def export(run, log=print, **options) -> dict:
-    """Export a finished run folder to RUN/export/ as `strop export` does: ONNX fp32 (refused when any logit differs
-    from PyTorch's by more than `tolerance` on held data), int8 variants and, on request, pruned / distilled ones.
-    options are strop.compress.options.ExportOptions fields (int8, tolerance, timing, prune={'heads': 0.25}, ...);
-    returns what RUN/export/parity.json holds. `strop.load(run / "export")` then predicts with ONNX Runtime."""
+    """Export a finished run folder to RUN/export/ as `strop export` does: ONNX fp32 (refused when any
+    logit differs from PyTorch's by more than `tolerance` on held data), int8 variants and, on request,
+    pruned / distilled ones. options are strop.compress.options.ExportOptions fields (int8, tolerance,
+    timing, prune={'heads': 0.25}, ...); returns what RUN/export/parity.json holds.
+    `strop.load(run / "export")` then predicts with ONNX Runtime."""
     import dataclasses
 
     from strop.compress.export import ExportOptions, export_run
