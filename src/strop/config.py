@@ -220,9 +220,11 @@ class GenerateConfig:
 
 @dataclass
 class ImageConfig:
-    size: int = doc(224, "image classification: images are resized to size x size pixels (whole, no crop); 224, "
-                    "the ImageNet weights' size, measured best for 28 px MedMNIST images upsampled (BreastMNIST test "
-                    "AUC .910 over 2 seeds, 112: .890 at a third of the compute, 64: .871)")
+    size: int | None = doc(None, "image classification: images are resized to size x size pixels "
+                           "(whole, no crop); empty = the size a Hugging Face model folder states "
+                           "(preprocessor_config.json), else 224, the ImageNet weights' size, measured "
+                           "best for 28 px MedMNIST images upsampled (BreastMNIST test AUC .910 over 2 "
+                           "seeds, 112: .890 at a third of the compute, 64: .871)")
     augment: str = doc("light", "image classification, training only: none; light = horizontal flip, rotation "
                        "+-10 deg, zoom 0.9-1.1, shift +-5%; strong = flip, rotation +-20 deg, zoom 0.8-1.25, shift "
                        "+-10%, brightness and contrast +-20%", ("none", "light", "strong"))
@@ -671,10 +673,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.distributed=deepspeed: strop does not checkpoint DeepSpeed's partitioned optimizer "
                           f"state, so set train.save_every=-1 (got {t.save_every}) and keep train.resume=never and "
                           "train.nonfinite=stop; for checkpoints that resume, use train.distributed=fsdp or ddp")
-    if cfg.image.size < 32:  # EfficientNet-Lite downsamples by 32: below that its last feature map is under 1x1
+    # EfficientNet-Lite downsamples by 32: below that its last map is under 1x1 (empty: the model's size)
+    if cfg.image.size is not None and cfg.image.size < 32:
         raise ConfigError(f"image.size={cfg.image.size} is too small for the backbone (it downsamples by 32); set "
-                          "image.size to 64 or more (112 is the default, 224 the size ImageNet weights were "
-                          "trained at)")
+                          "image.size to 64 or more, or leave it empty for the model's own size (224 "
+                          "for the default model, the size its ImageNet weights were trained at)")
     if not 0 < cfg.mlm.probability < 1:
         raise ConfigError(f"mlm.probability={cfg.mlm.probability} must be in (0, 1): the share of words "
                           "masked in each sequence (0.15, BERT's, is the default)")

@@ -89,7 +89,7 @@ def resolve_run(config, overrides, overwrite: bool, resume) -> tuple[Config, Pat
     task = detect_task(cfg)
     # before the resume check: config.yaml holds the resolved values
     for note in resolve_method_defaults(cfg, task.default_peft, task.name, task.method_lr,
-                                        task.default_epochs):
+                                        task.default_epochs) + task.resolve_defaults(cfg):
         console.print(f"[dim]{escape(note)}[/dim]")
     wants_resume = bool(resume) or cfg.train.resume == "auto"
     if wants_resume and run_dir.is_dir():

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 
 from strop.errors import ConfigError, ModelError
 from strop.models.backbone import load_pretrained, resolve_model_path, save_pretrained
-from strop.models.layers import layer_list
+from strop.models.layers import input_embeddings, layer_list
 
 META_FILE = "strop.json"
 
@@ -102,7 +102,7 @@ def load_config_of(folder: Path, trust_remote_code: bool, **kwargs):
 def apply_freezing(model: nn.Module, model_cfg) -> nn.Module:
     """model.freeze_embeddings and model.frozen_layers, for a model of any task."""
     if model_cfg.freeze_embeddings:
-        model.get_input_embeddings().weight.requires_grad_(False)
+        input_embeddings(model).requires_grad_(False)
     if model_cfg.frozen_layers:
         freeze_bottom(model, model_cfg.frozen_layers)
     return model
@@ -116,7 +116,7 @@ def freeze_bottom(model: nn.Module, n: int) -> None:
     if n >= len(layers):
         raise ConfigError(f"model.frozen_layers={n} but the model has {len(layers)} layers; freeze fewer (at most "
                           f"{len(layers) - 1}) or use peft.method=freeze to train only the head")
-    words = model.get_input_embeddings()
+    words = input_embeddings(model)
     embeddings = next((m for m in model.modules() if any(c is words for c in m.children()) and m is not model),
                       words)
     embeddings.requires_grad_(False)

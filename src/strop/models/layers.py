@@ -17,12 +17,28 @@ HEAD_FLAG = "_strop_head"
 
 
 def layer_list(model: nn.Module) -> nn.ModuleList:
-    """The stack of transformer layers: the ModuleList as long as config.num_hidden_layers."""
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    """The stack of layers: the ModuleList as long as config.num_hidden_layers (a transformer's layers;
+    a ConvNeXt's stages), or as config.depths (the stages of a CNN whose config counts blocks per stage:
+    ResNet)."""
+    config = getattr(model, "config", None)
+    n = getattr(config, "num_hidden_layers", None) or len(getattr(config, "depths", None) or []) or None
     for m in model.modules():
         if isinstance(m, nn.ModuleList) and len(m) == n:
             return m
     raise ModelError("cannot find this model's list of transformer layers")
+
+
+def input_embeddings(model: nn.Module) -> nn.Module:
+    """The model's input layer: what get_input_embeddings() names (word embeddings, a ViT's patch embedding,
+    strop's EfficientNet stem convolution), else the first module with weights of its own (the patch or stem
+    convolution of a vision model that names none, e.g. ConvNeXt or ResNet)."""
+    try:
+        found = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):  # transformers raises for models without token embeddings
+        found = None
+    if isinstance(found, nn.Module):
+        return found
+    return next(m for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
 
 
 def mark_heads(model: nn.Module, names: tuple[str, ...]) -> nn.Module:

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -36,14 +36,17 @@ LITE_MEAN, LITE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 @dataclass
 class ImageProcessor:
-    """What the backbone expects of its input beyond the size (strop.json's image settings): per-channel mean and
-    std of pixels scaled to [0, 1], RGB order. Saved beside the weights as transformers' image processors are."""
+    """What the backbone expects of its input beyond the size (strop.json's image settings): per-channel
+    mean and std of pixels scaled to [0, 1], RGB order. Saved beside the weights as transformers' image
+    processors are. `settings`: the rest of the folder's preprocessor_config.json, written back unchanged,
+    so a Hugging Face model's trained model/ still loads with AutoImageProcessor."""
 
     image_mean: tuple = LITE_MEAN
     image_std: tuple = LITE_STD
+    settings: dict = field(default_factory=dict)
 
     def save_pretrained(self, folder: str | Path) -> None:
-        data = {"image_processor_type": "strop", "image_mean": list(self.image_mean),
+        data = {"image_processor_type": "strop", **self.settings, "image_mean": list(self.image_mean),
                 "image_std": list(self.image_std)}
         (Path(folder) / PROCESSOR_FILE).write_text(json.dumps(data, indent=2), encoding="utf-8")
 
@@ -53,7 +56,16 @@ class ImageProcessor:
         if not path.is_file():
             return cls()
         data = read_json(path)
-        return cls(tuple(data.get("image_mean", LITE_MEAN)), tuple(data.get("image_std", LITE_STD)))
+        settings = {k: v for k, v in data.items() if k not in ("image_mean", "image_std")}
+        if data.get("do_normalize") is False:  # the model reads pixels in [0, 1] as they are
+            return cls((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), settings)
+        mean, std = data.get("image_mean", LITE_MEAN), data.get("image_std", LITE_STD)
+        return cls(per_channel(mean), per_channel(std), settings)
+
+
+def per_channel(value) -> tuple:
+    """A processor's mean or std as three numbers (some configs give one for all channels)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else (float(value),) * 3
 
 
 def read_json(path: Path) -> dict:

@@ -84,6 +84,12 @@ class Task:
         """cfg.data -> validated `Dataset` (task name, labels, columns, splits); carve=False leaves train whole."""
         raise NotImplementedError
 
+    def resolve_defaults(self, cfg) -> list[str]:
+        """Fill settings left empty whose default depends on the model (an image task's image.size: the
+        size the model folder states); one note per value filled, for the log. Idempotent: a value already
+        set is kept."""
+        return []
+
     def model_path(self, cfg):
         """The model folder cfg.model.path names (`default`: the task's default model)."""
         return cfg.model.path

@@ -3,11 +3,13 @@
 Data are a MedMNIST-style .npz, a folder per class or a table of image paths (data/images.py), decoded and resized
 to image.size when read; batches are normalised as the backbone expects and augmented in training only
 (data/image_batches.py, image.augment). The model is EfficientNet-Lite0 with ImageNet weights by default
-(models/efficientnet_lite.py, models/vision.py) with a new linear head; full fine-tuning, freezing and LoRA on its
-convolutions work as for text. Metrics: ROC AUC (one-vs-rest averaged over classes, the MedMNIST convention),
-accuracy, macro-F1, MCC, calibration (ECE); AUC is the model-selection metric because it does not depend on a
-decision threshold and moves smoothly on a small validation split, where accuracy changes in steps of one
-image (and MedMNIST ranks by it).
+(models/efficientnet_lite.py, models/vision.py) with a new linear head, or a local Hugging Face
+image-classification folder (ViT, ConvNeXt, ...: models/hf_vision.py), whose own input size an empty
+image.size takes; models/image_backbone.py tells the two apart. Full fine-tuning, freezing and LoRA on
+linear layers and convolutions work as for text. Metrics: ROC AUC (one-vs-rest averaged over classes,
+the MedMNIST convention), accuracy, macro-F1, MCC, calibration (ECE); AUC is the model-selection metric
+because it does not depend on a decision threshold and moves smoothly on a small validation split, where
+accuracy changes in steps of one image (and MedMNIST ranks by it).
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from strop.evaluate.metrics import (ScoredClassificationMetrics, ScoredMultiLabe
 from strop.evaluate.image_report import image_sections
 from strop.tasks.classification import (class_flat, class_format, labels_agreement, labels_flat, labels_format,
                                         labels_sections)
-from strop.models.vision import ImageProcessor, build_image_classifier, default_vision_path, vision_folder
+from strop.models.image_backbone import build_image_model, image_model_folder, input_size
+from strop.models.vision import ImageProcessor, default_vision_path
 from strop.predict_images import ImagePredictor
 from strop.tasks.base import ExportSignature, Task
+from strop.training.progress import console
 
 
 SINGLE, MULTI = "image_classification", "image_multi_label"  # the data decide which under task=auto
@@ -62,11 +66,20 @@ class ImageClassification(Task):
     def prepare(self, cfg, carve: bool = True):
         return prepare_images(cfg, SINGLE, MULTI, carve)
 
+    def resolve_defaults(self, cfg) -> list[str]:
+        if cfg.image.size is not None:
+            return []
+        cfg.image.size, folder = input_size(cfg.model.path)
+        if folder is None:
+            return []
+        return [f"image.size={cfg.image.size} (the input size model folder {folder.name} states; set "
+                "image.size to override)"]
+
     def model_path(self, cfg) -> str | Path:
         return default_vision_path() if str(cfg.model.path) == "default" else cfg.model.path
 
     def model_folder(self, path, allow_pickle: bool = False) -> Path:
-        return vision_folder(path)
+        return image_model_folder(path)
 
     def load_processor(self, folder, trust_remote_code: bool = False) -> ImageProcessor:
         return ImageProcessor.from_folder(folder)
@@ -86,10 +99,13 @@ class ImageClassification(Task):
 
     def build_model(self, cfg, labels: list[str]):
         folder = self.model_folder(self.model_path(cfg))
-        return build_image_classifier(folder, len(labels), cfg.model.dropout, head=False)
+        model, note = build_image_model(folder, labels, cfg.model, cfg.image.size, head=False)
+        if note:
+            console.print(note, markup=False)
+        return model
 
     def load_model(self, folder, meta: dict, head: bool = True):
-        return build_image_classifier(self.model_folder(folder), len(meta["labels"]), head=head)
+        return build_image_model(self.model_folder(folder), meta["labels"], head=head)[0]
 
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         return F.cross_entropy(logits.float(), batch["labels"])

@@ -100,7 +100,10 @@ def sparse_embeddings_in(model: nn.Module, enabled: bool, engine: str = "ddp", w
     frozen or tied to an output layer (its gradient is dense anyway), and FSDP / DeepSpeed, which shard dense
     gradients only (DDP all-reduces sparse ones). Enter it before wrapping the model in DDP."""
     get = getattr(model, "get_input_embeddings", None)
-    words = get() if enabled and callable(get) else None
+    try:
+        words = get() if enabled and callable(get) else None
+    except NotImplementedError:  # transformers' vision models without token embeddings (ConvNeXt, ResNet)
+        words = None
     if not isinstance(words, nn.Embedding) or not words.weight.requires_grad or words.sparse:
         yield False
         return
