@@ -128,8 +128,10 @@ def hf_trainer(cfg, n_train: int, out_dir: str):
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               set_seed)
 
+    from strop.config import resolve_method_defaults
     from strop.models.backbone import default_model_path
 
+    resolve_method_defaults(cfg)  # empty train.lr / train.epochs: the defaults strop's run fills in
     torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)  # as strop does
     folder = str(default_model_path()) if cfg.model.path == "default" else cfg.model.path
     tokenizer = AutoTokenizer.from_pretrained(folder)
