@@ -55,6 +55,15 @@ def tiny_convnext(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tiny_resnet(tmp_path_factory) -> Path:
+    """ResNet, 4 stages of one bottleneck, 8-64 channels, batch norms throughout; processor: 64 px."""
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1],
+                                       num_labels=10)
+    return save_folder(tmp_path_factory.mktemp("tiny-resnet"), config,
+                       {**CONVNEXT_PROCESSOR, "size": {"shortest_edge": 64}})
+
+
+@pytest.fixture(scope="module")
 def image_splits(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("images")
     return {split: write_image_folder(root / split, n, seed)
@@ -186,6 +195,20 @@ def test_convnext_at_a_larger_size_learns_and_explains_a_stage_map(tiny_convnext
     # 64 px at strides 4, 8, 16, 32: the stages' maps are 16, 8, 4, 2; the last (hidden state 4) is 2x2
     assert record["gradcam_layer"] == "hidden_states.4" and record["gradcam_map"] == [2, 2]
     assert (tmp_path / "x" / f"{image.stem}.gradcam.png").stat().st_size > 0
+
+
+def test_resnet_lora_holds_the_frozen_batch_norm_statistics(tiny_resnet, image_splits, tmp_path):
+    """LoRA freezes the base, batch norms included: their running statistics stay the pretrained ones, so
+    the base + adapter/ predicts what the merged model/ does."""
+    run = strop.train(None, overrides(tiny_resnet, tmp_path, image_splits, **{
+        "peft.method": "lora", "peft.r": 4, "train.epochs": 2}))
+    base, merged = (load_file(str(f / "model.safetensors")) for f in (tiny_resnet, run.model_dir))
+    stats = [k for k in base if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(base[k], merged[k]) for k in stats)
+    assert json.loads((run.model_dir / "strop.json").read_text())["image"]["size"] == 64  # the folder's
+    merged_metrics = strop.load(run.run_dir).evaluate_file(image_splits["test"])
+    adapter = strop.load(run.run_dir / "adapter").evaluate_file(image_splits["test"])
+    assert adapter["loss"] == pytest.approx(merged_metrics["loss"], abs=1e-5)
 
 
 def test_stated_size_reads_the_processor_then_the_config(tmp_path):

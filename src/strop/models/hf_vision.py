@@ -130,12 +130,27 @@ def build_hf_classifier(folder: Path, labels: list[str], model_cfg=None) -> tupl
                                   **label_maps(labels), **overrides)
     heads = head_children(model)
     mark_heads(model, tuple(heads))
+    hold_frozen_batch_norms(model)
     in_head = [k for k in info["missing_keys"] if k.split(".")[0] in heads]
     others = sorted(set(info["missing_keys"]) - set(in_head))
     if others:
         raise ModelError(f"{folder}: the weights do not fit config.json (missing {others[:5]}); copy the "
                          "model folder again")
     return model, head_note(folder, heads, len(labels), in_head, info["mismatched_keys"])
+
+
+def hold_frozen_batch_norms(model: nn.Module) -> None:
+    """Batch norms whose scale is frozen (peft.method=freeze below the top layers, LoRA's base) keep their
+    running statistics too, as in strop's EfficientNet-Lite: frozen means the layer computes what it did,
+    and an adapter saved without the statistics would not reproduce the trained model. A pre-hook, as
+    what is frozen is decided after the model is built; model.train() sets the flag again each time."""
+    def hold(module, args):
+        if module.training and module.weight is not None and not module.weight.requires_grad:
+            module.training = False
+
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+            m.register_forward_pre_hook(hold)
 
 
 def head_note(folder: Path, heads: list[str], n: int, missing: list, mismatched: list) -> str:

@@ -55,8 +55,11 @@ def detect_task(cfg) -> Task:
 
 def prepare(cfg, carve: bool = True):
     """The validated Dataset the config names, read by the task whose data it is; `ds.task` names the task it
-    turned out to be (task=auto on a table: single / multi-label / regression by its labels)."""
-    return detect_task(cfg).prepare(cfg, carve)
+    turned out to be (task=auto on a table: single / multi-label / regression by its labels). Settings the
+    task fills from the model (image.size) are filled first, as a run fills them (Task.resolve_defaults)."""
+    task = detect_task(cfg)
+    task.resolve_defaults(cfg)
+    return task.prepare(cfg, carve)
 
 
 def build_model(task: Task, cfg, labels: list[str]):
