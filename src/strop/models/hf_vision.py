@@ -14,7 +14,6 @@ torchvision on PyPI loads against the pinned torch 2.13.0 without replacing it (
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from strop.errors import ConfigError, ModelError
 from strop.models.backbone import PICKLE_WEIGHTS, load_pretrained, read_model_config
 from strop.models.classifier import backbone_overrides, label_maps, load_config_of, quiet_transformers
 from strop.models.layers import mark_heads
+from strop.models.vision import read_json
 
 PROCESSOR_FILE = "preprocessor_config.json"
 TIMM_TYPE = "timm_wrapper"
@@ -74,12 +74,7 @@ def processor_settings(folder: Path) -> dict:
         raise ModelError(f"model folder {folder} has no {PROCESSOR_FILE}, so the normalisation its "
                          "weights were trained with is unknown; copy the preprocessor_config.json that came "
                          "with the model")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path} is not valid JSON ({e}); copy it again") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{path} holds a {type(data).__name__}, not a JSON object; copy it again")
+    data = read_json(path)
     if data.get("do_normalize", True) and not ("image_mean" in data and "image_std" in data):
         raise ModelError(f"{path} has no image_mean / image_std; add the per-channel mean and std the model "
                          "was trained with (pixels scaled to [0, 1]), or do_normalize: false")
