@@ -36,8 +36,8 @@ def first(value) -> float:
 def window(values: np.ndarray, center: float, width: float) -> np.ndarray:
     """Physical values -> uint8 through the window (center, width): PS3.3's linear VOI function, where values
     below center - 0.5 - (width - 1) / 2 are black and above center - 0.5 + (width - 1) / 2 white."""
-    width = max(width, 1.0)
-    y = ((values - (center - 0.5)) / (width - 1.0 if width > 1 else 1.0) + 0.5) * 255.0
+    span = max(width - 1.0, 1.0)  # a width of 1 (a hard threshold) would divide by zero
+    y = ((values - (center - 0.5)) / span + 0.5) * 255.0
     return np.clip(np.round(y), 0, 255).astype(np.uint8)
 
 
